@@ -1,0 +1,37 @@
+"""Draft sources behind one protocol, looked up by name.
+
+Each entry maps a drafter name to `module:Class`; modules are imported only when used, so an
+optional dependency of one drafter never breaks another.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from aded.drafters.base import Drafter, NoDrafter, StepFeedback
+
+__all__ = ["Drafter", "NoDrafter", "StepFeedback", "DRAFTERS", "make_drafter", "drafter_names"]
+
+DRAFTERS: dict[str, str] = {
+    "none": "aded.drafters.base:NoDrafter",
+    "pld": "aded.drafters.pld:PromptLookupDrafter",
+}
+
+
+def drafter_names() -> list[str]:
+    return list(DRAFTERS)
+
+
+def drafter_class(name: str) -> type[Drafter]:
+    try:
+        target = DRAFTERS[name]
+    except KeyError:
+        raise ValueError(f"unknown drafter {name!r}; choose one of: {', '.join(DRAFTERS)}") from None
+    module_name, class_name = target.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def make_drafter(name: str, **options: Any) -> Drafter:
+    """Build a drafter by name; `options` go to its constructor."""
+    return drafter_class(name)(**options)

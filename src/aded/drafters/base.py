@@ -1,0 +1,79 @@
+"""The drafter protocol: every draft source speaks it, the decoding loop knows nothing else.
+
+Lifecycle of one request (one `generate` call):
+
+    drafter.begin(prompt_ids)
+    loop:
+        tree = drafter.propose(context_ids, max_nodes)   # context_ids[-1] is the tree's root
+        ... the model verifies the tree ...
+        drafter.observe(feedback)                          # what was accepted, what the model said
+    drafter.end()
+
+Drafters propose token ids only; they never touch model tensors. An empty tree is a normal answer
+(the step then decodes one token, as plain decoding would). State that should outlive a request
+(learned statistics) lives in the drafter object; per-request state is reset by `begin`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from aded.tree import DraftTree
+
+__all__ = ["Drafter", "StepFeedback", "NoDrafter"]
+
+
+@dataclass(frozen=True)
+class StepFeedback:
+    """What one verification step showed about a proposed tree.
+
+    `model_topk` holds, when the drafter asked for it (`Drafter.wants_topk > 0`), the target model's
+    top tokens after the root (row 0) and after every node i of the tree (row i + 1), best first.
+    Those logits are computed by verification anyway, so they are free evidence of what the model
+    says after each drafted context, accepted or not.
+    """
+
+    context_ids: Sequence[int]  # committed tokens before the step; its last one is the root
+    tree: DraftTree
+    accepted_nodes: tuple[int, ...]  # tree indices on the accepted path, root's child first
+    accepted_ids: tuple[int, ...]  # their tokens
+    bonus_id: int  # the model's own token after the accepted path
+    model_topk: np.ndarray | None = None  # [1 + len(tree), wants_topk] int64
+
+    @property
+    def num_emitted(self) -> int:
+        return len(self.accepted_ids) + 1
+
+
+class Drafter(ABC):
+    """Base class and protocol. Subclasses override `propose` and, if they learn, `observe`."""
+
+    name: str = "base"
+    #: how many of the model's top next tokens per verified node `observe` should receive (0 = none)
+    wants_topk: int = 0
+
+    def begin(self, prompt_ids: Sequence[int]) -> None:
+        """A new request starts with these prompt tokens (per-request state is reset here)."""
+
+    @abstractmethod
+    def propose(self, context_ids: Sequence[int], max_nodes: int) -> DraftTree:
+        """A tree of at most `max_nodes` nodes continuing `context_ids` (do not mutate it)."""
+
+    def observe(self, feedback: StepFeedback) -> None:
+        """The verification result of the last proposal."""
+
+    def end(self) -> None:
+        """The request finished; fold what it taught into long-lived state if the drafter learns."""
+
+
+class NoDrafter(Drafter):
+    """Proposes nothing: plain decoding through the same loop."""
+
+    name = "none"
+
+    def propose(self, context_ids: Sequence[int], max_nodes: int) -> DraftTree:
+        return DraftTree.empty()

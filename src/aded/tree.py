@@ -1,0 +1,245 @@
+"""Draft trees: the one structure every drafter produces and the verifier consumes.
+
+A tree hangs below a *root*: the last committed token, whose key/value is not in the cache yet.
+Nodes are stored flat in topological order (a parent always comes before its children), each with
+a token id and a parent index (-1 for the root's children). Everything verification needs (depths,
+position offsets, the ancestor mask, child lookup, root-to-node paths) is derived here, so no
+drafter ever builds a mask.
+
+Example: drafts "a b c" and "a d" become
+
+    index   0  1  2  3
+    token   a  b  c  d
+    parent -1  0  1  0
+    depth   1  2  3  2
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["DraftTree", "TreeBuilder"]
+
+
+@dataclass(frozen=True, eq=False)
+class DraftTree:
+    """Flat token tree below the root. Immutable; derived buffers are computed once and cached."""
+
+    token_ids: np.ndarray  # [k] int64
+    parents: np.ndarray  # [k] int64, -1 = child of the root, else an earlier index
+    scores: np.ndarray | None = None  # [k] float, drafter's estimate that the node is accepted
+    sources: tuple[str, ...] | None = None  # [k] which draft source proposed each node
+
+    def __post_init__(self) -> None:
+        token_ids = np.asarray(self.token_ids, dtype=np.int64).reshape(-1)
+        parents = np.asarray(self.parents, dtype=np.int64).reshape(-1)
+        object.__setattr__(self, "token_ids", token_ids)
+        object.__setattr__(self, "parents", parents)
+        if parents.shape != token_ids.shape:
+            raise ValueError(f"{len(token_ids)} tokens but {len(parents)} parents")
+        if self.scores is not None:
+            scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
+            if scores.shape != token_ids.shape:
+                raise ValueError(f"{len(token_ids)} tokens but {len(scores)} scores")
+            object.__setattr__(self, "scores", scores)
+        if self.sources is not None and len(self.sources) != len(token_ids):
+            raise ValueError(f"{len(token_ids)} tokens but {len(self.sources)} sources")
+        if len(token_ids) and (token_ids.min() < 0):
+            raise ValueError("token ids must be non-negative")
+        if np.any(parents >= np.arange(len(parents))) or np.any(parents < -1):
+            raise ValueError("each parent must be -1 or an earlier node index (topological order)")
+        seen: set[tuple[int, int]] = set()
+        for parent, token in zip(parents.tolist(), token_ids.tolist()):
+            if (parent, token) in seen:
+                raise ValueError(f"duplicate child token {token} under node {parent}")
+            seen.add((parent, token))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def empty(cls) -> "DraftTree":
+        return _EMPTY
+
+    @classmethod
+    def chain(cls, token_ids: Sequence[int], source: str | None = None) -> "DraftTree":
+        n = len(token_ids)
+        return cls(
+            np.asarray(token_ids, dtype=np.int64),
+            np.arange(-1, n - 1, dtype=np.int64),
+            sources=(source,) * n if source is not None else None,
+        )
+
+    @classmethod
+    def from_paths(
+        cls,
+        paths: Iterable[Sequence[int]],
+        max_nodes: int | None = None,
+        source: str | None = None,
+    ) -> "DraftTree":
+        """Merge token paths into a trie, in the given order, stopping at `max_nodes` nodes."""
+        builder = TreeBuilder(max_nodes)
+        for path in paths:
+            builder.add_path(path, source=source)
+        return builder.build()
+
+    # ------------------------------------------------------------------ derived structure
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @cached_property
+    def depths(self) -> np.ndarray:
+        """[k] depth of each node; the root's children have depth 1."""
+        depths = np.zeros(len(self), dtype=np.int64)
+        for i, parent in enumerate(self.parents.tolist()):
+            depths[i] = 1 if parent < 0 else depths[parent] + 1
+        return depths
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depths.max()) if len(self) else 0
+
+    @cached_property
+    def children(self) -> dict[int, dict[int, int]]:
+        """parent index (-1 = root) -> {token id: child index}, children in index order."""
+        table: dict[int, dict[int, int]] = {}
+        for i, (parent, token) in enumerate(zip(self.parents.tolist(), self.token_ids.tolist())):
+            table.setdefault(parent, {})[token] = i
+        return table
+
+    @cached_property
+    def ancestor_mask(self) -> np.ndarray:
+        """[k, k] bool: row i is True at node i and at each of its ancestors."""
+        k = len(self)
+        mask = np.zeros((k, k), dtype=bool)
+        for i, parent in enumerate(self.parents.tolist()):
+            if parent >= 0:
+                mask[i] = mask[parent]
+            mask[i, i] = True
+        return mask
+
+    @cached_property
+    def verify_mask(self) -> np.ndarray:
+        """[1 + k, 1 + k] bool over (root, nodes): who may attend to whom inside the step's input."""
+        k = len(self)
+        mask = np.zeros((k + 1, k + 1), dtype=bool)
+        mask[:, 0] = True
+        mask[1:, 1:] = self.ancestor_mask
+        return mask
+
+    @cached_property
+    def position_offsets(self) -> np.ndarray:
+        """[1 + k] position of (root, nodes) relative to the root's position."""
+        return np.concatenate([[0], self.depths]).astype(np.int64)
+
+    @cached_property
+    def is_chain(self) -> bool:
+        return bool(np.array_equal(self.parents, np.arange(-1, len(self) - 1)))
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root's child down to `node` (inclusive)."""
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = int(self.parents[node])
+        return path[::-1]
+
+    def path_tokens(self, node: int) -> list[int]:
+        return [int(self.token_ids[i]) for i in self.path_to(node)]
+
+    def leaves(self) -> list[int]:
+        has_child = np.zeros(len(self), dtype=bool)
+        has_child[self.parents[self.parents >= 0]] = True
+        return [i for i in range(len(self)) if not has_child[i]]
+
+    def longest_match(self, tokens: Sequence[int]) -> list[int]:
+        """Node indices of the longest tree path that equals a prefix of `tokens`."""
+        path: list[int] = []
+        node = -1
+        for token in tokens:
+            child = self.children.get(node, {}).get(int(token))
+            if child is None:
+                break
+            path.append(child)
+            node = child
+        return path
+
+    def __repr__(self) -> str:
+        return f"DraftTree(k={len(self)}, depth={self.max_depth}, tokens={self.token_ids.tolist()}, parents={self.parents.tolist()})"
+
+
+_EMPTY = DraftTree(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+
+
+@dataclass
+class TreeBuilder:
+    """Accumulates draft paths into a trie under a node budget; the usual way drafters make trees.
+
+    Adding a path reuses the nodes of any prefix already present and appends the rest until the
+    budget is spent. A node keeps the highest score and the first source that proposed it.
+    """
+
+    max_nodes: int | None = None
+    _tokens: list[int] = field(default_factory=list)
+    _parents: list[int] = field(default_factory=list)
+    _scores: list[float] = field(default_factory=list)
+    _sources: list[str | None] = field(default_factory=list)
+    _index: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def full(self) -> bool:
+        return self.max_nodes is not None and len(self._tokens) >= self.max_nodes
+
+    def child(self, parent: int, token: int) -> int | None:
+        return self._index.get((parent, int(token)))
+
+    def add(self, parent: int, token: int, score: float = 0.0, source: str | None = None) -> int | None:
+        """Add one node under `parent` (or find it); None when the budget is spent."""
+        key = (parent, int(token))
+        existing = self._index.get(key)
+        if existing is not None:
+            if score > self._scores[existing]:
+                self._scores[existing] = score
+            return existing
+        if self.full:
+            return None
+        index = len(self._tokens)
+        self._index[key] = index
+        self._tokens.append(int(token))
+        self._parents.append(parent)
+        self._scores.append(float(score))
+        self._sources.append(source)
+        return index
+
+    def add_path(
+        self,
+        tokens: Sequence[int],
+        scores: Sequence[float] | None = None,
+        source: str | None = None,
+        parent: int = -1,
+    ) -> int:
+        """Add a path below `parent`; returns how many of its tokens are in the tree afterwards."""
+        for depth, token in enumerate(tokens):
+            node = self.add(parent, token, scores[depth] if scores is not None else 0.0, source)
+            if node is None:
+                return depth
+            parent = node
+        return len(tokens)
+
+    def build(self) -> DraftTree:
+        if not self._tokens:
+            return DraftTree.empty()
+        sources = None
+        if any(s is not None for s in self._sources):
+            sources = tuple(s or "" for s in self._sources)
+        return DraftTree(
+            np.asarray(self._tokens, dtype=np.int64),
+            np.asarray(self._parents, dtype=np.int64),
+            scores=np.asarray(self._scores, dtype=np.float64),
+            sources=sources,
+        )
