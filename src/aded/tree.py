@@ -37,6 +37,8 @@ class DraftTree:
     def __post_init__(self) -> None:
         token_ids = np.asarray(self.token_ids, dtype=np.int64).reshape(-1)
         parents = np.asarray(self.parents, dtype=np.int64).reshape(-1)
+        token_ids.flags.writeable = False
+        parents.flags.writeable = False
         object.__setattr__(self, "token_ids", token_ids)
         object.__setattr__(self, "parents", parents)
         if parents.shape != token_ids.shape:
@@ -95,7 +97,7 @@ class DraftTree:
         depths = np.zeros(len(self), dtype=np.int64)
         for i, parent in enumerate(self.parents.tolist()):
             depths[i] = 1 if parent < 0 else depths[parent] + 1
-        return depths
+        return _frozen(depths)
 
     @property
     def max_depth(self) -> int:
@@ -118,7 +120,7 @@ class DraftTree:
             if parent >= 0:
                 mask[i] = mask[parent]
             mask[i, i] = True
-        return mask
+        return _frozen(mask)
 
     @cached_property
     def verify_mask(self) -> np.ndarray:
@@ -127,12 +129,12 @@ class DraftTree:
         mask = np.zeros((k + 1, k + 1), dtype=bool)
         mask[:, 0] = True
         mask[1:, 1:] = self.ancestor_mask
-        return mask
+        return _frozen(mask)
 
     @cached_property
     def position_offsets(self) -> np.ndarray:
         """[1 + k] position of (root, nodes) relative to the root's position."""
-        return np.concatenate([[0], self.depths]).astype(np.int64)
+        return _frozen(np.concatenate([[0], self.depths]).astype(np.int64))
 
     @cached_property
     def is_chain(self) -> bool:
@@ -166,8 +168,34 @@ class DraftTree:
             node = child
         return path
 
+    def subtree(self, keep: Sequence[int]) -> "DraftTree":
+        """The tree restricted to the nodes `keep` (which must include every kept node's parent)."""
+        keep_sorted = sorted(int(i) for i in keep)
+        if len(keep_sorted) == len(self):
+            return self
+        new_index = {old: new for new, old in enumerate(keep_sorted)}
+        parents = []
+        for old in keep_sorted:
+            parent = int(self.parents[old])
+            if parent >= 0 and parent not in new_index:
+                raise ValueError(f"node {old} is kept without its parent {parent}")
+            parents.append(new_index[parent] if parent >= 0 else -1)
+        idx = np.asarray(keep_sorted, dtype=np.int64)
+        return DraftTree(
+            self.token_ids[idx],
+            np.asarray(parents, dtype=np.int64),
+            scores=self.scores[idx] if self.scores is not None else None,
+            sources=tuple(self.sources[i] for i in keep_sorted) if self.sources is not None else None,
+        )
+
     def __repr__(self) -> str:
         return f"DraftTree(k={len(self)}, depth={self.max_depth}, tokens={self.token_ids.tolist()}, parents={self.parents.tolist()})"
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    """Derived buffers are shared by every user of a tree: make accidental writes fail loudly."""
+    array.flags.writeable = False
+    return array
 
 
 _EMPTY = DraftTree(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))

@@ -1,0 +1,229 @@
+"""The Python API: `aded.load(model)` then `.generate(...)` or `.stream(...)`, with text in and out.
+
+    >>> import aded
+    >>> lm = aded.load("smollm2-135m-instruct", drafter="pld")
+    >>> out = lm.generate("Summarise: ...", max_new_tokens=128)
+    >>> out.text, out.stats.mean_accepted_tokens
+    >>> for piece in lm.stream("Tell me a story"):
+    ...     print(piece, end="", flush=True)
+
+Argument names follow transformers' `generate` (`max_new_tokens`, `do_sample`, `temperature`,
+`top_k`, `top_p`); `stop` takes strings, as the OpenAI API does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from aded.budget import BudgetPolicy, CostModel, load_or_measure_costs
+from aded.decoding import GenerationConfig, GenerationResult, GenerationStats, SpeculativeDecoder
+from aded.drafters import Drafter, make_drafter
+from aded.models import DEFAULT_MODEL, load_model
+
+__all__ = ["load", "Aded", "Completion"]
+
+Messages = Sequence[dict[str, str]]
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+    stats: GenerationStats
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_token_ids": self.prompt_token_ids,
+            "finish_reason": self.finish_reason,
+            "stats": {
+                "steps": self.stats.steps,
+                "generated_tokens": self.stats.generated_tokens,
+                "mean_accepted_tokens": round(self.stats.mean_accepted_tokens, 4),
+                "prefill_s": round(self.stats.prefill_s, 4),
+                "decode_s": round(self.stats.decode_s, 4),
+                "draft_s": round(self.stats.draft_s, 4),
+                "verify_s": round(self.stats.verify_s, 4),
+                "decode_tokens_per_s": round(self.stats.decode_tokens_per_s, 3),
+            },
+        }
+
+
+def load(
+    model: str = DEFAULT_MODEL,
+    drafter: str | Drafter = "pld",
+    dtype: str = "float32",
+    device: str = "cpu",
+    budget: str = "measured",
+    **drafter_options: Any,
+) -> "Aded":
+    """Load a model (alias, folder or .gguf) with a drafter, ready to generate.
+
+    `budget`: "measured" (verify as many draft nodes as pay off on this machine, from a one-off
+    timing of the model that is cached), "typical" (a CPU-like cost curve, no timing), or "off"
+    (verify every proposed node).
+    """
+    hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
+    return Aded(hf_model, tokenizer, drafter, model_id=f"{model}:{dtype}", budget=budget,
+                **drafter_options)
+
+
+class Aded:
+    """A model, its tokenizer and a drafter; one request at a time."""
+
+    def __init__(self, model, tokenizer, drafter: str | Drafter = "pld", model_id: str = "model",
+                 budget: str = "typical", **drafter_options: Any) -> None:
+        from aded.backends.hf import HFRunner
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.runner = HFRunner(model)
+        if isinstance(drafter, str):
+            drafter = make_drafter(drafter, **_drafter_context(drafter, tokenizer, drafter_options))
+        self.drafter = drafter
+        policies = {
+            "measured": lambda: BudgetPolicy(load_or_measure_costs(self.runner, model_id)),
+            "typical": lambda: BudgetPolicy(CostModel.typical_cpu()),
+            "off": lambda: BudgetPolicy(enabled=False),
+        }
+        if budget not in policies:
+            raise ValueError(f"budget must be one of {', '.join(policies)}, got {budget!r}")
+        self.decoder = SpeculativeDecoder(self.runner, drafter, _eos_ids(model, tokenizer),
+                                          policies[budget]())
+
+    # ------------------------------------------------------------------ prompts
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def prompt_ids(self, prompt: str | Messages, chat: bool | None = None) -> list[int]:
+        """Token ids for a prompt string or a list of chat messages ({"role", "content"})."""
+        use_chat = self.has_chat_template if chat is None else chat
+        if isinstance(prompt, str) and not use_chat:
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if use_chat and not self.has_chat_template:
+            raise ValueError("this tokenizer has no chat template; use chat=False (--no-chat)")
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if not use_chat:
+            raise ValueError("a list of messages needs the chat template (chat=True)")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False)
+        return list(ids)
+
+    # ------------------------------------------------------------------ generation
+    def generation_config(self, **kwargs: Any) -> GenerationConfig:
+        if kwargs.get("temperature") == 0:  # OpenAI convention: temperature 0 means greedy
+            kwargs["do_sample"] = False
+            kwargs["temperature"] = 1.0
+        return GenerationConfig(**{k: v for k, v in kwargs.items() if v is not None})
+
+    def generate(self, prompt: str | Messages | Sequence[int], *, stop: Sequence[str] = (),
+                 chat: bool | None = None, **generation: Any) -> Completion:
+        stream = self.stream(prompt, stop=stop, chat=chat, **generation)
+        for _ in stream:
+            pass
+        return stream.completion
+
+    def stream(self, prompt: str | Messages | Sequence[int], *, stop: Sequence[str] = (),
+               chat: bool | None = None, **generation: Any) -> "TextStream":
+        """Text pieces as steps are accepted; `.completion` holds the whole result at the end.
+
+        `prompt` may also be token ids, used as they are.
+        """
+        config = self.generation_config(**generation)
+        if isinstance(prompt, str) or (len(prompt) and isinstance(prompt[0], dict)):
+            ids = self.prompt_ids(prompt, chat)
+        else:
+            ids = [int(t) for t in prompt]
+        return TextStream(self, ids, config, tuple(s for s in stop if s))
+
+
+class TextStream:
+    """Decodes committed tokens to text as they arrive, holding back what may still change: an
+    incomplete UTF-8 character, or the start of a stop string."""
+
+    def __init__(self, lm: Aded, prompt_ids: list[int], config: GenerationConfig,
+                 stop: tuple[str, ...]) -> None:
+        self.lm = lm
+        self.prompt_ids = prompt_ids
+        self.stop = stop
+        self.completion: Completion | None = None
+        self._text_cut: int | None = None
+        self._ids = lm.decoder.stream(prompt_ids, config, self._stop_check if stop else None)
+        self._pieces = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._ids.close()
+        self._pieces.close()
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.lm.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _stop_check(self, generated: list[int]) -> int | None:
+        text = self._decode(generated)
+        hits = [text.find(s) for s in self.stop if s in text]
+        if not hits:
+            return None
+        self._text_cut = min(hits)
+        for n in range(1, len(generated) + 1):  # fewest tokens whose text reaches the stop string
+            if len(self._decode(generated[:n])) > self._text_cut:
+                return n
+        return len(generated)
+
+    def _run(self) -> Iterator[str]:
+        generated: list[int] = []
+        sent = 0
+        holdback = max((len(s) for s in self.stop), default=1) - 1
+        for new_ids in self._ids:
+            generated.extend(new_ids)
+            text = self._decode(generated)
+            if self._text_cut is not None:
+                text = text[: self._text_cut]
+                ready = len(text)
+            else:
+                ready = len(text) - holdback
+                if text.endswith("\ufffd"):
+                    ready = min(ready, len(text) - 1)
+            if ready > sent:
+                yield text[sent:ready]
+                sent = ready
+        result: GenerationResult = self._ids.result
+        text = self._decode(result.token_ids)
+        if self._text_cut is not None:
+            text = text[: self._text_cut]
+        if len(text) > sent:
+            yield text[sent:]
+        self.completion = Completion(text, result.token_ids, self.prompt_ids, result.finish_reason,
+                                     result.stats)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
+def _drafter_context(name: str, tokenizer, options: dict[str, Any]) -> dict[str, Any]:
+    """Drafters that need the tokenizer (to find or check a datastore) declare `needs_tokenizer`."""
+    from aded.drafters import drafter_class
+
+    cls = drafter_class(name)
+    if getattr(cls, "needs_tokenizer", False) and "tokenizer" not in options:
+        return {**options, "tokenizer": tokenizer}
+    return options

@@ -1,0 +1,181 @@
+"""How many draft nodes to verify: the cost-aware budget of method.md §6.
+
+Verifying k nodes costs t(k) on this machine (measured once per model, dtype, device and thread
+count, then cached). A drafter scores each node with its estimate that the node is accepted, so
+the expected number of accepted tokens of the k best nodes is the sum of their scores, E(k). The
+policy verifies the parent-closed set of top-scoring nodes that maximises
+
+    (1 + E(k)) / t(k)            (tokens per second of the step; k = 0 is plain decoding)
+
+Scores are calibrated online per depth (drafters are optimistic in some places, pessimistic in
+others): the ratio of accepted nodes to predicted acceptances at each depth, decayed so it tracks
+the current text. A drafter without scores gets 1.0 per node, which calibration turns into the
+observed acceptance rate per depth. Because the decayed evidence fades back to the prior, a drafter
+that was pruned to nothing is tried again now and then, at the cost of an occasional small tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aded.tree import DraftTree
+
+__all__ = ["CostModel", "BudgetPolicy", "measure_costs", "load_or_measure_costs"]
+
+MAX_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """t(k): seconds for one verification step with k draft nodes (k = 0: a plain decoding step)."""
+
+    sizes: tuple[int, ...]
+    seconds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.sizes) != len(self.seconds) or not self.sizes or self.sizes[0] != 0:
+            raise ValueError("a cost model needs matching sizes and seconds, starting at k = 0")
+
+    def __call__(self, k: int) -> float:
+        return float(np.interp(k, self.sizes, self.seconds))
+
+    @classmethod
+    def flat(cls) -> "CostModel":
+        """Every size costs the same (roughly a GPU): the budget is then limited by scores alone."""
+        return cls((0, 1024), (1.0, 1.0))
+
+    @classmethod
+    def typical_cpu(cls) -> "CostModel":
+        """Relative costs seen for small models on a 2-core CPU; used until a measurement exists."""
+        return cls((0, 2, 4, 8, 16, 32, 64), (1.0, 1.25, 1.35, 1.55, 1.85, 2.5, 3.8))
+
+
+@dataclass
+class BudgetPolicy:
+    cost: CostModel = field(default_factory=CostModel.typical_cpu)
+    decay: float = 0.97  # per verified step: evidence fades with a half-life of ~23 steps
+    prior_weight: float = 2.0  # pseudo-observations per depth pulling the ratio toward 1
+    enabled: bool = True  # False: verify every proposed node (no pruning, no calibration)
+    _predicted: np.ndarray = field(default_factory=lambda: np.zeros(MAX_DEPTH + 1))
+    _accepted: np.ndarray = field(default_factory=lambda: np.zeros(MAX_DEPTH + 1))
+
+    def calibrated(self, tree: DraftTree) -> np.ndarray:
+        """[k] calibrated acceptance estimates, never above the parent's."""
+        raw = tree.scores if tree.scores is not None else np.ones(len(tree))
+        depths = np.minimum(tree.depths, MAX_DEPTH)
+        ratio = (self._accepted + self.prior_weight) / (self._predicted + self.prior_weight)
+        scores = np.clip(raw * ratio[depths], 0.0, 1.0)
+        for i, parent in enumerate(tree.parents.tolist()):
+            if parent >= 0 and scores[i] > scores[parent]:
+                scores[i] = scores[parent]
+        return scores
+
+    def choose(self, tree: DraftTree) -> DraftTree:
+        """The subtree worth verifying on this machine (possibly empty)."""
+        if not self.enabled or len(tree) == 0:
+            return tree
+        scores = self.calibrated(tree)
+        order = _best_first(tree, scores)
+        base = self.cost(0)
+        best_k, best_rate, expected = 0, 1.0 / base, 0.0
+        for k, node in enumerate(order, start=1):
+            expected += scores[node]
+            rate = (1.0 + expected) / self.cost(k)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        return tree.subtree(order[:best_k])
+
+    def observe(self, tree: DraftTree, accepted_nodes: tuple[int, ...]) -> None:
+        """Fold one verified tree's outcome into the per-depth calibration."""
+        if not self.enabled:
+            return
+        self._predicted *= self.decay
+        self._accepted *= self.decay
+        if len(tree) == 0:
+            return
+        raw = tree.scores if tree.scores is not None else np.ones(len(tree))
+        depths = np.minimum(tree.depths, MAX_DEPTH)
+        np.add.at(self._predicted, depths, raw)
+        for node in accepted_nodes:
+            self._accepted[depths[node]] += 1.0
+
+
+def _best_first(tree: DraftTree, scores: np.ndarray) -> list[int]:
+    """Nodes by decreasing score, each after its parent (a parent-closed prefix at every k)."""
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(tree.parents.tolist()):
+        children.setdefault(parent, []).append(i)
+    heap = [(-scores[i], i) for i in children.get(-1, [])]
+    heapq.heapify(heap)
+    order: list[int] = []
+    while heap:
+        _, node = heapq.heappop(heap)
+        order.append(node)
+        for child in children.get(node, []):
+            heapq.heappush(heap, (-scores[child], child))
+    return order
+
+
+# ---------------------------------------------------------------------------- measuring t(k)
+DEFAULT_SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def measure_costs(runner, sizes=DEFAULT_SIZES, past_len: int = 256, repeats: int = 5) -> CostModel:
+    """Time verification steps of k nodes (a bushy tree, as drafts are) after `past_len` tokens."""
+    rng = np.random.default_rng(0)
+    vocab = min(runner.vocab_size, 30000)
+    seq = runner.new_sequence(past_len + max(sizes) + 8)
+    runner.prefill(seq, rng.integers(0, vocab, past_len).tolist())
+    seconds = []
+    for k in sizes:
+        parents = np.array([-1] + [(i - 1) // 2 for i in range(1, k)], dtype=np.int64)[:k]
+        tree = DraftTree(np.arange(100, 100 + k), parents)
+        timings = []
+        for _ in range(repeats + 1):  # the first run of each size warms up kernels
+            start = time.perf_counter()
+            runner.verify(seq, 7, tree)
+            timings.append(time.perf_counter() - start)
+            runner.commit(seq, ())
+            for layer in seq.layers:
+                layer.crop(-1)
+        seconds.append(statistics.median(timings[1:]))
+    # costs must not fall with size (timing noise would otherwise invite bigger trees)
+    seconds = np.maximum.accumulate(np.asarray(seconds)).tolist()
+    return CostModel(tuple(sizes), tuple(seconds))
+
+
+def _cost_key(runner, model_id: str) -> str:
+    import torch
+
+    parts = [model_id, str(runner.dtype), str(runner.device), str(torch.get_num_threads()),
+             platform.processor() or platform.machine(), torch.__version__]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def load_or_measure_costs(runner, model_id: str) -> CostModel:
+    """The cached t(k) for this model and machine, measuring it (a few seconds) the first time."""
+    from aded.fileio import write_atomic
+    from aded.models import cache_dir
+    from aded.progress import status
+
+    path = cache_dir() / "costs" / f"{_cost_key(runner, model_id)}.json"
+    try:
+        data = json.loads(path.read_text())
+        return CostModel(tuple(data["sizes"]), tuple(data["seconds"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    with status("Measuring verification cost t(k) for this model and machine (once)"):
+        costs = measure_costs(runner)
+    record = {"sizes": list(costs.sizes), "seconds": list(costs.seconds), "model": model_id,
+              "measured": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": os.uname().nodename}
+    write_atomic(path, json.dumps(record, indent=1))
+    return costs

@@ -1,0 +1,238 @@
+"""The decoding loop: prefill, then propose -> verify -> accept -> commit until done.
+
+It knows token ids only (text, chat templates and stop strings are the caller's, through
+`stop_check`). Every drafter, including `none`, goes through the same loop; with an empty tree a
+step is one single-token forward, i.e. plain decoding.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from aded.budget import BudgetPolicy
+from aded.drafters.base import Drafter, StepFeedback
+from aded.tree import DraftTree
+from aded.verify import Acceptance, Sampling, accept_greedy, accept_sampled
+
+__all__ = ["GenerationConfig", "GenerationStats", "GenerationResult", "SpeculativeDecoder"]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Named as in transformers' GenerationConfig; `max_draft_nodes` bounds each draft tree."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_draft_nodes: int = 24
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0 <= self.max_draft_nodes <= 1024:
+            raise ValueError(f"max_draft_nodes must be in [0, 1024], got {self.max_draft_nodes}")
+        if self.do_sample:
+            self.sampling()  # validates temperature, top_k, top_p
+
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class GenerationStats:
+    steps: int = 0  # verification steps (the prefill's first token is not one)
+    generated_tokens: int = 0
+    draft_nodes: int = 0  # nodes verified, summed over steps
+    prefill_s: float = 0.0
+    decode_s: float = 0.0  # everything after prefill: drafting, verifying, bookkeeping
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    accepted_lengths: list[int] = field(default_factory=list)  # tokens emitted per step
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Tokens emitted per verification step, bonus included (1.0 = plain decoding)."""
+        return sum(self.accepted_lengths) / self.steps if self.steps else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens produced after prefill per second of decode time (the prefill's token excluded)."""
+        decoded = max(0, self.generated_tokens - 1)
+        return decoded / self.decode_s if self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("accepted_lengths")
+        data["mean_accepted_tokens"] = self.mean_accepted_tokens
+        data["decode_tokens_per_s"] = self.decode_tokens_per_s
+        return data
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens only (an EOS that ended generation included)
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    stats: GenerationStats
+
+
+StopCheck = Callable[[list[int]], int | None]
+"""Given all generated ids, the length to cut them to if a stop string appeared, else None."""
+
+
+class SpeculativeDecoder:
+    """Lossless speculative decoding of one model with one drafter (one request at a time)."""
+
+    def __init__(
+        self,
+        runner,
+        drafter: Drafter,
+        eos_token_ids: Sequence[int] = (),
+        budget: BudgetPolicy | None = None,
+    ) -> None:
+        self.runner = runner
+        self.drafter = drafter
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.budget = budget if budget is not None else BudgetPolicy()
+
+    def generate(
+        self, prompt_ids: Sequence[int], config: GenerationConfig, stop_check: StopCheck | None = None
+    ) -> GenerationResult:
+        stream = self.stream(prompt_ids, config, stop_check)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def stream(
+        self, prompt_ids: Sequence[int], config: GenerationConfig, stop_check: StopCheck | None = None
+    ) -> "DecodeStream":
+        """An iterator over the tokens each step commits; `.result` is set when it ends."""
+        return DecodeStream(self, list(prompt_ids), config, stop_check)
+
+
+class DecodeStream:
+    def __init__(self, decoder: SpeculativeDecoder, prompt_ids: list[int], config: GenerationConfig,
+                 stop_check: StopCheck | None) -> None:
+        self.result: GenerationResult | None = None
+        self._steps = _decode(decoder, prompt_ids, config, stop_check, self)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self._steps
+
+    def __next__(self) -> list[int]:
+        return next(self._steps)
+
+    def close(self) -> None:
+        """Stop early (e.g. a client went away); the drafter's request is ended cleanly."""
+        self._steps.close()
+
+
+def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: GenerationConfig,
+            stop_check: StopCheck | None, out: DecodeStream) -> Iterator[list[int]]:
+    runner, drafter, budget = decoder.runner, decoder.drafter, decoder.budget
+    if not prompt_ids:
+        raise ValueError("the prompt must contain at least one token")
+    limit = runner.max_positions
+    if len(prompt_ids) >= limit:
+        raise ValueError(f"the prompt is {len(prompt_ids)} tokens; the model's context holds {limit}")
+    max_new = min(config.max_new_tokens, limit - len(prompt_ids))
+    generator = None
+    if config.do_sample:
+        generator = torch.Generator().manual_seed(config.seed if config.seed is not None else
+                                                  torch.seed())
+    sampling = config.sampling() if config.do_sample else None
+
+    stats = GenerationStats()
+    generated: list[int] = []
+    finish_reason = "length"
+    seq = runner.new_sequence(len(prompt_ids) + max_new + config.max_draft_nodes + 2)
+    decode_start = None
+    start = time.perf_counter()
+    drafter.begin(prompt_ids)
+    try:
+        logits = runner.prefill(seq, prompt_ids)  # [vocab]
+        first = _accept(DraftTree.empty(), logits[None], sampling, generator).bonus_id
+        stats.prefill_s = time.perf_counter() - start
+        decode_start = time.perf_counter()
+        context = list(prompt_ids) + [first]
+        new_ids = [first]
+        while True:
+            start_len = len(generated)
+            generated.extend(new_ids)
+            cut, finish = _finished(generated, start_len, max_new, decoder.eos_token_ids, stop_check)
+            if cut is not None:
+                del generated[cut:]
+                if stats.accepted_lengths:  # count only what the last step really emitted
+                    stats.accepted_lengths[-1] = max(0, len(generated) - start_len)
+            stats.generated_tokens = len(generated)
+            stats.decode_s = time.perf_counter() - decode_start
+            if len(generated) > start_len:
+                yield generated[start_len:]
+            if finish is not None:
+                finish_reason = finish
+                break
+
+            t0 = time.perf_counter()
+            tree = drafter.propose(context, config.max_draft_nodes)
+            tree = _fit(tree, max_new - len(generated), limit - len(context))
+            tree = budget.choose(tree)
+            t1 = time.perf_counter()
+            logits = runner.verify(seq, context[-1], tree)  # [1 + k, vocab]
+            acceptance = _accept(tree, logits, sampling, generator)
+            runner.commit(seq, acceptance.accepted_nodes)
+            t2 = time.perf_counter()
+            budget.observe(tree, acceptance.accepted_nodes)
+            topk = None
+            if drafter.wants_topk:
+                topk = logits.topk(drafter.wants_topk, dim=-1).indices.numpy()  # [1 + k, K]
+            drafter.observe(StepFeedback(context, tree, acceptance.accepted_nodes,
+                                         acceptance.accepted_ids, acceptance.bonus_id, topk))
+            t3 = time.perf_counter()
+            stats.draft_s += (t1 - t0) + (t3 - t2)
+            stats.verify_s += t2 - t1
+            stats.steps += 1
+            stats.draft_nodes += len(tree)
+            new_ids = [*acceptance.accepted_ids, acceptance.bonus_id]
+            stats.accepted_lengths.append(len(new_ids))
+            context.extend(new_ids)
+    finally:
+        drafter.end()
+        if decode_start is not None:
+            stats.decode_s = time.perf_counter() - decode_start
+        out.result = GenerationResult(generated, finish_reason, stats)
+
+
+def _finished(generated: list[int], start: int, max_new: int, eos: frozenset[int],
+              stop_check: StopCheck | None) -> tuple[int | None, str | None]:
+    """(length to cut `generated` to, finish reason) after a step appended `generated[start:]`."""
+    for position in range(start, min(len(generated), max_new)):
+        if generated[position] in eos:
+            return position + 1, "stop"
+    if stop_check is not None:
+        cut = stop_check(generated[:max_new])
+        if cut is not None:
+            return cut, "stop"
+    if len(generated) >= max_new:
+        return max_new, "length"
+    return None, None
+
+
+def _fit(tree: DraftTree, remaining: int, room: int) -> DraftTree:
+    """Drop nodes that could never be emitted: deeper than the token budget or the context allows."""
+    max_depth = min(remaining - 1, room - 1)
+    if len(tree) == 0 or tree.max_depth <= max_depth:
+        return tree
+    return tree.subtree([i for i in range(len(tree)) if tree.depths[i] <= max_depth])
+
+
+def _accept(tree: DraftTree, logits: torch.Tensor, sampling: Sampling | None,
+            generator: torch.Generator | None) -> Acceptance:
+    if sampling is None:
+        return accept_greedy(tree, logits)
+    return accept_sampled(tree, logits, sampling, generator)

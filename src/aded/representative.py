@@ -1,0 +1,290 @@
+"""The layered tri-gram representative: what this model is likely to say next, from counts.
+
+A query gives candidate next tokens for a context tail with probabilities, blended from layers
+ordered from the most specific evidence to the most general (each level interpolates with the
+levels below it, PPM style: p = (n(c) + beta * p_below(c)) / (N + beta)):
+
+    level 0  request, orders 3..max_order  the prompt and output so far (copying is common)
+    level 1  request, order 2              plus the model's top-k seen at verified tree nodes
+    level 2  learned tri-grams             what earlier requests taught (committed + model top-k)
+    level 3  corpus tri-grams              the static datastore
+    level 4  bigram back-off               request, learned and corpus one-token contexts
+
+Every layer keeps counts, so it can be merged, decayed and saved; probabilities are derived at
+query time. Learned state is bounded: at each request's end its counts decay by `decay`, entries
+below `min_count` go, and at most `max_contexts` contexts x `max_successors` successors remain.
+Nothing here is random: the same calls in the same order give the same answers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from aded.store.datastore import Datastore, DatastoreError, TokenizerIdentity, read_arrays, write_arrays
+
+__all__ = ["RepresentativeConfig", "Candidate", "Representative", "NUM_LEVELS"]
+
+NUM_LEVELS = 5
+Counts = dict[int, float]
+
+
+@dataclass(frozen=True)
+class RepresentativeConfig:
+    max_order: int = 4  # longest request context (tokens) matched exactly
+    beta_request: float = 0.5  # escape weight of request levels: small = trust the prompt/output
+    beta_learned: float = 1.0
+    beta_corpus: float = 2.0
+    topk_weight: float = 1.0  # count added for the model's top-1 at a verified node
+    alt_weight: float = 0.25  # for its ranks 2.. (scaled by 1 / rank)
+    reject_factor: float = 0.5  # probability multiplier per rejection of (a, b) -> c in a request
+    decay: float = 0.9  # learned counts shrink by this at each request's end
+    min_count: float = 0.05  # learned entries below this are dropped
+    max_contexts: int = 200_000  # learned contexts kept (the smallest totals go first)
+    max_successors: int = 8  # learned successors kept per context
+    per_level: int = 8  # candidates read from each level per query
+
+    def __post_init__(self) -> None:
+        if self.max_order < 2:
+            raise ValueError(f"max_order must be at least 2, got {self.max_order}")
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"decay must lie in (0, 1], got {self.decay}")
+        if self.max_contexts < 1 or self.max_successors < 1 or self.per_level < 1:
+            raise ValueError("max_contexts, max_successors and per_level must be at least 1")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    token: int
+    prob: float  # blended P(token | context)
+    level: int  # the most specific level with any evidence for this context
+    supported: bool  # whether that level itself saw this token (not only a back-off)
+
+
+class Representative:
+    """Layered counts behind `candidates(tail)`; `begin/commit/add_model_topk/reject/end` feed it."""
+
+    def __init__(self, datastore: Datastore | None = None, config: RepresentativeConfig = RepresentativeConfig()) -> None:  # fmt: skip
+        self.config = config
+        self.datastore = datastore
+        self.learned: dict[tuple[int, int], Counts] = {}  # (a, b) -> {c: count}
+        self.learned_bigram: dict[int, Counts] = {}  # b -> {c: count}
+        self._corpus_cache: dict[tuple[int, ...], tuple[Counts, float]] = {}
+        self.begin(())
+
+    # ------------------------------------------------------------------ request lifecycle
+    def begin(self, prompt_ids: Sequence[int]) -> None:
+        """Start a request: its prompt's n-grams form the request layer."""
+        self.history: list[int] = []
+        self._output_start = 0
+        # order n -> context of n tokens -> {next: count}
+        self._request: list[dict[tuple[int, ...], Counts]] = [defaultdict(dict) for _ in range(self.config.max_order + 1)]
+        self._evidence: dict[tuple[int, int], Counts] = defaultdict(dict)  # model top-k this request
+        self._rejected: dict[tuple[int, int, int], int] = defaultdict(int)
+        self.commit(prompt_ids)
+        self._output_start = len(self.history)
+
+    def commit(self, token_ids: Iterable[int]) -> None:
+        """Append committed tokens to the request's history (O(max_order) each)."""
+        history, request, top = self.history, self._request, self.config.max_order
+        for token in token_ids:
+            token = int(token)
+            end = len(history)
+            for n in range(1, min(top, end) + 1):
+                followers = request[n][tuple(history[end - n :])]
+                followers[token] = followers.get(token, 0.0) + 1.0
+            history.append(token)
+
+    def sync(self, context_ids: Sequence[int]) -> None:
+        """Make the history equal `context_ids`, committing what is new (restarting if it diverged)."""
+        history = self.history
+        n = len(history)
+        if len(context_ids) < n or (n and int(context_ids[n - 1]) != history[-1]):
+            self.begin(context_ids)
+            return
+        if len(context_ids) > n:
+            self.commit(context_ids[n:])
+
+    def add_model_topk(self, tail: Sequence[int], topk: Sequence[int]) -> None:
+        """The model's top tokens (best first, -1 = unknown) after a context ending in `tail`."""
+        if len(tail) < 2:
+            return
+        followers = self._evidence[(int(tail[-2]), int(tail[-1]))]
+        for rank, token in enumerate(topk):
+            if token < 0:
+                continue
+            weight = self.config.topk_weight if rank == 0 else self.config.alt_weight / rank
+            followers[int(token)] = followers.get(int(token), 0.0) + weight
+
+    def reject(self, tail: Sequence[int], token: int) -> None:
+        """The model did not emit `token` after `tail`: make it less likely within this request."""
+        if len(tail) >= 2:
+            self._rejected[(int(tail[-2]), int(tail[-1]), int(token))] += 1
+
+    def end(self) -> None:
+        """Fold the request's output tri-grams and model evidence into the learned layer, decay, cap."""
+        output = self.history[max(self._output_start - 2, 0) :]
+        for a, b, c in zip(output, output[1:], output[2:]):
+            _bump(self.learned, (a, b), c, 1.0)
+            _bump(self.learned_bigram, b, c, 1.0)
+        for context, followers in self._evidence.items():
+            for c, weight in followers.items():
+                _bump(self.learned, context, c, weight)
+        self.learned = _decayed(self.learned, self.config)
+        self.learned_bigram = _decayed(self.learned_bigram, self.config)
+        self.begin(())
+
+    # ------------------------------------------------------------------ queries
+    def candidates(self, tail: Sequence[int], limit: int = 8) -> list[Candidate]:
+        """Likely next tokens after a context ending in `tail` (most probable first)."""
+        cfg = self.config
+        tail = tuple(int(t) for t in tail[-cfg.max_order :])
+        chain: list[tuple[int, Counts | None, float, float | None]] = []  # (level, counts, beta, total)
+        for n in range(min(cfg.max_order, len(tail)), 2, -1):
+            chain.append((0, self._request[n].get(tail[-n:]), cfg.beta_request, None))
+        if len(tail) >= 2:
+            pair = tail[-2:]
+            chain.append((1, _merged(self._request[2].get(pair), self._evidence.get(pair)), cfg.beta_request, None))
+            chain.append((2, self.learned.get(pair), cfg.beta_learned, None))
+            chain.append((3, *self._corpus(pair)[:1], cfg.beta_corpus, self._corpus(pair)[1]))
+        if tail:
+            bigram = _merged(self._request[1].get(tail[-1:]), self.learned_bigram.get(tail[-1]))
+            chain.append((4, bigram, cfg.beta_learned, None))
+            chain.append((4, *self._corpus(tail[-1:])[:1], cfg.beta_corpus, self._corpus(tail[-1:])[1]))
+        chain = [(level, _top(counts, cfg.per_level), beta, total) for level, counts, beta, total in chain if counts]
+        if not chain:
+            return []
+        probs = _interpolate([(counts, beta, total) for _, counts, beta, total in chain])
+        if len(tail) >= 2 and self._rejected:
+            a, b = tail[-2], tail[-1]
+            for c in probs:
+                rejections = self._rejected.get((a, b, c))
+                if rejections:
+                    probs[c] *= cfg.reject_factor**rejections
+        top_level, top_counts = chain[0][0], chain[0][1]
+        best = sorted(probs.items(), key=lambda item: (-item[1], item[0]))[:limit]
+        return [Candidate(c, p, top_level, c in top_counts) for c, p in best]
+
+    def _corpus(self, context: tuple[int, ...]) -> tuple[Counts, float]:
+        """Top successors and context total from the datastore, memoised (bounded)."""
+        if self.datastore is None:
+            return {}, 0.0
+        hit = self._corpus_cache.get(context)
+        if hit is None:
+            if len(context) == 2:
+                ids, counts, total = self.datastore.trigram(*context)
+            else:
+                ids, counts, total = self.datastore.bigram(context[0])
+            limit = self.config.per_level
+            hit = (dict(zip(ids[:limit].tolist(), counts[:limit].tolist())), total)
+            if len(self._corpus_cache) >= 200_000:
+                self._corpus_cache.clear()
+            self._corpus_cache[context] = hit
+        return hit
+
+    # ------------------------------------------------------------------ learned state
+    def export_learned(self) -> dict[str, np.ndarray]:
+        """Learned tri-grams and bigrams as arrays: keys [n, 3] / [m, 2] int64, counts [n] / [m] float32."""
+        tri = [(a, b, c, w) for (a, b), followers in self.learned.items() for c, w in followers.items()]
+        bi = [(b, c, w) for b, followers in self.learned_bigram.items() for c, w in followers.items()]
+        tri_array = np.asarray(tri, dtype=np.float64).reshape(-1, 4)
+        bi_array = np.asarray(bi, dtype=np.float64).reshape(-1, 3)
+        return {
+            "learned_tri_keys": tri_array[:, :3].astype(np.int64), "learned_tri_counts": tri_array[:, 3].astype(np.float32),
+            "learned_bi_keys": bi_array[:, :2].astype(np.int64), "learned_bi_counts": bi_array[:, 2].astype(np.float32),
+        }  # fmt: skip
+
+    def import_learned(self, arrays: dict[str, np.ndarray]) -> None:
+        """Add exported learned counts to this representative's (then cap as usual)."""
+        for (a, b, c), w in zip(np.asarray(arrays["learned_tri_keys"]).tolist(), np.asarray(arrays["learned_tri_counts"]).tolist()):
+            _bump(self.learned, (a, b), c, w)
+        for (b, c), w in zip(np.asarray(arrays["learned_bi_keys"]).tolist(), np.asarray(arrays["learned_bi_counts"]).tolist()):
+            _bump(self.learned_bigram, b, c, w)
+        no_decay = RepresentativeConfig(**{**asdict(self.config), "decay": 1.0})
+        self.learned = _decayed(self.learned, no_decay)
+        self.learned_bigram = _decayed(self.learned_bigram, no_decay)
+
+    def save_learned(self, path: str | os.PathLike, tokenizer: TokenizerIdentity, extra: dict[str, np.ndarray] | None = None) -> None:
+        """Write the learned state atomically to a file of the datastore format (kind aded-learned)."""
+        meta = {"kind": "aded-learned", "tokenizer": tokenizer.to_json(), "params": asdict(self.config), "stats": {"contexts": len(self.learned)}}
+        write_arrays(path, {**self.export_learned(), **(extra or {})}, meta)
+
+    def load_learned(self, path: str | os.PathLike, expect: TokenizerIdentity | None = None) -> dict[str, np.ndarray]:
+        """Restore learned state saved by `save_learned`; returns all its arrays (for extras)."""
+        meta, arrays = read_arrays(path)
+        if meta.get("kind") != "aded-learned":
+            raise DatastoreError(f"{path}: holds {meta.get('kind')!r}, not learned drafter state")
+        found = TokenizerIdentity.from_json(meta["tokenizer"])
+        if expect is not None and found.vocab_hash != expect.vocab_hash:
+            raise DatastoreError(f"{path}: learned for tokenizer {found.name!r}, not for {expect.name!r}")
+        self.import_learned(arrays)
+        return arrays
+
+    @property
+    def num_learned_entries(self) -> int:
+        return sum(len(f) for f in self.learned.values()) + sum(len(f) for f in self.learned_bigram.values())
+
+
+def _bump(table: dict, context, token: int, weight: float) -> None:
+    followers = table.get(context)
+    if followers is None:
+        followers = table[context] = {}
+    followers[token] = followers.get(token, 0.0) + weight
+
+
+def _decayed(table: dict, config: RepresentativeConfig) -> dict:
+    """Decay, drop small entries, keep the strongest successors and contexts (deterministic order)."""
+    kept = {}
+    for context, followers in table.items():
+        items = [(c, w * config.decay) for c, w in followers.items() if w * config.decay >= config.min_count]
+        if len(items) > config.max_successors:
+            items = sorted(items, key=lambda item: (-item[1], item[0]))[: config.max_successors]
+        if items:
+            kept[context] = dict(items)
+    if len(kept) > config.max_contexts:
+        ranked = sorted(kept.items(), key=lambda item: -sum(item[1].values()))  # stable: ties keep order
+        kept = dict(ranked[: config.max_contexts])
+    return kept
+
+
+def _top(counts: Counts, limit: int) -> Counts:
+    """The `limit` largest counts (all of them when there are few)."""
+    if len(counts) <= 2 * limit:
+        return counts
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit])
+
+
+def _merged(first: Counts | None, second: Counts | None) -> Counts | None:
+    if not second:
+        return first
+    if not first:
+        return second
+    merged = dict(first)
+    for c, w in second.items():
+        merged[c] = merged.get(c, 0.0) + w
+    return merged
+
+
+def _normal(counts: Counts, total: float | None) -> Counts:
+    norm = total if total else sum(counts.values())
+    return {c: w / norm for c, w in counts.items()} if norm > 0 else {}
+
+
+def _interpolate(levels: list[tuple[Counts | None, float, float | None]]) -> Counts:
+    """Blend levels, most specific first: p = (n(c) + beta * p_below(c)) / (N + beta).
+
+    Each level is (counts, beta, total); a total (the unpruned count of a corpus context) replaces
+    the sum of the kept counts, so pruned mass stays unassigned instead of inflating the rest.
+    """
+    probs: Counts = {}
+    for counts, beta, total in reversed(levels):
+        if not counts:
+            continue
+        norm = (total if total else sum(counts.values())) + beta
+        keys = set(probs) | set(counts)
+        probs = {c: (counts.get(c, 0.0) + beta * probs.get(c, 0.0)) / norm for c in keys}
+    return probs
