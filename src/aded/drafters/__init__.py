@@ -16,6 +16,8 @@ __all__ = ["Drafter", "NoDrafter", "StepFeedback", "DRAFTERS", "make_drafter", "
 DRAFTERS: dict[str, str] = {
     "none": "aded.drafters.base:NoDrafter",
     "pld": "aded.drafters.pld:PromptLookupDrafter",
+    "suffix": "aded.drafters.suffix:SuffixDrafter",
+    "hybrid": "aded.drafters.hybrid:HybridDrafter",
 }
 
 

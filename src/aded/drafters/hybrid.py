@@ -1,0 +1,204 @@
+"""One draft tree from every source, ranked by calibrated acceptance probability.
+
+Each source (prompt lookup, suffix indexes, ADED when it is available) proposes its own scored tree
+for the full budget. The trees are merged into one trie keyed by token path; every edge records
+which sources proposed it and their confidence (a node's score over its parent's). The hybrid then
+learns, from verification, `P(edge accepted | parent accepted)` per cell (set of agreeing sources,
+their best confidence bucket, depth bucket) with `aded.drafters.calibration.EdgeCalibrator`, and
+keeps the `max_nodes` nodes of highest path probability (product of edge estimates), best first.
+
+Agreement is learned, not assumed: prompt lookup and the per-request suffix index read the same
+text, so their agreement is weak evidence, while the suffix index agreeing with ADED's corpus
+statistics may be strong; each combination of sources is its own cell.
+
+Example: pld proposes `a b` (1.0, 1.0), suffix proposes `a c` (0.6, 0.3). Edge `a` has sources
+{pld, suffix}; after a few hundred steps in which such edges were accepted 70% of the time it
+scores 0.7; `b` (pld alone, accepted 40%) scores 0.7 * 0.4 = 0.28; `c` scores 0.7 * its cell.
+
+Each source is told what became of its own proposal: `observe` hands it its tree restricted to the
+nodes that were verified, with the accepted path and bonus as seen from its tree.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any, Sequence
+
+import numpy as np
+
+from aded.drafters.base import Drafter, StepFeedback
+from aded.drafters.calibration import EdgeCalibrator, bucket, tried_edges
+from aded.tree import DraftTree, TreeBuilder
+
+__all__ = ["HybridDrafter", "default_sources"]
+
+_CONFIDENCE_EDGES = (0.2, 0.4, 0.6, 0.8, 0.95)
+_DEPTH_EDGES = (2, 3, 5, 9)
+_UNSCORED = 0.5  # confidence of a node from a source that gives no scores
+
+
+def default_sources() -> list[str]:
+    """Registered sources the hybrid combines: pld, suffix, and aded when it imports."""
+    from aded.drafters import DRAFTERS, drafter_class
+
+    names = ["pld", "suffix"]
+    if "aded" in DRAFTERS:
+        try:
+            drafter_class("aded")
+        except (ImportError, AttributeError):
+            return names
+        names.append("aded")
+    return names
+
+
+class HybridDrafter(Drafter):
+    """`sources`: drafter names (from the registry) or drafter objects; None = `default_sources()`.
+    `tokenizer` / `datastore` go to the aded source; `source_options` maps a name to its options."""
+
+    name = "hybrid"
+
+    def __init__(
+        self,
+        sources: Sequence[str | Drafter] | None = None,
+        *,
+        tokenizer: Any = None,
+        datastore: Any = None,
+        source_options: dict[str, dict[str, Any]] | None = None,
+        prior_scale: float = 0.8,
+    ) -> None:
+        from aded.drafters import make_drafter
+
+        if not 0.0 < prior_scale <= 1.0:
+            raise ValueError(f"prior_scale must be in (0, 1], got {prior_scale}")
+        options = {"suffix": {"mode": "union"}}
+        if tokenizer is not None or datastore is not None:
+            options["aded"] = {"tokenizer": tokenizer, "datastore": datastore}
+        for name, extra in (source_options or {}).items():
+            options.setdefault(name, {}).update(extra)
+        self.sources: list[Drafter] = []
+        for source in default_sources() if sources is None else sources:
+            if isinstance(source, Drafter):
+                self.sources.append(source)
+            elif source == self.name:
+                raise ValueError("the hybrid drafter cannot be one of its own sources")
+            else:
+                self.sources.append(make_drafter(source, **options.get(source, {})))
+        if not self.sources:
+            raise ValueError("the hybrid drafter needs at least one source")
+        self.wants_topk = max(s.wants_topk for s in self.sources)
+        self.prior_scale = prior_scale
+        self.calibrator = EdgeCalibrator()
+        self._last: list[DraftTree] = []
+        self._cells: dict[tuple[int, ...], tuple] = {}
+
+    def begin(self, prompt_ids: Sequence[int]) -> None:
+        for source in self.sources:
+            source.begin(prompt_ids)
+
+    def end(self) -> None:
+        for source in self.sources:
+            source.end()
+
+    # ------------------------------------------------------------------ drafting
+    def propose(self, context_ids: Sequence[int], max_nodes: int) -> DraftTree:
+        self._last = [s.propose(context_ids, max_nodes) for s in self.sources]
+        if max_nodes <= 0:
+            self._cells = {}
+            return DraftTree.empty()
+        edges = self._merge()
+        children: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+        for path in edges:
+            children.setdefault(path[:-1], []).append(path)
+        builder = TreeBuilder(max_nodes)
+        node_of: dict[tuple[int, ...], int] = {(): -1}
+        cells: dict[tuple[int, ...], tuple] = {}
+        heap: list = []
+        counter = 0
+
+        def push(parent: tuple[int, ...], score: float) -> None:
+            nonlocal counter
+            for path in children.get(parent, ()):
+                labels, confidence = edges[path]
+                coarse = (labels, bucket(confidence, _CONFIDENCE_EDGES))
+                fine = (*coarse, bucket(len(path), _DEPTH_EDGES))
+                cells[path] = (fine, coarse)
+                edge = self.calibrator.estimate(fine, coarse, self.prior_scale * confidence)
+                counter += 1
+                heapq.heappush(heap, (-score * edge, len(path), counter, path))
+
+        push((), 1.0)
+        while heap and not builder.full:
+            neg_score, _, _, path = heapq.heappop(heap)
+            labels = edges[path][0]
+            node_of[path] = builder.add(node_of[path[:-1]], path[-1], -neg_score, "+".join(labels))
+            push(path, -neg_score)
+        self._cells = {path: cells[path] for path in node_of if path}
+        return builder.build()
+
+    def _merge(self) -> dict[tuple[int, ...], tuple[tuple[str, ...], float]]:
+        """path -> (sorted labels of the sources proposing it, their best confidence)."""
+        merged: dict[tuple[int, ...], tuple[set[str], float]] = {}
+        for source, tree in zip(self.sources, self._last):
+            paths = _paths(tree)
+            for i, path in enumerate(paths):
+                label = tree.sources[i] if tree.sources is not None and tree.sources[i] else source.name
+                confidence = _UNSCORED
+                if tree.scores is not None:
+                    parent = int(tree.parents[i])
+                    above = tree.scores[parent] if parent >= 0 else 1.0
+                    confidence = float(min(max(tree.scores[i] / above, 0.0), 1.0)) if above > 0 else 0.0
+                labels, best = merged.get(path, (set(), 0.0))
+                labels.add(label)
+                merged[path] = (labels, max(best, confidence))
+        return {path: (tuple(sorted(labels)), best) for path, (labels, best) in merged.items()}
+
+    # ------------------------------------------------------------------ feedback
+    def observe(self, feedback: StepFeedback) -> None:
+        for path, accepted in tried_edges(feedback):
+            cells = self._cells.get(path)
+            if cells is not None:
+                self.calibrator.update(*cells, accepted)
+        verified = {path: i for i, path in enumerate(_paths(feedback.tree))}
+        committed = [*feedback.accepted_ids, feedback.bonus_id]
+        for source, tree in zip(self.sources, self._last or [DraftTree.empty()] * len(self.sources)):
+            if type(source).observe is not Drafter.observe:  # skip sources that learn nothing
+                source.observe(_restrict(source, tree, verified, committed, feedback))
+
+
+def _paths(tree: DraftTree) -> list[tuple[int, ...]]:
+    paths: list[tuple[int, ...]] = []
+    for parent, token in zip(tree.parents.tolist(), tree.token_ids.tolist()):
+        paths.append((paths[parent] if parent >= 0 else ()) + (token,))
+    return paths
+
+
+def _restrict(
+    source: Drafter,
+    tree: DraftTree,
+    verified: dict[tuple[int, ...], int],
+    committed: list[int],
+    feedback: StepFeedback,
+) -> StepFeedback:
+    """The step as one source saw it: its verified nodes, its accepted path, the next token."""
+    keep = [i for i, path in enumerate(_paths(tree)) if path in verified]
+    new_index = {old: new for new, old in enumerate(keep)}
+    sub = DraftTree(
+        tree.token_ids[keep],
+        np.array([new_index.get(int(tree.parents[i]), -1) for i in keep], dtype=np.int64),
+        scores=tree.scores[keep] if tree.scores is not None else None,
+        sources=tuple(tree.sources[i] for i in keep) if tree.sources is not None else None,
+    )
+    path = sub.longest_match(committed[:-1])
+    topk = None
+    if source.wants_topk and feedback.model_topk is not None:
+        paths = _paths(sub)
+        rows = [0] + [verified[p] + 1 for p in paths]
+        topk = feedback.model_topk[rows, : source.wants_topk]
+    return StepFeedback(
+        context_ids=feedback.context_ids,
+        tree=sub,
+        accepted_nodes=tuple(path),
+        accepted_ids=tuple(int(sub.token_ids[i]) for i in path),
+        bonus_id=committed[len(path)],
+        model_topk=topk,
+    )
