@@ -150,11 +150,13 @@ class Representative:
             pair = tail[-2:]
             chain.append((1, _merged(self._request[2].get(pair), self._evidence.get(pair)), cfg.beta_request, None))
             chain.append((2, self.learned.get(pair), cfg.beta_learned, None))
-            chain.append((3, *self._corpus(pair)[:1], cfg.beta_corpus, self._corpus(pair)[1]))
+            corpus, total = self._corpus(pair)
+            chain.append((3, corpus, cfg.beta_corpus, total))
         if tail:
             bigram = _merged(self._request[1].get(tail[-1:]), self.learned_bigram.get(tail[-1]))
             chain.append((4, bigram, cfg.beta_learned, None))
-            chain.append((4, *self._corpus(tail[-1:])[:1], cfg.beta_corpus, self._corpus(tail[-1:])[1]))
+            corpus, total = self._corpus(tail[-1:])
+            chain.append((4, corpus, cfg.beta_corpus, total))
         chain = [(level, _top(counts, cfg.per_level), beta, total) for level, counts, beta, total in chain if counts]
         if not chain:
             return []
@@ -188,14 +190,14 @@ class Representative:
 
     # ------------------------------------------------------------------ learned state
     def export_learned(self) -> dict[str, np.ndarray]:
-        """Learned tri-grams and bigrams as arrays: keys [n, 3] / [m, 2] int64, counts [n] / [m] float32."""
+        """Learned tri-grams and bigrams as arrays: keys [n, 3] / [m, 2] int64, counts [n] / [m] float64."""
         tri = [(a, b, c, w) for (a, b), followers in self.learned.items() for c, w in followers.items()]
         bi = [(b, c, w) for b, followers in self.learned_bigram.items() for c, w in followers.items()]
         tri_array = np.asarray(tri, dtype=np.float64).reshape(-1, 4)
         bi_array = np.asarray(bi, dtype=np.float64).reshape(-1, 3)
         return {
-            "learned_tri_keys": tri_array[:, :3].astype(np.int64), "learned_tri_counts": tri_array[:, 3].astype(np.float32),
-            "learned_bi_keys": bi_array[:, :2].astype(np.int64), "learned_bi_counts": bi_array[:, 2].astype(np.float32),
+            "learned_tri_keys": tri_array[:, :3].astype(np.int64), "learned_tri_counts": tri_array[:, 3],
+            "learned_bi_keys": bi_array[:, :2].astype(np.int64), "learned_bi_counts": bi_array[:, 2],
         }  # fmt: skip
 
     def import_learned(self, arrays: dict[str, np.ndarray]) -> None:

@@ -1,0 +1,63 @@
+"""The default datastore: built on first use from corpora every machine has, then cached.
+
+Sources, in order (each only if present): the Python standard library's sources (always there;
+code and English docstrings, PSF licence) and the chitchat-dataset conversations (PyPI
+`chitchat-dataset`, MIT, installed with the `corpus` extra; everyday English dialogue). Nothing is
+downloaded. Building takes about half a minute on two cores; the file lands in
+`$ADED_CACHE_DIR/datastores` (default `~/.cache/aded/datastores`), named by the tokenizer's
+vocabulary hash, so each tokenizer gets its own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+from aded.store.corpus import CorpusFile
+from aded.store.datastore import tokenizer_identity
+
+__all__ = ["default_corpus", "default_datastore_path", "DEFAULT_CORPUS_VERSION"]
+
+DEFAULT_CORPUS_VERSION = 1  # bump when the recipe changes, so caches rebuild
+_SKIP_DIRS = {"test", "tests", "site-packages", "dist-packages", "idlelib", "turtledemo", "__pycache__",
+              "ensurepip", "lib2to3", "tkinter", "pydoc_data"}  # fmt: skip
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("ADED_CACHE_DIR") or Path.home() / ".cache" / "aded")
+
+
+def default_corpus() -> list[CorpusFile]:
+    """The files the default datastore is built from, in a stable order."""
+    files: list[CorpusFile] = []
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for root, dirs, names in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith(("config-", ".")))
+        for name in sorted(names):
+            if name.endswith(".py"):
+                path = Path(root) / name
+                files.append(CorpusFile(path, path.stat().st_size))
+    spec = importlib.util.find_spec("chitchat_dataset")  # located, never imported
+    if spec is not None and spec.submodule_search_locations:
+        chat = Path(list(spec.submodule_search_locations)[0]) / "dataset.json"
+        if chat.is_file():
+            files.append(CorpusFile(chat, chat.stat().st_size))
+    return files
+
+
+def default_datastore_path(tokenizer: Any) -> Path:
+    """The default datastore for `tokenizer`, building it (with progress) the first time."""
+    identity = tokenizer_identity(tokenizer)
+    files = default_corpus()
+    tag = "c" if any(f.path.name == "dataset.json" for f in files) else "s"
+    path = _cache_root() / "datastores" / f"default-v{DEFAULT_CORPUS_VERSION}{tag}-{identity.vocab_hash[:16]}.aded"
+    if not path.is_file():
+        from aded.progress import console
+        from aded.store.build import build_datastore
+
+        console.print(f"Building the default aded datastore once ({len(files)} files) into {path}")
+        build_datastore(files, tokenizer, path, identity=identity)
+    return path

@@ -1,0 +1,152 @@
+"""The layered representative: request, model evidence, learned and corpus layers; bounds; state files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aded.representative import Representative, RepresentativeConfig
+from aded.store.build import NgramCounter
+from aded.store.datastore import Datastore, DatastoreError, TokenizerIdentity
+
+V = 20
+IDENTITY = TokenizerIdentity("t", V, "vocab")
+
+
+def corpus_store(*docs: list[int]) -> Datastore:
+    counter = NgramCounter(V)
+    for doc in docs:
+        counter.add(doc)
+    return Datastore(counter.finish(), IDENTITY)
+
+
+def probs(rep: Representative, tail) -> dict[int, float]:
+    return {c.token: c.prob for c in rep.candidates(tail, limit=20)}
+
+
+def test_request_layer_copies_from_the_prompt():
+    rep = Representative()
+    rep.begin([1, 2, 3, 4, 5, 1, 2, 3, 4, 6, 9])
+    best = rep.candidates([7, 2, 3, 4])[0]  # (2, 3, 4) occurs twice in the prompt
+    assert best.level == 0 and best.supported and best.token in (5, 6)
+    top = rep.candidates([1, 2, 3, 4])  # longest match: both followers, equally often
+    assert {c.token for c in top[:2]} == {5, 6} and top[0].prob == pytest.approx(top[1].prob)
+
+
+def test_longer_context_beats_shorter():
+    rep = Representative()
+    rep.begin([8, 1, 2, 5, 9, 1, 2, 6, 9, 1, 2, 6])
+    assert rep.candidates([8, 1, 2])[0].token == 5  # order 3 knows (8, 1, 2) -> 5
+    assert rep.candidates([0, 1, 2])[0].token == 6  # order 2 only: 6 is more frequent
+
+
+def test_corpus_tri_gram_then_bigram_back_off():
+    rep = Representative(corpus_store([1, 2, 3, 1, 2, 3, 1, 2, 4, 7, 2, 5]))
+    rep.begin([])
+    top = rep.candidates([1, 2])
+    assert top[0].token == 3 and top[0].level == 3
+    # (1, 2) -> 3 twice in 3; below it the bigram 2 -> 3 (twice in 4), each level escaping with beta 2
+    assert top[0].prob == pytest.approx((2 + 2.0 * (2 / (4 + 2.0))) / (3 + 2.0))
+    backed = rep.candidates([9, 2])  # (9, 2) never occurs: bigram back-off on 2
+    assert backed[0].level == 4 and {c.token for c in backed} == {3, 4, 5}
+    assert rep.candidates([]) == [] and rep.candidates([19, 19]) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, V - 1), max_size=60), st.lists(st.integers(0, V - 1), min_size=1, max_size=5))
+def test_probabilities_are_a_sub_distribution(history, tail):
+    rep = Representative(corpus_store(history[::-1]))
+    rep.begin(history)
+    found = rep.candidates(tail, limit=V)
+    assert all(0.0 < c.prob <= 1.0 for c in found)
+    assert sum(c.prob for c in found) <= 1.0 + 1e-9
+    assert [c.prob for c in found] == sorted((c.prob for c in found), reverse=True)
+
+
+def test_model_topk_evidence_and_rejections():
+    rep = Representative()
+    rep.begin([1, 2, 3])
+    for _ in range(2):  # the model said 7 after (1, 2) twice; rank 2 unknown, rank 3 is 4
+        rep.add_model_topk([5, 1, 2], [7, -1, 4])
+    got = probs(rep, [0, 1, 2])
+    assert got[7] > got[3] > got[4] > 0
+    rep.reject([1, 2], 7)
+    rep.reject([1, 2], 7)
+    assert probs(rep, [0, 1, 2])[7] == pytest.approx(got[7] * 0.25)
+
+
+def test_learning_across_requests_with_decay():
+    config = RepresentativeConfig(decay=0.5, min_count=0.2)
+    rep = Representative(config=config)
+    rep.begin([8, 9, 9])
+    rep.sync([8, 9, 9, 1, 2, 3, 1, 2, 3])  # the output
+    rep.end()
+    rep.begin([])
+    top = rep.candidates([1, 2])
+    assert top[0].token == 3 and top[0].level == 2
+    assert rep.learned[(1, 2)][3] == pytest.approx(1.0)  # 2 occurrences, decayed once by 0.5
+    assert (8, 9) not in rep.learned and (9, 9) in rep.learned  # only what the model said
+    for _ in range(3):
+        rep.end()
+    assert rep.learned == {} and rep.learned_bigram == {}  # decayed away
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.lists(st.integers(0, V - 1), max_size=40), min_size=1, max_size=6))
+def test_learned_memory_is_bounded(requests):
+    config = RepresentativeConfig(max_contexts=7, max_successors=2, decay=1.0)
+    rep = Representative(config=config)
+    for output in requests:
+        rep.begin([0])
+        rep.sync([0] + output)
+        rep.add_model_topk(output[-2:], list(range(6)))
+        rep.end()
+        assert len(rep.learned) <= 7 and len(rep.learned_bigram) <= 7
+        assert all(len(f) <= 2 for f in rep.learned.values())
+
+
+def test_deterministic():
+    def feed() -> list:
+        rep = Representative(corpus_store([3, 4, 5, 3, 4, 6]))
+        rep.begin([1, 2, 3, 4, 5])
+        rep.sync([1, 2, 3, 4, 5, 3, 4, 7])
+        rep.add_model_topk([4, 7], [1, 2, 3])
+        rep.end()
+        return [rep.candidates(t) for t in ([3, 4], [4, 7], [1, 2], [5])]
+
+    assert feed() == feed()
+
+
+def test_sync_restarts_on_a_different_context():
+    rep = Representative()
+    rep.begin([1, 2, 3])
+    rep.sync([1, 2, 3, 4])
+    assert rep.history == [1, 2, 3, 4]
+    rep.sync([5, 6])
+    assert rep.history == [5, 6]
+
+
+def test_learned_state_round_trip(tmp_path):
+    rep = Representative()
+    rep.begin([0])
+    rep.sync([0, 1, 2, 3, 1, 2, 3])
+    rep.end()
+    path = tmp_path / "learned.aded"
+    rep.save_learned(path, IDENTITY, {"extra": np.arange(3)})
+    other = Representative()
+    arrays = other.load_learned(path, IDENTITY)
+    assert other.learned == rep.learned and other.learned_bigram == rep.learned_bigram
+    assert arrays["extra"].tolist() == [0, 1, 2]
+    with pytest.raises(DatastoreError, match="learned for tokenizer"):
+        other.load_learned(path, TokenizerIdentity("u", V, "different"))
+    with pytest.raises(DatastoreError, match="not an n-gram datastore"):
+        Datastore.load(path)
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="max_order"):
+        RepresentativeConfig(max_order=1)
+    with pytest.raises(ValueError, match="decay"):
+        RepresentativeConfig(decay=0.0)
