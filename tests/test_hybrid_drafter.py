@@ -81,8 +81,9 @@ def test_calibration_moves_toward_the_source_that_gets_accepted():
     assert [s for s in tree.sources] == ["good", "good"]  # the budget goes to the good source
     good_cell, bad_cell = (("good",), 2), (("bad",), 2)  # unscored chains: confidence 0.5, bucket 2
     assert drafter.calibrator.rate(good_cell, 0.4) > 0.9
-    assert drafter.calibrator.rate(bad_cell, 0.4) < 0.4  # below its prior after a few rejections
-    assert drafter.calibrator.tried(good_cell) > 40 > drafter.calibrator.tried(bad_cell)
+    assert drafter.calibrator.rate(bad_cell, 0.4) < 0.1
+    # proposals the budget left out are judged too, so the losing source is not starved of evidence
+    assert drafter.calibrator.tried(bad_cell) > 40
 
 
 def test_each_source_sees_its_own_verified_nodes():
@@ -102,3 +103,17 @@ def test_replay_is_deterministic():
     records = [Recorded(rng.integers(0, 20, 80).tolist(), rng.integers(0, 20, 120).tolist()) for _ in range(3)]
     runs = [replay(HybridDrafter(["pld", "suffix"]), records, 8)["all"].accepted_lengths for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_learned_state_round_trips_as_plain_arrays():
+    rng = np.random.default_rng(4)
+    records = [Recorded(rng.integers(0, 20, 60).tolist(), rng.integers(0, 20, 100).tolist()) for _ in range(3)]
+    drafter = HybridDrafter(["pld", "suffix"])
+    replay(drafter, records, 8)
+    state = drafter.state_arrays()
+    assert {"hybrid/calibration", "suffix/tokens", "suffix/calibration"} <= set(state)
+    assert all(isinstance(v, np.ndarray) and v.dtype != object for v in state.values())
+    restored = HybridDrafter(["pld", "suffix"])
+    restored.load_state_arrays(state)
+    probe = Recorded(records[0].prompt_token_ids, records[1].output_token_ids)
+    assert replay(restored, [probe], 8)["all"].accepted_lengths == replay(drafter, [probe], 8)["all"].accepted_lengths

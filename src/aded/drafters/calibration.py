@@ -4,8 +4,9 @@ The engine keeps the top-scoring nodes of a tree under a cost model, so a node's
 probability that it is accepted, not a raw frequency: a continuation seen once in the prompt is
 "certain" by counts yet the model follows it perhaps half the time. Scores here are built edge by
 edge: `P(node accepted) = P(parent accepted) * P(edge | parent accepted)`, and the edge factor is
-learned from verification. An edge is *tried* when its parent was accepted (or is the root) and
-*accepted* when the model emitted its token there; edges under a rejected parent teach nothing.
+learned from verification. An edge is *judged* when the model emitted its parent (or it hangs from
+the root) and *accepted* when the model emitted its token there; edges under a rejected parent
+teach nothing.
 
 Edges are described by a fine feature cell (e.g. source, frequency bucket, match-length bucket)
 that backs off to a coarse cell (e.g. source, frequency bucket), which backs off to a prior:
@@ -20,11 +21,12 @@ Counts are capped (older evidence is scaled down), so the estimates follow a dri
 
 from __future__ import annotations
 
-from typing import Hashable
+import json
+from typing import Hashable, Iterable
 
 from aded.drafters.base import StepFeedback
 
-__all__ = ["EdgeCalibrator", "bucket", "tried_edges"]
+__all__ = ["EdgeCalibrator", "bucket", "judged_edges"]
 
 
 def bucket(value: float, edges: tuple[float, ...]) -> int:
@@ -65,16 +67,41 @@ class EdgeCalibrator:
     def tried(self, cell: Hashable) -> float:
         return self._stats.get(cell, (0.0, 0.0))[1]
 
+    def to_json(self) -> str:
+        """The learned counts as JSON (cells are tuples of strings, ints and tuples)."""
+        return json.dumps([[_listed(cell), stats] for cell, stats in self._stats.items()])
 
-def tried_edges(feedback: StepFeedback) -> list[tuple[tuple[int, ...], bool]]:
-    """(path tokens, accepted) for every verified node whose parent was accepted or is the root."""
-    tree = feedback.tree
-    accepted = set(feedback.accepted_nodes)
-    paths: list[tuple[int, ...]] = []
+    def load_json(self, text: str) -> None:
+        try:
+            rows = json.loads(text)
+            self._stats = {_tupled(cell): [float(a), float(n)] for cell, (a, n) in rows}
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"not a calibration state: {text[:80]!r}") from exc
+
+
+def _listed(cell):
+    return [_listed(x) for x in cell] if isinstance(cell, tuple) else cell
+
+
+def _tupled(cell):
+    return tuple(_tupled(x) for x in cell) if isinstance(cell, list) else cell
+
+
+def judged_edges(
+    paths: Iterable[tuple[int, ...]], feedback: StepFeedback
+) -> list[tuple[tuple[int, ...], bool]]:
+    """(path, accepted) for every proposed path whose parent the model emitted.
+
+    The committed tokens (accepted + bonus) are what the model emitted after the root and after
+    each accepted node, so an edge below the root or an accepted node is judged by comparing its
+    token with the model's, whether or not the engine kept it for verification. Judging the whole
+    proposal (not only what was verified) keeps an edge class that the engine prunes from being
+    starved of evidence at a low estimate.
+    """
+    committed = (*feedback.accepted_ids, feedback.bonus_id)
     out = []
-    for i, (parent, token) in enumerate(zip(tree.parents.tolist(), tree.token_ids.tolist())):
-        path = (paths[parent] if parent >= 0 else ()) + (token,)
-        paths.append(path)
-        if parent < 0 or parent in accepted:
-            out.append((path, i in accepted))
+    for path in paths:
+        depth = len(path)
+        if 0 < depth <= len(committed) and path[: depth - 1] == committed[: depth - 1]:
+            out.append((path, path[-1] == committed[depth - 1]))
     return out

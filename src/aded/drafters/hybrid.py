@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from aded.drafters.base import Drafter, StepFeedback
-from aded.drafters.calibration import EdgeCalibrator, bucket, tried_edges
+from aded.drafters.calibration import EdgeCalibrator, bucket, judged_edges
 from aded.tree import DraftTree, TreeBuilder
 
 __all__ = ["HybridDrafter", "default_sources"]
@@ -132,7 +132,7 @@ class HybridDrafter(Drafter):
             labels = edges[path][0]
             node_of[path] = builder.add(node_of[path[:-1]], path[-1], -neg_score, "+".join(labels))
             push(path, -neg_score)
-        self._cells = {path: cells[path] for path in node_of if path}
+        self._cells = cells  # every scored candidate, kept or not, is judged by the outcome
         return builder.build()
 
     def _merge(self) -> dict[tuple[int, ...], tuple[tuple[str, ...], float]]:
@@ -152,9 +152,27 @@ class HybridDrafter(Drafter):
                 merged[path] = (labels, max(best, confidence))
         return {path: (tuple(sorted(labels)), best) for path, (labels, best) in merged.items()}
 
+    # ------------------------------------------------------------------ learned state
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays of what the hybrid and its sources learned, keyed `source/name`."""
+        state = {"hybrid/calibration": np.array(self.calibrator.to_json())}
+        for source in self.sources:
+            if hasattr(source, "state_arrays"):
+                state.update({f"{source.name}/{k}": v for k, v in source.state_arrays().items()})
+        return state
+
+    def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:
+        if "hybrid/calibration" in state:
+            self.calibrator.load_json(str(state["hybrid/calibration"]))
+        for source in self.sources:
+            prefix = f"{source.name}/"
+            mine = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            if mine and hasattr(source, "load_state_arrays"):
+                source.load_state_arrays(mine)
+
     # ------------------------------------------------------------------ feedback
     def observe(self, feedback: StepFeedback) -> None:
-        for path, accepted in tried_edges(feedback):
+        for path, accepted in judged_edges(self._cells, feedback):
             cells = self._cells.get(path)
             if cells is not None:
                 self.calibrator.update(*cells, accepted)

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from aded.drafters.base import Drafter, StepFeedback
-from aded.drafters.calibration import EdgeCalibrator, bucket, tried_edges
+from aded.drafters.calibration import EdgeCalibrator, bucket, judged_edges
 from aded.suffix_tree import Match, SuffixIndex
 from aded.tree import DraftTree, TreeBuilder
 
@@ -98,7 +98,7 @@ class SuffixDrafter(Drafter):
             self._append(context_ids[seen:])
 
     def observe(self, feedback: StepFeedback) -> None:
-        for path, accepted in tried_edges(feedback):
+        for path, accepted in judged_edges(self._cells, feedback):
             cells = self._cells.get(path)
             if cells is not None:
                 self.calibrator.update(*cells, accepted)
@@ -171,13 +171,17 @@ class SuffixDrafter(Drafter):
 
     # ------------------------------------------------------------------ learned state
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """The global index as plain arrays (what this process learned from earlier requests)."""
-        return self.global_index.state_arrays()
+        """What this process learned as plain arrays: the global index and the calibration."""
+        state = self.global_index.state_arrays()
+        state["calibration"] = np.array(self.calibrator.to_json())
+        return state
 
     def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:
         index = SuffixIndex.from_state_arrays(state)
         index.max_occurrences = self.max_occurrences
         self.global_index = index
+        if "calibration" in state:
+            self.calibrator.load_json(str(state["calibration"]))
 
 
 def merge_proposals(proposals: Sequence[Proposal], max_nodes: int) -> DraftTree:
