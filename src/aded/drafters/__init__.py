@@ -16,6 +16,8 @@ __all__ = ["Drafter", "NoDrafter", "StepFeedback", "DRAFTERS", "make_drafter", "
 DRAFTERS: dict[str, str] = {
     "none": "aded.drafters.base:NoDrafter",
     "pld": "aded.drafters.pld:PromptLookupDrafter",
+    "aded": "aded.drafters.aded:AdedDrafter",
+    "aded-reference": "aded.drafters.aded_reference:AdedReferenceDrafter",
     "suffix": "aded.drafters.suffix:SuffixDrafter",
     "hybrid": "aded.drafters.hybrid:HybridDrafter",
 }

@@ -1,0 +1,307 @@
+"""ADED: Monte Carlo tree search over the layered tri-gram representative (arXiv 2407.12021).
+
+What differs from the public code, and why:
+- The value means something: a node's Q is the expected number of accepted tokens through it,
+  given its parent is accepted, from *calibrated* acceptance probabilities. A `Calibrator` maps
+  the representative's raw probability (and which layer it came from) to the acceptance rate
+  measured on this model's verification feedback, so the search learns what this model accepts.
+- Randomness (rollouts) comes from a seeded generator, re-seeded per proposal from the context,
+  so a fresh run with the same seed gives the same drafts. Unseen contexts back off to bigrams.
+- Simulations, depth and the node budget are parameters; defaults were chosen by offline replay.
+
+Each simulation: select children by PUCT, `Q + c_puct * P * sqrt(N) / (1 + n)` (P = calibrated
+probability, N the parent's visits, n the child's); expand the leaf with the representative's
+candidates; roll out `rollout_depth` sampled tokens; back up the expected accepted length. The
+draft is the searched tree's nodes with the highest path acceptance probability (see `_tree`);
+every node's score is that probability, so the engine can prune the tree by expected gain.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from aded.drafters.base import Drafter, StepFeedback
+from aded.representative import NUM_LEVELS, Representative, RepresentativeConfig
+from aded.store.datastore import Datastore, TokenizerIdentity, tokenizer_identity
+from aded.tree import DraftTree, TreeBuilder
+
+__all__ = ["AdedDrafter", "Calibrator"]
+
+_BIN_EDGES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+class Calibrator:
+    """Acceptance rate of a drafted edge by (layer, supported, raw-probability bin).
+
+    Each cell is a Beta posterior whose prior mean is the raw probability itself (strength
+    `prior`), so with no feedback the raw probability is returned; counts decay slowly so it
+    follows the model as the representative drifts.
+    """
+
+    def __init__(self, prior: float = 4.0, decay: float = 0.9995) -> None:
+        self.prior = prior
+        self.decay = decay
+        shape = (NUM_LEVELS, 2, len(_BIN_EDGES) + 1)
+        self.accepted = np.zeros(shape)  # [levels, supported, bins]
+        self.tried = np.zeros(shape)
+        self._raw_sum = np.zeros(shape)  # sum of raw probabilities seen in each cell
+
+    @staticmethod
+    def cell(level: int, supported: bool, raw: float) -> tuple[int, int, int]:
+        return level, int(supported), _bin(raw)
+
+    def __call__(self, level: int, supported: bool, raw: float) -> float:
+        cell = self.cell(level, supported, raw)
+        tried = self.tried[cell]
+        if tried == 0:
+            return raw
+        mean_raw = self._raw_sum[cell] / tried
+        # empirical rate in the cell, shifted by how far this raw value is from the cell's mean
+        rate = (self.accepted[cell] + self.prior * mean_raw) / (tried + self.prior)
+        return float(min(max(rate + (raw - mean_raw) * 0.5, 1e-4), 0.999))
+
+    def update(self, level: int, supported: bool, raw: float, accepted: bool) -> None:
+        cell = self.cell(level, supported, raw)
+        self.accepted[cell] = self.accepted[cell] * self.decay + float(accepted)
+        self.tried[cell] = self.tried[cell] * self.decay + 1.0
+        self._raw_sum[cell] = self._raw_sum[cell] * self.decay + raw
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"calib_accepted": self.accepted, "calib_tried": self.tried, "calib_raw_sum": self._raw_sum}
+
+    def load(self, arrays: dict[str, np.ndarray]) -> None:
+        if "calib_tried" in arrays and arrays["calib_tried"].shape == self.tried.shape:
+            self.accepted = np.array(arrays["calib_accepted"], dtype=np.float64)
+            self.tried = np.array(arrays["calib_tried"], dtype=np.float64)
+            self._raw_sum = np.array(arrays["calib_raw_sum"], dtype=np.float64)
+
+
+def _bin(raw: float) -> int:
+    for index, edge in enumerate(_BIN_EDGES):
+        if raw < edge:
+            return index
+    return len(_BIN_EDGES)
+
+
+class _Node:
+    __slots__ = ("token", "parent", "tail", "p", "meta", "path_p", "depth", "children", "visits", "value", "expanded")
+
+    def __init__(self, token: int, parent: "_Node | None", tail: tuple[int, ...], p: float, meta: tuple, depth: int) -> None:  # fmt: skip
+        self.token, self.parent, self.tail, self.p, self.meta, self.depth = token, parent, tail, p, meta, depth
+        self.path_p = p * (parent.path_p if parent is not None else 1.0)
+        self.children: list[_Node] = []
+        self.visits = 0
+        self.value = 0.0  # sum of backed-up expected accepted lengths through this node
+        self.expanded = False
+
+
+class AdedDrafter(Drafter):
+    """MCTS drafts over an adaptive layered tri-gram representative.
+
+    `datastore`: a datastore file (or an open `Datastore`); None uses the default datastore of
+    `tokenizer` when one is given, else drafts from the request and learned layers only.
+    `learned`: a file of learned state to start from (see `save`). `learn=False` freezes the
+    cross-request layer and the calibration (for measuring what adaptivity adds).
+    """
+
+    name = "aded"
+    needs_tokenizer = True  # to find (or build) and check its datastore
+
+    def __init__(
+        self,
+        datastore: str | os.PathLike | Datastore | None = None,
+        tokenizer: Any = None,
+        *,
+        num_simulations: int = 24,
+        max_depth: int = 12,
+        rollout_depth: int = 1,
+        c_puct: float = 1.0,
+        branching: int = 6,
+        topk: int = 8,
+        seed: int = 0,
+        learn: bool = True,
+        learned: str | os.PathLike | None = None,
+        config: RepresentativeConfig | None = None,
+    ) -> None:
+        if num_simulations < 1 or max_depth < 1 or branching < 1 or rollout_depth < 0:
+            raise ValueError("num_simulations, max_depth and branching must be >= 1, rollout_depth >= 0")
+        self.identity: TokenizerIdentity | None = tokenizer_identity(tokenizer) if tokenizer is not None else None
+        if isinstance(datastore, Datastore):
+            store = datastore
+        elif datastore is not None:
+            store = Datastore.load(datastore, expect=self.identity)
+        elif tokenizer is not None:
+            from aded.store.default import default_datastore_path
+
+            store = Datastore.load(default_datastore_path(tokenizer), expect=self.identity)
+        else:
+            store = None
+        if self.identity is None and store is not None:
+            self.identity = store.tokenizer
+        self.rep = Representative(store, config or RepresentativeConfig())
+        self.calibrator = Calibrator()
+        self.num_simulations = num_simulations
+        self.max_depth = max_depth
+        self.rollout_depth = rollout_depth
+        self.c_puct = c_puct
+        self.branching = branching
+        self.wants_topk = topk
+        self.seed = seed
+        self.learn = learn
+        self._proposed: dict[tuple[int, ...], tuple] = {}  # path tokens -> (level, supported, raw)
+        if learned is not None:
+            self.calibrator.load(self.rep.load_learned(learned, self.identity))
+
+    # ------------------------------------------------------------------ lifecycle
+    def begin(self, prompt_ids: Sequence[int]) -> None:
+        self.rep.begin(prompt_ids)
+
+    def end(self) -> None:
+        if self.learn:
+            self.rep.end()
+        else:
+            self.rep.begin(())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the learned state (cross-request counts and calibration) atomically."""
+        if self.identity is None:
+            raise ValueError("saving learned state needs a tokenizer or a datastore to name the vocabulary")
+        self.rep.save_learned(Path(path), self.identity, self.calibrator.arrays())
+
+    # ------------------------------------------------------------------ drafting
+    def propose(self, context_ids: Sequence[int], max_nodes: int) -> DraftTree:
+        if max_nodes <= 0 or len(context_ids) == 0:
+            return DraftTree.empty()
+        self.rep.sync(context_ids)
+        order = self.rep.config.max_order
+        root = _Node(-1, None, tuple(int(t) for t in context_ids[-order:]), 1.0, (), 0)
+        seed = zlib.crc32(np.asarray(context_ids[-8:], dtype=np.int64).tobytes()) ^ self.seed
+        rng = random.Random(seed)
+        cache: dict[tuple[int, ...], list[tuple[int, float, tuple]]] = {}
+        simulations = max(self.num_simulations, max_nodes)
+        for _ in range(simulations):
+            self._simulate(root, cache, rng)
+            if not root.children:
+                break
+        return self._tree(root, max_nodes)
+
+    def _expansions(self, tail: tuple[int, ...], cache: dict) -> list[tuple[int, float, tuple]]:
+        """Calibrated (token, p, meta) after `tail`, memoised for the proposal."""
+        hit = cache.get(tail)
+        if hit is None:
+            hit = []
+            total = 0.0
+            for cand in self.rep.candidates(tail, self.branching):
+                p = self.calibrator(cand.level, cand.supported, cand.prob)
+                hit.append((cand.token, p, (cand.level, cand.supported, cand.prob)))
+                total += p
+            if total > 1.0:  # siblings are exclusive events
+                hit = [(token, p / total, meta) for token, p, meta in hit]
+            cache[tail] = hit
+        return hit
+
+    def _simulate(self, root: _Node, cache: dict, rng: random.Random) -> None:
+        node, path, c_puct = root, [root], self.c_puct
+        while node.expanded and node.children and node.depth < self.max_depth:
+            sqrt_n = math.sqrt(node.visits)
+            best, best_u = None, -1.0
+            for child in node.children:
+                q = child.value / child.visits if child.visits else child.p
+                u = q + c_puct * child.p * sqrt_n / (1 + child.visits)
+                if u > best_u:
+                    best, best_u = child, u
+            node = best
+            path.append(node)
+        if not node.expanded and node.depth < self.max_depth:
+            node.expanded = True
+            for token, p, meta in self._expansions(node.tail, cache):
+                node.children.append(_Node(token, node, (node.tail + (token,))[-len(root.tail) :], p, meta, node.depth + 1))
+        value = self._rollout(node, cache, rng)
+        for visited in reversed(path):
+            visited.visits += 1
+            if visited is not root:
+                value = visited.p * (1.0 + value)
+                visited.value += value
+
+    def _rollout(self, node: _Node, cache: dict, rng: random.Random) -> float:
+        """Expected accepted tokens below `node` along one sampled continuation."""
+        tail, depth, reach, total = node.tail, node.depth, 1.0, 0.0
+        for _ in range(self.rollout_depth):
+            if depth >= self.max_depth:
+                break
+            options = cache.get(tail) if tail in cache else self._expansions(tail, cache)
+            if not options:
+                break
+            draw, token, p = rng.random(), options[-1][0], options[-1][1]
+            mass = sum(o[1] for o in options)
+            for option_token, option_p, _ in options:
+                draw -= option_p / mass
+                if draw <= 0:
+                    token, p = option_token, option_p
+                    break
+            reach *= p
+            total += reach
+            tail = (tail + (token,))[-len(node.tail) :] if node.tail else (token,)
+            depth += 1
+        return total
+
+    def _tree(self, root: _Node, max_nodes: int) -> DraftTree:
+        """The searched tree's nodes of highest path acceptance probability (visits break ties).
+
+        Every node the search created is a candidate: the visited ones and the children their
+        expansion revealed (the public code's "most visited paths, each extended by one greedy
+        token"). Taking them by path probability maximises the expected accepted length,
+        the sum of the chosen nodes' path probabilities; parents always rank before children.
+        """
+        nodes, stack = [], list(root.children)
+        while stack:
+            node = stack.pop()
+            nodes.append(node)
+            stack.extend(node.children)
+        nodes.sort(key=lambda n: (-n.path_p, -n.visits, n.depth))
+        builder = TreeBuilder(max_nodes)
+        index: dict[int, int] = {id(root): -1}
+        paths: dict[int, tuple[int, ...]] = {id(root): ()}
+        self._proposed = {}
+        for node in nodes:
+            if builder.full:
+                break
+            parent = index.get(id(node.parent))
+            if parent is None:
+                continue
+            index[id(node)] = builder.add(parent, node.token, node.path_p, self.name)
+            paths[id(node)] = paths[id(node.parent)] + (node.token,)
+            self._proposed[paths[id(node)]] = node.meta
+        return builder.build()
+
+    # ------------------------------------------------------------------ learning from verification
+    def observe(self, feedback: StepFeedback) -> None:
+        tree, context = feedback.tree, list(feedback.context_ids)
+        order = self.rep.config.max_order
+        accepted = set(feedback.accepted_nodes)
+        topk = feedback.model_topk
+        paths: list[tuple[int, ...]] = []
+        for i, (parent, token) in enumerate(zip(tree.parents.tolist(), tree.token_ids.tolist())):
+            path = (paths[parent] if parent >= 0 else ()) + (token,)
+            paths.append(path)
+            parent_on_path = parent < 0 or parent in accepted
+            if parent_on_path:  # this edge was tested against the model's own token
+                meta = self._proposed.get(path)
+                if meta and self.learn:
+                    self.calibrator.update(*meta, accepted=i in accepted)
+                if i not in accepted:
+                    self.rep.reject((context + list(path[:-1]))[-order:], token)
+            if topk is not None and i not in accepted:
+                # the model's next tokens after an off-path node: free evidence (Token Recycling)
+                self.rep.add_model_topk((context + list(path))[-2:], topk[i + 1].tolist())
+        if topk is not None:
+            # on the accepted path the top-1 is committed anyway; its runners-up are evidence too
+            for row, path in [(0, ())] + [(i + 1, paths[i]) for i in feedback.accepted_nodes]:
+                self.rep.add_model_topk((context + list(path))[-2:], [-1] + topk[row, 1:].tolist())
