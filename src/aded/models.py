@@ -246,6 +246,9 @@ def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "c
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of: {', '.join(dtypes)}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress goes to stderr; theirs garbles the stream
     folder = local_dir(spec)
     tokenizer = load_tokenizer(spec)
     try:

@@ -1,0 +1,63 @@
+"""Tiny, randomly initialised models built in the test, so engine tests run in seconds.
+
+They run in float64: random tiny models have nearly flat logits, and float64 keeps tree
+verification and sequential decoding from ever disagreeing on an argmax by rounding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("ADED_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".cache-tests"))
+# tiny models gain nothing from threads, and OpenMP barriers cost milliseconds on a busy machine
+torch.set_num_threads(1)
+
+
+def _finish(model, seed_scale: float = 1.0):
+    model = model.to(torch.float64).eval()
+    if seed_scale != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(seed_scale)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def tiny_llama(vocab_size: int = 96, seed: int = 0, logit_scale: float = 1.0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=False)
+    return _finish(LlamaForCausalLM(config), logit_scale)
+
+
+def tiny_qwen2(vocab_size: int = 96, seed: int = 0, logit_scale: float = 1.0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True)
+    return _finish(Qwen2ForCausalLM(config), logit_scale)
+
+
+MODEL_FACTORIES = {"llama": tiny_llama, "qwen2": tiny_qwen2}
+
+
+@pytest.fixture(scope="session", params=sorted(MODEL_FACTORIES))
+def tiny_model(request):
+    return MODEL_FACTORIES[request.param]()
+
+
+def hf_greedy(model, prompt_ids, max_new_tokens, eos_token_id=None):
+    """transformers' own greedy decoding: the reference every drafter must equal."""
+    with torch.inference_mode():
+        ids = torch.tensor([prompt_ids])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos_token_id, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()

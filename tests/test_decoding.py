@@ -1,0 +1,174 @@
+"""The loop is lossless: greedy output equals transformers' greedy decoding whatever the drafts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from aded.backends.hf import HFRunner
+from aded.budget import BudgetPolicy
+from aded.decoding import GenerationConfig, SpeculativeDecoder
+from aded.drafters import make_drafter
+from aded.drafters.base import Drafter
+from aded.tree import DraftTree, TreeBuilder
+from aded.verify import accept_greedy
+from conftest import hf_greedy
+
+
+class ScriptedDrafter(Drafter):
+    """Random trees that mix the true continuation (to a random depth) with wrong tokens."""
+
+    name = "scripted"
+
+    def __init__(self, reference: list[int], prompt_len: int, seed: int, vocab: int,
+                 max_correct_depth: int = 6, wrong_only: bool = False) -> None:
+        self.reference = reference
+        self.prompt_len = prompt_len
+        self.rng = np.random.default_rng(seed)
+        self.vocab = vocab
+        self.max_correct_depth = max_correct_depth
+        self.wrong_only = wrong_only
+        self.observed = []
+
+    def propose(self, context_ids, max_nodes):
+        done = len(context_ids) - self.prompt_len
+        truth = self.reference[done:]
+        builder = TreeBuilder(max_nodes)
+        for _ in range(self.rng.integers(0, 4)):
+            depth = int(self.rng.integers(1, self.max_correct_depth + 1))
+            if self.wrong_only or not truth:
+                path = self.rng.integers(0, self.vocab, depth).tolist()
+                if truth:
+                    path[0] = (truth[0] + 1 + int(self.rng.integers(0, self.vocab - 1))) % self.vocab
+            else:
+                keep = int(self.rng.integers(0, min(depth, len(truth)) + 1))
+                path = truth[:keep] + self.rng.integers(0, self.vocab, depth - keep).tolist()
+            builder.add_path(path)
+        return builder.build()
+
+    def observe(self, feedback):
+        self.observed.append(feedback)
+
+
+def decoder_for(model, drafter, eos=()):
+    return SpeculativeDecoder(HFRunner(model), drafter, eos, BudgetPolicy(enabled=False))
+
+
+@pytest.mark.parametrize("drafter_name", ["none", "pld"])
+def test_registered_drafters_equal_greedy(tiny_model, drafter_name):
+    rng = np.random.default_rng(1)
+    vocab = tiny_model.config.vocab_size
+    for trial in range(4):
+        base = rng.integers(0, vocab, 12).tolist()
+        prompt = base * 3 if trial % 2 else rng.integers(0, vocab, 30).tolist()
+        reference = hf_greedy(tiny_model, prompt, 40)
+        result = decoder_for(tiny_model, make_drafter(drafter_name)).generate(
+            prompt, GenerationConfig(max_new_tokens=40))
+        assert result.token_ids == reference
+        assert result.finish_reason == "length"
+        assert result.stats.generated_tokens == 40
+
+
+@given(seed=st.integers(0, 10_000), prompt_len=st.integers(1, 40), max_new=st.integers(1, 30),
+       max_nodes=st.integers(0, 16), wrong_only=st.booleans())
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_random_trees_equal_greedy(tiny_model, seed, prompt_len, max_new, max_nodes, wrong_only):
+    vocab = tiny_model.config.vocab_size
+    prompt = np.random.default_rng(seed).integers(0, vocab, prompt_len).tolist()
+    reference = hf_greedy(tiny_model, prompt, max_new)
+    # correct depths up to 12 also make trees deeper than the remaining token budget
+    drafter = ScriptedDrafter(reference, prompt_len, seed, vocab, 12, wrong_only)
+    result = decoder_for(tiny_model, drafter).generate(
+        prompt, GenerationConfig(max_new_tokens=max_new, max_draft_nodes=max_nodes))
+    assert result.token_ids == reference
+    assert sum(result.stats.accepted_lengths) + 1 == len(reference)
+    if wrong_only:
+        assert result.stats.steps == max_new - 1  # nothing accepted: one token per step
+    for feedback in drafter.observed:
+        assert len(feedback.accepted_ids) == len(feedback.accepted_nodes)
+
+
+def test_eos_inside_an_accepted_path_ends_generation(tiny_model):
+    vocab = tiny_model.config.vocab_size
+    prompt = np.random.default_rng(5).integers(0, vocab, 20).tolist()
+    reference = hf_greedy(tiny_model, prompt, 30)
+    eos = reference[7]
+    expected = hf_greedy(tiny_model, prompt, 30, eos_token_id=eos)
+    assert expected[-1] == eos and len(expected) <= 8
+    # a drafter that always proposes the whole true continuation: EOS lands mid-path
+    drafter = ScriptedDrafter(reference, len(prompt), 0, vocab, max_correct_depth=20)
+    drafter.rng = np.random.default_rng(0)
+    result = decoder_for(tiny_model, drafter, eos=[eos]).generate(
+        prompt, GenerationConfig(max_new_tokens=30, max_draft_nodes=32))
+    assert result.token_ids == expected
+    assert result.finish_reason == "stop"
+
+
+def test_kv_cache_equals_plain_prefill_after_many_steps(tiny_model):
+    """After many tree steps with rejections, the cache holds exactly the committed tokens."""
+    runner = HFRunner(tiny_model)
+    vocab = tiny_model.config.vocab_size
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(0, vocab, 16).tolist()
+    seq = runner.new_sequence(8)  # small on purpose: the buffers must grow
+    logits = runner.prefill(seq, prompt)
+    context = prompt + [int(logits.argmax())]
+    for _ in range(25):
+        builder = TreeBuilder(12)
+        for _ in range(3):
+            builder.add_path(rng.integers(0, vocab, int(rng.integers(1, 5))).tolist())
+        tree = builder.build()
+        out = runner.verify(seq, context[-1], tree)
+        acceptance = accept_greedy(tree, out)
+        runner.commit(seq, acceptance.accepted_nodes)
+        context += [*acceptance.accepted_ids, acceptance.bonus_id]
+    fresh = runner.new_sequence(len(context))
+    runner.prefill(fresh, context[:-1])
+    assert seq.past_len == fresh.past_len == len(context) - 1
+    for ours, plain in zip(seq.layers, fresh.layers):
+        torch.testing.assert_close(ours.keys, plain.keys, rtol=0, atol=1e-10)
+        torch.testing.assert_close(ours.values, plain.values, rtol=0, atol=1e-10)
+
+
+def test_tree_logits_match_sequential_logits(tiny_model):
+    runner = HFRunner(tiny_model)
+    prompt = list(range(10, 30))
+    tree = DraftTree.from_paths([[1, 2, 3], [1, 4], [5, 6]])
+    seq = runner.new_sequence(64)
+    runner.prefill(seq, prompt)
+    tree_logits = runner.verify(seq, 9, tree)
+    with torch.inference_mode():
+        for node in range(len(tree)):
+            ids = prompt + [9] + tree.path_tokens(node)
+            full = tiny_model(torch.tensor([ids])).logits[0, -1]
+            torch.testing.assert_close(tree_logits[node + 1], full.float(), rtol=0, atol=1e-8)
+
+
+def test_prompt_longer_than_context_is_a_clear_error(tiny_model):
+    decoder = decoder_for(tiny_model, make_drafter("none"))
+    with pytest.raises(ValueError, match="context holds 512"):
+        decoder.generate([1] * 600, GenerationConfig(max_new_tokens=4))
+
+
+def test_generation_stops_at_the_context_limit(tiny_model):
+    decoder = decoder_for(tiny_model, make_drafter("pld"))
+    result = decoder.generate([3] * 500, GenerationConfig(max_new_tokens=100))
+    assert len(result.token_ids) == 12 and result.finish_reason == "length"
+
+
+@pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"max_draft_nodes": -1},
+                                 {"do_sample": True, "temperature": 0.0},
+                                 {"do_sample": True, "top_p": 1.5}])
+def test_absurd_parameters_are_rejected(bad):
+    with pytest.raises(ValueError):
+        GenerationConfig(**bad)
+
+
+def test_stream_yields_what_generate_returns(tiny_model):
+    decoder = decoder_for(tiny_model, make_drafter("pld"))
+    prompt = [5, 6, 7, 8] * 6
+    stream = decoder.stream(prompt, GenerationConfig(max_new_tokens=25))
+    pieces = [list(p) for p in stream]
+    assert [t for p in pieces for t in p] == stream.result.token_ids == hf_greedy(tiny_model, prompt, 25)
