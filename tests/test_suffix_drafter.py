@@ -123,3 +123,21 @@ def test_bad_arguments_name_the_value():
     for kwargs, text in (({"alpha": 0}, "alpha"), ({"min_prob": 2}, "min_prob"), ({"mode": "x"}, "'x'")):
         with pytest.raises(ValueError, match=text):
             SuffixDrafter(**kwargs)
+
+
+@pytest.mark.parametrize("drafter_name", ["suffix", "hybrid"])
+def test_greedy_output_equals_plain_decoding(tiny_model, drafter_name):
+    """Through the real loop on tiny random models, over requests that teach the global index."""
+    from aded.backends.hf import HFRunner
+    from aded.budget import BudgetPolicy
+    from aded.decoding import GenerationConfig, SpeculativeDecoder
+    from conftest import hf_greedy
+
+    options = {"sources": ["pld", "suffix"]} if drafter_name == "hybrid" else {}
+    decoder = SpeculativeDecoder(HFRunner(tiny_model), make_drafter(drafter_name, **options), (),
+                                 BudgetPolicy(enabled=False))
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, tiny_model.config.vocab_size, 12).tolist()
+    for prompt in (base * 3, base[:5] + rng.integers(0, 50, 10).tolist(), base * 2):
+        result = decoder.generate(prompt, GenerationConfig(max_new_tokens=30))
+        assert result.token_ids == hf_greedy(tiny_model, prompt, 30)
