@@ -47,6 +47,7 @@ class RepresentativeConfig:
     max_contexts: int = 200_000  # learned contexts kept (the smallest totals go first)
     max_successors: int = 8  # learned successors kept per context
     per_level: int = 8  # candidates read from each level per query
+    request_layer: bool = True  # off: the prompt and output are not matched (for measuring)
 
     def __post_init__(self) -> None:
         if self.max_order < 2:
@@ -90,7 +91,8 @@ class Representative:
 
     def commit(self, token_ids: Iterable[int]) -> None:
         """Append committed tokens to the request's history (O(max_order) each)."""
-        history, request, top = self.history, self._request, self.config.max_order
+        history, request = self.history, self._request
+        top = self.config.max_order if self.config.request_layer else 0
         for token in token_ids:
             token = int(token)
             end = len(history)

@@ -186,7 +186,8 @@ class Datastore:
         missing = [name for name in TABLES if name not in arrays]
         if missing:
             raise DatastoreError(f"datastore lacks tables {missing}")
-        self.arrays = dict(arrays)
+        # plain ndarray views of the memory maps: slicing a np.memmap costs a subclass round trip
+        self.arrays = {name: np.asarray(array) for name, array in arrays.items()}
         self.tokenizer = tokenizer
         self.params = dict(params or {})
         self.stats = dict(stats or {})

@@ -3,7 +3,7 @@
 Sources, in order (each only if present): the Python standard library's sources (always there;
 code and English docstrings, PSF licence) and the chitchat-dataset conversations (PyPI
 `chitchat-dataset`, MIT, installed with the `corpus` extra; everyday English dialogue). Nothing is
-downloaded. Building takes about half a minute on two cores; the file lands in
+downloaded. Building takes about 35 s on two cores (6M tokens); the ~18 MB file lands in
 `$ADED_CACHE_DIR/datastores` (default `~/.cache/aded/datastores`), named by the tokenizer's
 vocabulary hash, so each tokenizer gets its own.
 """
@@ -16,12 +16,15 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+from aded.store.build import BuildParams
 from aded.store.corpus import CorpusFile
-from aded.store.datastore import tokenizer_identity
+from aded.store.datastore import TokenizerIdentity, tokenizer_identity
 
-__all__ = ["default_corpus", "default_datastore_path", "DEFAULT_CORPUS_VERSION"]
+__all__ = ["default_corpus", "default_datastore_file", "default_datastore_path", "DEFAULT_CORPUS_VERSION", "DEFAULT_PARAMS"]
 
 DEFAULT_CORPUS_VERSION = 1  # bump when the recipe changes, so caches rebuild
+#: contexts seen once are dropped: 18 instead of 31 MB, and no measurable loss in replay
+DEFAULT_PARAMS = BuildParams(min_count=2)
 _SKIP_DIRS = {"test", "tests", "site-packages", "dist-packages", "idlelib", "turtledemo", "__pycache__",
               "ensurepip", "lib2to3", "tkinter", "pydoc_data"}  # fmt: skip
 
@@ -48,16 +51,22 @@ def default_corpus() -> list[CorpusFile]:
     return files
 
 
+def default_datastore_file(identity: TokenizerIdentity, files: list[CorpusFile] | None = None) -> Path:
+    """Where the default datastore of a tokenizer lives (named by the corpora present)."""
+    files = default_corpus() if files is None else files
+    tag = "c" if any(f.path.name == "dataset.json" for f in files) else "s"
+    return _cache_root() / "datastores" / f"default-v{DEFAULT_CORPUS_VERSION}{tag}-{identity.vocab_hash[:16]}.aded"
+
+
 def default_datastore_path(tokenizer: Any) -> Path:
     """The default datastore for `tokenizer`, building it (with progress) the first time."""
     identity = tokenizer_identity(tokenizer)
     files = default_corpus()
-    tag = "c" if any(f.path.name == "dataset.json" for f in files) else "s"
-    path = _cache_root() / "datastores" / f"default-v{DEFAULT_CORPUS_VERSION}{tag}-{identity.vocab_hash[:16]}.aded"
+    path = default_datastore_file(identity, files)
     if not path.is_file():
         from aded.progress import console
         from aded.store.build import build_datastore
 
         console.print(f"Building the default aded datastore once ({len(files)} files) into {path}")
-        build_datastore(files, tokenizer, path, identity=identity)
+        build_datastore(files, tokenizer, path, DEFAULT_PARAMS, identity=identity)
     return path
