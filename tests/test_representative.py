@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aded.representative import Representative, RepresentativeConfig
+from aded.representative import LEVELS, Representative, RepresentativeConfig
 from aded.store.build import NgramCounter
 from aded.store.datastore import Datastore, DatastoreError, TokenizerIdentity
 
@@ -30,7 +30,7 @@ def test_request_layer_copies_from_the_prompt():
     rep = Representative()
     rep.begin([1, 2, 3, 4, 5, 1, 2, 3, 4, 6, 9])
     best = rep.candidates([7, 2, 3, 4])[0]  # (2, 3, 4) occurs twice in the prompt
-    assert best.level == 0 and best.supported and best.token in (5, 6)
+    assert LEVELS[best.level] == "request-3" and best.supported and best.token in (5, 6)
     top = rep.candidates([1, 2, 3, 4])  # longest match: both followers, equally often
     assert {c.token for c in top[:2]} == {5, 6} and top[0].prob == pytest.approx(top[1].prob)
 
@@ -39,6 +39,9 @@ def test_longer_context_beats_shorter():
     rep = Representative()
     rep.begin([8, 1, 2, 5, 9, 1, 2, 6, 9, 1, 2, 6])
     assert rep.candidates([8, 1, 2])[0].token == 5  # order 3 knows (8, 1, 2) -> 5
+    rep.begin([7, 8, 1, 2, 5, 3, 8, 1, 2, 6, 3, 8, 1, 2, 6])
+    long = rep.candidates([7, 8, 1, 2])[0]
+    assert long.token == 5 and LEVELS[long.level] == "request-long"  # order 4 beats order 3
     assert rep.candidates([0, 1, 2])[0].token == 6  # order 2 only: 6 is more frequent
 
 
@@ -46,11 +49,11 @@ def test_corpus_tri_gram_then_bigram_back_off():
     rep = Representative(corpus_store([1, 2, 3, 1, 2, 3, 1, 2, 4, 7, 2, 5]))
     rep.begin([])
     top = rep.candidates([1, 2])
-    assert top[0].token == 3 and top[0].level == 3
+    assert top[0].token == 3 and LEVELS[top[0].level] == "corpus"
     # (1, 2) -> 3 twice in 3; below it the bigram 2 -> 3 (twice in 4), each level escaping with beta 2
     assert top[0].prob == pytest.approx((2 + 2.0 * (2 / (4 + 2.0))) / (3 + 2.0))
     backed = rep.candidates([9, 2])  # (9, 2) never occurs: bigram back-off on 2
-    assert backed[0].level == 4 and {c.token for c in backed} == {3, 4, 5}
+    assert LEVELS[backed[0].level] == "bigram" and {c.token for c in backed} == {3, 4, 5}
     assert rep.candidates([]) == [] and rep.candidates([19, 19]) == []
 
 
@@ -85,7 +88,7 @@ def test_learning_across_requests_with_decay():
     rep.end()
     rep.begin([])
     top = rep.candidates([1, 2])
-    assert top[0].token == 3 and top[0].level == 2
+    assert top[0].token == 3 and LEVELS[top[0].level] == "learned"
     assert rep.learned[(1, 2)][3] == pytest.approx(1.0)  # 2 occurrences, decayed once by 0.5
     assert (8, 9) not in rep.learned and (9, 9) in rep.learned  # only what the model said
     for _ in range(3):

@@ -4,11 +4,12 @@ A query gives candidate next tokens for a context tail with probabilities, blend
 ordered from the most specific evidence to the most general (each level interpolates with the
 levels below it, PPM style: p = (n(c) + beta * p_below(c)) / (N + beta)):
 
-    level 0  request, orders 3..max_order  the prompt and output so far (copying is common)
-    level 1  request, order 2              plus the model's top-k seen at verified tree nodes
-    level 2  learned tri-grams             what earlier requests taught (committed + model top-k)
-    level 3  corpus tri-grams              the static datastore
-    level 4  bigram back-off               request, learned and corpus one-token contexts
+    level 0  request, orders 4..max_order  the prompt and output so far (copying is common)
+    level 1  request, order 3
+    level 2  request, order 2              plus the model's top-k seen at verified tree nodes
+    level 3  learned tri-grams             what earlier requests taught (committed + model top-k)
+    level 4  corpus tri-grams              the static datastore
+    level 5  bigram back-off               request, learned and corpus one-token contexts
 
 Every layer keeps counts, so it can be merged, decayed and saved; probabilities are derived at
 query time. Learned state is bounded: at each request's end its counts decay by `decay`, entries
@@ -27,9 +28,10 @@ import numpy as np
 
 from aded.store.datastore import Datastore, DatastoreError, TokenizerIdentity, read_arrays, write_arrays
 
-__all__ = ["RepresentativeConfig", "Candidate", "Representative", "NUM_LEVELS"]
+__all__ = ["RepresentativeConfig", "Candidate", "Representative", "LEVELS", "NUM_LEVELS"]
 
-NUM_LEVELS = 5
+LEVELS = ("request-long", "request-3", "request-2", "learned", "corpus", "bigram")
+NUM_LEVELS = len(LEVELS)
 Counts = dict[int, float]
 
 
@@ -147,18 +149,18 @@ class Representative:
         tail = tuple(int(t) for t in tail[-cfg.max_order :])
         chain: list[tuple[int, Counts | None, float, float | None]] = []  # (level, counts, beta, total)
         for n in range(min(cfg.max_order, len(tail)), 2, -1):
-            chain.append((0, self._request[n].get(tail[-n:]), cfg.beta_request, None))
+            chain.append((0 if n >= 4 else 1, self._request[n].get(tail[-n:]), cfg.beta_request, None))
         if len(tail) >= 2:
             pair = tail[-2:]
-            chain.append((1, _merged(self._request[2].get(pair), self._evidence.get(pair)), cfg.beta_request, None))
-            chain.append((2, self.learned.get(pair), cfg.beta_learned, None))
+            chain.append((2, _merged(self._request[2].get(pair), self._evidence.get(pair)), cfg.beta_request, None))
+            chain.append((3, self.learned.get(pair), cfg.beta_learned, None))
             corpus, total = self._corpus(pair)
-            chain.append((3, corpus, cfg.beta_corpus, total))
+            chain.append((4, corpus, cfg.beta_corpus, total))
         if tail:
             bigram = _merged(self._request[1].get(tail[-1:]), self.learned_bigram.get(tail[-1]))
-            chain.append((4, bigram, cfg.beta_learned, None))
+            chain.append((5, bigram, cfg.beta_learned, None))
             corpus, total = self._corpus(tail[-1:])
-            chain.append((4, corpus, cfg.beta_corpus, total))
+            chain.append((5, corpus, cfg.beta_corpus, total))
         chain = [(level, _top(counts, cfg.per_level), beta, total) for level, counts, beta, total in chain if counts]
         if not chain:
             return []

@@ -120,7 +120,7 @@ class AdedDrafter(Drafter):
         tokenizer: Any = None,
         *,
         num_simulations: int = 24,
-        max_depth: int = 12,
+        max_depth: int = 16,
         rollout_depth: int = 1,
         c_puct: float = 1.0,
         branching: int = 6,
