@@ -1,0 +1,59 @@
+"""`aded serve`: load one model and serve it over an OpenAI-compatible HTTP API.
+
+FastAPI and uvicorn are imported inside the command, so `aded` works without the `server` extra
+and says how to install it when `serve` is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from aded.models import DEFAULT_MODEL
+
+__all__ = ["serve_command"]
+
+
+def serve_command(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face folder, or .gguf file."),
+    drafter: str = typer.Option("hybrid", "--drafter", "-d", help="Draft source: none, pld, suffix, hybrid, aded, ..."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port to listen on."),
+    state: Optional[Path] = typer.Option(None, "--state", dir_okay=False,
+                                         help="File of the drafter's learned state: loaded at start, saved periodically."),
+    save_interval: float = typer.Option(60.0, "--save-interval", min=0.01, help="Seconds between state saves."),
+    served_name: Optional[str] = typer.Option(None, "--served-model-name",
+                                              help="Model id clients use (default: --model, or a folder's name)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    budget: str = typer.Option("measured", "--budget", help="measured, typical or off."),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests queued or running before 429."),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1024, help="Largest request body."),
+    max_tokens: int = typer.Option(256, "--default-max-tokens", min=1, help="max_tokens when a request gives none."),
+    max_draft_nodes: int = typer.Option(24, "--max-draft-nodes", min=0, max=1024, help="Largest draft tree per step."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+) -> None:
+    """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, ...)."""
+    try:
+        import uvicorn
+
+        from aded.server.app import ServerConfig, create_app
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"`aded serve` needs {exc.name}; install it with: pip install 'aded[server]'") from exc
+    from aded.api import load
+
+    levels = {"debug", "info", "warning", "error"}
+    if log_level not in levels:
+        raise ValueError(f"--log-level must be one of {', '.join(sorted(levels))}, got {log_level!r}")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = served_name or (Path(model).name if Path(model).exists() else model)
+    config = ServerConfig(model_name=name, state_path=state, save_interval=save_interval, max_queue=max_queue,
+                          max_body_bytes=max_body_bytes, default_max_tokens=max_tokens,
+                          max_draft_nodes=max_draft_nodes)
+    lm = load(model, drafter=drafter, dtype=dtype, budget=budget)  # fail before binding the port
+    app = create_app(lm, config)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("aded.server").warning("binding %s: the API has no authentication", host)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)

@@ -1,0 +1,214 @@
+"""One model, one worker thread, one request at a time.
+
+Why serial: the drafter and the budget policy keep learned state in one object, and the decoding
+loop owns one KV cache per request; running requests one after another is the simplest way to
+guarantee that every client gets exactly the output it would get alone (greedy decoding is
+lossless whatever the drafter has learned, so the order of requests never changes a greedy answer).
+The event loop only validates, queues and relays; all model and drafter work happens here.
+
+A job's events reach its handler through an asyncio queue: ("piece", text) while streaming, then
+("done", Completion) or ("error", exception). A handler whose client went away calls `cancel()`;
+the worker then closes the stream (the drafter's request ends cleanly) and takes the next job.
+Work that must not overlap a request (exporting the drafter's learned state) is queued with `call`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+__all__ = ["RequestError", "GenerationRequest", "Job", "Engine"]
+
+log = logging.getLogger("aded.server")
+
+
+class RequestError(Exception):
+    """A request the server refuses, answered with `status` and the OpenAI error shape."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 code: str | None = None, type_: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+        self.type = type_
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    generation: dict[str, Any]  # keyword arguments of `Aded.stream` (already validated)
+    stop: tuple[str, ...] = ()
+    stream: bool = False  # relay text pieces as they are accepted
+
+
+@dataclass
+class Job:
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """The client went away: stop generating (or never start) and free the slot."""
+        self.cancelled.set()
+
+    def emit(self, kind: str, value: Any) -> None:
+        """Called from the worker thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancel()
+
+    async def next_event(self) -> tuple[str, Any]:
+        return await self.events.get()
+
+
+class Engine:
+    """Runs generation jobs and maintenance calls one at a time on a worker thread.
+
+    `on_finish(job, completion)` is called on the worker after each finished or cancelled job
+    (completion is None when the job failed or never started), e.g. to update metrics.
+    """
+
+    def __init__(self, lm, max_queue: int = 64,
+                 on_finish: Callable[[Job, Any], None] | None = None) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        self.lm = lm
+        self.max_queue = max_queue
+        self.on_finish = on_finish
+        self._queue: queue.Queue = queue.Queue()
+        self._pending = 0  # generation jobs queued or running
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._accepting = False
+        self._current: Job | None = None
+        self.completed = 0  # jobs that ran (finished or cancelled mid-way): the drafter learned
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._accepting = True
+        self._thread = threading.Thread(target=self._work, name="aded-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new jobs, cancel the queued and the running one, join the worker."""
+        self._accepting = False
+        current = self._current
+        if current is not None:
+            current.cancel()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    # ------------------------------------------------------------------ submitting
+    def submit(self, request: GenerationRequest) -> Job:
+        job = Job(request, asyncio.get_running_loop())
+        with self._lock:
+            if not self._accepting:
+                raise RequestError("the server is shutting down", 503, type_="server_error")
+            if self._pending >= self.max_queue:
+                raise RequestError(f"the server is busy ({self._pending} requests queued); retry later",
+                                   429, type_="rate_limit_error", code="queue_full")
+            self._pending += 1
+        self._queue.put(job)
+        return job
+
+    def call(self, func: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `func` on the worker between two requests; its result arrives in the future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if self._thread is None or not self._thread.is_alive():
+            future.set_exception(RuntimeError("the engine is not running"))
+            return future
+        self._queue.put((func, future))
+        return future
+
+    # ------------------------------------------------------------------ worker
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            if isinstance(item, tuple):
+                func, future = item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(func())
+                    except Exception as exc:  # handed to the caller, who reports it
+                        future.set_exception(exc)
+                continue
+            self._current = item
+            try:
+                self._run(item)
+            finally:
+                self._current = None
+                with self._lock:
+                    self._pending -= 1
+        self._drain()
+
+    def _drain(self) -> None:
+        """After stop: tell queued jobs they will not run; run queued maintenance calls."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, tuple):
+                func, future = item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(func())
+                    except Exception as exc:
+                        future.set_exception(exc)
+            elif item is not None:
+                item.emit("error", RequestError("the server is shutting down", 503, type_="server_error"))
+
+    def _run(self, job: Job) -> None:
+        if job.cancelled.is_set():  # the client left while queued
+            self._finished(job, None)
+            return
+        request = job.request
+        completion = None
+        try:
+            stream = self.lm.stream(request.prompt_ids, stop=request.stop, **request.generation)
+        except ValueError as exc:
+            job.emit("error", RequestError(str(exc)))
+            self._finished(job, None)
+            return
+        try:
+            for piece in stream:
+                if job.cancelled.is_set():
+                    break
+                if request.stream:
+                    job.emit("piece", piece)
+            else:
+                completion = stream.completion
+                job.emit("done", completion)
+        except Exception as exc:  # one broken request must not stop the server
+            log.exception("generation failed")
+            job.emit("error", RequestError(f"generation failed: {exc}", 500, type_="server_error"))
+        finally:
+            if completion is None:
+                stream.close()  # ends the drafter's request; the KV cache is dropped
+            self.completed += 1
+            self._finished(job, completion)
+
+    def _finished(self, job: Job, completion) -> None:
+        if self.on_finish is not None:
+            try:
+                self.on_finish(job, completion)
+            except Exception:  # metrics must never take the worker down
+                log.exception("on_finish hook failed")

