@@ -61,3 +61,34 @@ def hf_greedy(model, prompt_ids, max_new_tokens, eos_token_id=None):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=eos_token_id, pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer (99 ids) with a chat template, built without any download."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for char in [chr(i) for i in range(32, 127)] + ["\n"]:
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """An `Aded` over a tiny Llama whose vocabulary matches `tiny_tokenizer`."""
+    from aded.api import Aded
+
+    model = tiny_llama(vocab_size=99, seed=1)
+    return Aded(model, tiny_tokenizer(), drafter="pld", budget="off")

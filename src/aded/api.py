@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 
 from aded.budget import BudgetPolicy, CostModel, load_or_measure_costs
 from aded.decoding import GenerationConfig, GenerationResult, GenerationStats, SpeculativeDecoder
-from aded.drafters import Drafter, make_drafter
+from aded.drafters import DEFAULT_DRAFTER, Drafter, make_drafter
 from aded.models import DEFAULT_MODEL, load_model
 
 __all__ = ["load", "Aded", "Completion"]
@@ -55,7 +55,7 @@ class Completion:
 
 def load(
     model: str = DEFAULT_MODEL,
-    drafter: str | Drafter = "pld",
+    drafter: str | Drafter = DEFAULT_DRAFTER,
     dtype: str = "float32",
     device: str = "cpu",
     budget: str = "measured",
@@ -75,7 +75,7 @@ def load(
 class Aded:
     """A model, its tokenizer and a drafter; one request at a time."""
 
-    def __init__(self, model, tokenizer, drafter: str | Drafter = "pld", model_id: str = "model",
+    def __init__(self, model, tokenizer, drafter: str | Drafter = DEFAULT_DRAFTER, model_id: str = "model",
                  budget: str = "typical", **drafter_options: Any) -> None:
         from aded.backends.hf import HFRunner
 
@@ -171,13 +171,15 @@ class TextStream:
         return self.lm.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _stop_check(self, generated: list[int]) -> int | None:
+        """Tokens to keep: the fewest whose text contains the first stop string that appeared."""
         text = self._decode(generated)
-        hits = [text.find(s) for s in self.stop if s in text]
+        hits = [(text.find(s), len(s)) for s in self.stop if s in text]
         if not hits:
             return None
-        self._text_cut = min(hits)
-        for n in range(1, len(generated) + 1):  # fewest tokens whose text reaches the stop string
-            if len(self._decode(generated[:n])) > self._text_cut:
+        start, length = min(hits)
+        self._text_cut = start
+        for n in range(1, len(generated) + 1):
+            if len(self._decode(generated[:n])) >= start + length:
                 return n
         return len(generated)
 

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import typer
 
+from aded.drafters import DEFAULT_DRAFTER
 from aded.models import ALIASES, DEFAULT_MODEL, ModelError
 
 app = typer.Typer(
@@ -82,7 +83,7 @@ def _generation_options(max_new_tokens, temperature, top_p, top_k, seed, max_dra
 
 
 ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face folder, or .gguf file.")
-DrafterOpt = typer.Option("pld", "--drafter", "-d", help="Draft source: none, pld, ... (see `aded drafters`).")
+DrafterOpt = typer.Option(DEFAULT_DRAFTER, "--drafter", "-d", help="Draft source: none, pld, suffix, aded, hybrid (see `aded drafters`).")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 or bfloat16.")
 MaxNewOpt = typer.Option(256, "--max-new-tokens", "-n", min=1, help="Most tokens to generate.")
 TempOpt = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples.")
@@ -181,6 +182,20 @@ def chat(
         sys.stdout.write("\n")
         _print_stats(stream.completion.stats)
         messages.append({"role": "assistant", "content": stream.completion.text})
+
+
+@app.command()
+@friendly
+def demo(
+    model: str = ModelOpt,
+    drafter: str = typer.Option(DEFAULT_DRAFTER, "--drafter", "-d", help="Draft source to show."),
+    max_new_tokens: int = typer.Option(160, "--max-new-tokens", "-n", min=1),
+    dtype: str = DtypeOpt,
+) -> None:
+    """Plain decoding against aded on two prompts: speed side by side, identical tokens."""
+    from aded.demo import print_demo, run_demo
+
+    print_demo(run_demo(model, drafter, max_new_tokens, dtype), drafter)
 
 
 @app.command()

@@ -11,7 +11,10 @@ from typing import Any
 
 from aded.drafters.base import Drafter, NoDrafter, StepFeedback
 
-__all__ = ["Drafter", "NoDrafter", "StepFeedback", "DRAFTERS", "make_drafter", "drafter_names"]
+#: what `aded generate`, the API and the server use unless told otherwise (chosen by measurement)
+DEFAULT_DRAFTER = "pld"
+
+__all__ = ["DEFAULT_DRAFTER", "Drafter", "NoDrafter", "StepFeedback", "DRAFTERS", "make_drafter", "drafter_names"]
 
 DRAFTERS: dict[str, str] = {
     "none": "aded.drafters.base:NoDrafter",

@@ -1,0 +1,54 @@
+import numpy as np
+
+from aded.budget import BudgetPolicy, CostModel
+from aded.tree import DraftTree
+
+
+def scored(paths, scores):
+    tree = DraftTree.from_paths(paths)
+    return DraftTree(tree.token_ids, tree.parents, scores=np.asarray(scores))
+
+
+def test_unlikely_drafts_are_not_worth_verifying_on_a_cpu():
+    policy = BudgetPolicy(CostModel.typical_cpu())
+    tree = scored([[1, 2, 3]], [0.05, 0.02, 0.01])
+    assert len(policy.choose(tree)) == 0
+
+
+def test_likely_drafts_are_kept_best_first_and_parent_closed():
+    policy = BudgetPolicy(CostModel.typical_cpu())
+    tree = scored([[1, 2, 3], [4, 5]], [0.9, 0.8, 0.7, 0.3, 0.29])
+    chosen = policy.choose(tree)
+    assert chosen.token_ids.tolist()[:3] == [1, 2, 3]
+    for i, parent in enumerate(chosen.parents.tolist()):
+        assert parent < i
+
+
+def test_flat_cost_keeps_every_useful_node():
+    policy = BudgetPolicy(CostModel.flat())
+    tree = scored([[1, 2], [3]], [0.5, 0.4, 0.1])
+    assert len(policy.choose(tree)) == 3
+
+
+def test_calibration_learns_that_a_drafter_is_overconfident_and_forgives_later():
+    policy = BudgetPolicy(CostModel.typical_cpu())
+    tree = scored([[1, 2, 3, 4]], [0.9, 0.9, 0.9, 0.9])
+    for _ in range(40):
+        policy.observe(tree, ())  # never accepted
+    assert policy.calibrated(tree).max() < 0.1
+    assert len(policy.choose(tree)) == 0
+    empty = DraftTree.empty()
+    for _ in range(200):
+        policy.observe(empty, ())  # evidence fades: the drafter gets another chance
+    assert len(policy.choose(tree)) > 0
+
+
+def test_disabled_policy_verifies_everything():
+    policy = BudgetPolicy(enabled=False)
+    tree = scored([[1, 2, 3]], [0.0, 0.0, 0.0])
+    assert policy.choose(tree) is tree
+
+
+def test_cost_model_interpolates():
+    cost = CostModel((0, 4, 8), (1.0, 2.0, 4.0))
+    assert cost(2) == 1.5 and cost(6) == 3.0 and cost(100) == 4.0
