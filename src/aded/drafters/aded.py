@@ -52,26 +52,31 @@ class Calibrator:
         self.accepted = np.zeros(shape)  # [levels, supported, bins]
         self.tried = np.zeros(shape)
         self._raw_sum = np.zeros(shape)  # sum of raw probabilities seen in each cell
+        self._memo: dict[tuple[int, int, int], tuple[float, float, float]] = {}
 
     @staticmethod
     def cell(level: int, supported: bool, raw: float) -> tuple[int, int, int]:
         return level, int(supported), _bin(raw)
 
     def __call__(self, level: int, supported: bool, raw: float) -> float:
-        cell = self.cell(level, supported, raw)
-        tried = self.tried[cell]
+        cell = (level, int(supported), _bin(raw))
+        stats = self._memo.get(cell)
+        if stats is None:  # (accepted, tried, mean raw) as floats: numpy scalar reads are slow
+            tried = float(self.tried[cell])
+            stats = self._memo[cell] = (float(self.accepted[cell]), tried, float(self._raw_sum[cell]) / tried if tried else 0.0)
+        accepted, tried, mean_raw = stats
         if tried == 0:
             return raw
-        mean_raw = self._raw_sum[cell] / tried
         # empirical rate in the cell, shifted by how far this raw value is from the cell's mean
-        rate = (self.accepted[cell] + self.prior * mean_raw) / (tried + self.prior)
-        return float(min(max(rate + (raw - mean_raw) * 0.5, 1e-4), 0.999))
+        rate = (accepted + self.prior * mean_raw) / (tried + self.prior)
+        return min(max(rate + (raw - mean_raw) * 0.5, 1e-4), 0.999)
 
     def update(self, level: int, supported: bool, raw: float, accepted: bool) -> None:
         cell = self.cell(level, supported, raw)
         self.accepted[cell] = self.accepted[cell] * self.decay + float(accepted)
         self.tried[cell] = self.tried[cell] * self.decay + 1.0
         self._raw_sum[cell] = self._raw_sum[cell] * self.decay + raw
+        self._memo.pop(cell, None)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"calib_accepted": self.accepted, "calib_tried": self.tried, "calib_raw_sum": self._raw_sum}
@@ -81,6 +86,7 @@ class Calibrator:
             self.accepted = np.array(arrays["calib_accepted"], dtype=np.float64)
             self.tried = np.array(arrays["calib_tried"], dtype=np.float64)
             self._raw_sum = np.array(arrays["calib_raw_sum"], dtype=np.float64)
+            self._memo.clear()
 
 
 def _bin(raw: float) -> int:
