@@ -6,18 +6,25 @@ the accepted length is the longest tree path equal to the recorded continuation,
 advances by accepted + 1 (the bonus token). The drafter sees the same `begin / propose / observe /
 end` calls as in a real run, with the model's top-1 token as the only model evidence (replay has no
 logits beyond the recorded token). For a deterministic drafter whose `wants_topk` is 0, mean
-accepted tokens equal those of a real greedy run exactly.
+accepted tokens equal those of a real greedy run exactly, provided the replay sees what the engine
+did: pass the same `BudgetPolicy` kind (and cost curve) and each record's `max_new_tokens`.
+
+With a budget, each step's verification cost t(k) is summed too, so a speedup over plain decoding
+can be predicted from the measured cost curve without running the model.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from aded.budget import BudgetPolicy
 from aded.drafters.base import Drafter, StepFeedback
+from aded.tree import DraftTree
 
 __all__ = ["Recorded", "ReplayStats", "replay", "replay_one"]
 
@@ -28,6 +35,7 @@ class Recorded:
     output_token_ids: Sequence[int]
     category: str = "all"
     id: str | int | None = None
+    max_new_tokens: int | None = None  # the run's limit (None: the output's length), trims trees
 
 
 @dataclass
@@ -36,6 +44,8 @@ class ReplayStats:
     tokens: int = 0
     draft_nodes: int = 0
     accepted_lengths: list[int] = field(default_factory=list)
+    draft_s: float = 0.0  # wall time in propose + observe
+    verify_cost_s: float = 0.0  # sum of t(k) over steps (only with a budget's cost model)
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -55,23 +65,46 @@ class ReplayStats:
         self.tokens += other.tokens
         self.draft_nodes += other.draft_nodes
         self.accepted_lengths.extend(other.accepted_lengths)
+        self.draft_s += other.draft_s
+        self.verify_cost_s += other.verify_cost_s
+
+    def predicted_speedup(self, plain_step_s: float) -> float | None:
+        """Tokens per second over plain decoding's (one token per `plain_step_s`), drafting included."""
+        seconds = self.verify_cost_s + self.draft_s
+        return self.tokens * plain_step_s / seconds if seconds > 0 and self.verify_cost_s > 0 else None
 
 
-def replay_one(drafter: Drafter, record: Recorded, max_nodes: int) -> ReplayStats:
-    """Replay one recorded output; the first output token comes from prefill, as in a real run."""
+def replay_one(drafter: Drafter, record: Recorded, max_nodes: int,
+               budget: BudgetPolicy | None = None) -> ReplayStats:
+    """Replay one recorded output; the first output token comes from prefill, as in a real run.
+
+    Each tree goes through what the engine does to it before verification: nodes deeper than the
+    remaining token budget are dropped, then `budget` (if given) picks the subtree to verify.
+    """
     stats = ReplayStats()
     output = [int(t) for t in record.output_token_ids]
     if not output:
         return stats
+    max_new = record.max_new_tokens or len(output)
     context = [int(t) for t in record.prompt_token_ids] + output[:1]
+    start = time.perf_counter()
     drafter.begin(list(record.prompt_token_ids))
+    stats.draft_s += time.perf_counter() - start
     pos = 1
     while pos < len(output):
-        tree = drafter.propose(context, max_nodes)
+        t0 = time.perf_counter()
+        tree = _within_depth(drafter.propose(context, max_nodes), max_new - pos - 1)
+        if budget is not None:
+            tree = budget.choose(tree)
+        t1 = time.perf_counter()
         remaining = output[pos:]
         path = tree.longest_match(remaining[:-1] if len(remaining) > 1 else [])
         accepted = [int(tree.token_ids[i]) for i in path]
         bonus = remaining[len(accepted)]
+        if budget is not None:
+            budget.observe(tree, tuple(path))
+            stats.verify_cost_s += budget.cost(len(tree))
+        t2 = time.perf_counter()
         topk = None
         if drafter.wants_topk:
             topk = _recorded_topk(tree, output, pos, drafter.wants_topk)
@@ -85,6 +118,7 @@ def replay_one(drafter: Drafter, record: Recorded, max_nodes: int) -> ReplayStat
                 model_topk=topk,
             )
         )
+        stats.draft_s += (t1 - t0) + (time.perf_counter() - t2)
         context.extend(accepted)
         context.append(bonus)
         pos += len(accepted) + 1
@@ -94,6 +128,13 @@ def replay_one(drafter: Drafter, record: Recorded, max_nodes: int) -> ReplayStat
         stats.accepted_lengths.append(len(accepted) + 1)
     drafter.end()
     return stats
+
+
+def _within_depth(tree: DraftTree, max_depth: int) -> DraftTree:
+    """The engine's rule (decoding._fit): nodes deeper than what may still be emitted are dropped."""
+    if len(tree) == 0 or tree.max_depth <= max_depth:
+        return tree
+    return tree.subtree([i for i in range(len(tree)) if tree.depths[i] <= max_depth])
 
 
 def _recorded_topk(tree, output: list[int], pos: int, k: int) -> np.ndarray:
@@ -110,13 +151,14 @@ def _recorded_topk(tree, output: list[int], pos: int, k: int) -> np.ndarray:
 
 
 def replay(
-    drafter: Drafter, records: Iterable[Recorded], max_nodes: int
+    drafter: Drafter, records: Iterable[Recorded], max_nodes: int, budget: BudgetPolicy | None = None
 ) -> dict[str, ReplayStats]:
-    """Stats per category and for "all", replaying records in order (drafters may learn across)."""
+    """Stats per category and for "all", replaying records in order (drafters and the budget's
+    calibration learn across records, as in a real run)."""
     by_category: dict[str, ReplayStats] = defaultdict(ReplayStats)
     overall = ReplayStats()
     for record in records:
-        one = replay_one(drafter, record, max_nodes)
+        one = replay_one(drafter, record, max_nodes, budget)
         if record.category != "all":
             by_category[record.category].merge(one)
         overall.merge(one)

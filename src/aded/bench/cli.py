@@ -1,0 +1,134 @@
+"""The typer surface of `aded bench` (run, `compare`) and `aded simulate`; the work lives beside it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from aded.models import DEFAULT_MODEL
+
+__all__ = ["bench_app", "simulate_command"]
+
+bench_app = typer.Typer(
+    help="Compare every method side by side (Spec-Bench style): speedup and mean accepted tokens per task.",
+    invoke_without_command=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _friendly(func, *args, **kwargs):
+    """Expected failures as one `error:` line and exit code 2, as everywhere in `aded`."""
+    from aded.cli import friendly
+
+    return friendly(func)(*args, **kwargs)
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@bench_app.callback()
+def bench(
+    ctx: typer.Context,
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face folder, or .gguf file."),
+    questions: list[Path] = typer.Option([], "--questions", "-q", dir_okay=False,
+                                         help="A question file (JSON Lines; repeatable). Default: the shipped mixed set."),
+    methods: str = typer.Option("all", "--methods", help="Comma-separated methods, or all: hf, hf-pld, every drafter, oracle."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Most tokens per turn."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most K questions, spread over categories."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (outputs compared with hf)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", file_okay=False, help="Output folder (default: a new timestamped one)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: physical cores)."),
+    max_draft_nodes: int = typer.Option(24, "--max-draft-nodes", min=0, max=1024, help="Largest draft tree per step."),
+    budget: str = typer.Option("measured", "--budget", help="measured, typical or off: how aded methods size trees."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling."),
+    warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="Run every code path once before timing."),
+) -> None:
+    """Run the benchmark (the default action); `aded bench compare A B` compares two runs."""
+    if ctx.invoked_subcommand is not None:
+        return
+    _friendly(_run, model, questions, methods, max_new_tokens, limit, temperature, out, dtype, threads,
+              max_draft_nodes, budget, seed, warmup)
+
+
+def _run(model, questions, methods, max_new_tokens, limit, temperature, out, dtype, threads,
+         max_draft_nodes, budget, seed, warmup) -> None:
+    import torch
+
+    from aded.bench.methods import method_names
+    from aded.bench.progress import BenchProgress
+    from aded.bench.questions import load_questions
+    from aded.bench.report import render_report, write_outputs
+    from aded.bench.runner import BenchConfig, physical_cores, run_bench
+    from aded.models import load_model
+    from aded.progress import console, status
+
+    names = method_names() if methods.strip() == "all" else _split(methods)
+    unknown = [n for n in names if n not in method_names()]
+    if unknown:  # before the model loads: a typo should cost nothing
+        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(method_names())}")
+    config = BenchConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                         max_draft_nodes=max_draft_nodes, budget=budget, warmup=warmup)
+    selected = load_questions(questions, limit)
+    torch.set_num_threads(threads or physical_cores())
+    out_dir = out or Path(f"aded-bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    with status(f"Loading {model}"):
+        hf_model, tokenizer = load_model(model, dtype=dtype)
+    results = run_bench(hf_model, tokenizer, selected, names, config, model_name=model,
+                        progress=BenchProgress())
+    paths = write_outputs(results, out_dir)
+    console.print(render_report(results).split("\n## Mean")[0].strip(), markup=False)
+    typer.echo(str(out_dir))
+    console.print(f"[dim]wrote {', '.join(p.name for p in paths)}[/dim]")
+
+
+@bench_app.command("compare")
+def compare_command(
+    a: Path = typer.Argument(..., help="A results folder (or its results.json)."),
+    b: Path = typer.Argument(..., help="Another results folder (or results.json)."),
+    category: str = typer.Option("all", "--category", help="A category, all, or * for every category."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison rows as JSON."),
+) -> None:
+    """Print the difference between two benchmark runs, per method."""
+    _friendly(_compare, a, b, category, as_json)
+
+
+def _compare(a: Path, b: Path, category: str, as_json: bool) -> None:
+    from aded.bench.report import compare, load_results, render_compare
+
+    rows = compare(load_results(a), load_results(b))
+    if as_json:
+        typer.echo(json.dumps({"compare": rows}))
+        return
+    typer.echo(render_compare(rows, str(a), str(b), None if category == "*" else category), nl=False)
+
+
+def simulate_command(
+    recorded: Path = typer.Option(..., "--recorded", "-r", help="results.json of an `aded bench` run (or its folder)."),
+    drafters: str = typer.Option("pld,suffix", "--drafters", "-d", help="Comma-separated drafter names."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Tokenizer source (default: the run's model)."),
+    budget: str = typer.Option("recorded", "--budget", help="recorded (the run's t(k)), typical, or off."),
+    max_draft_nodes: Optional[int] = typer.Option(None, "--max-draft-nodes", min=0, max=1024,
+                                                  help="Largest draft tree (default: the run's)."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"summary": [...]} as JSON.'),
+) -> None:
+    """Replay a benchmark's recorded outputs through drafters, without the model (seconds, not minutes)."""
+    from aded.bench.report import load_results
+    from aded.bench.simulate import render_simulation, simulate_results
+    from aded.models import load_tokenizer
+
+    results = load_results(recorded)
+    source = model or results.get("model")
+    summary = simulate_results(results, _split(drafters),
+                               (lambda: load_tokenizer(source)) if source else None,
+                               budget=budget, max_nodes=max_draft_nodes)
+    if as_json:
+        typer.echo(json.dumps({"summary": summary}))
+    else:
+        typer.echo(render_simulation(summary), nl=False)

@@ -1,0 +1,253 @@
+"""The methods a benchmark compares, behind one call: `run(prompt_ids, baseline_ids) -> TurnResult`.
+
+- `hf`, `hf-pld`: transformers' own `model.generate` (greedy or sampled; `hf-pld` adds prompt lookup
+  with `prompt_lookup_num_tokens=10`). Their prefill is the time to the first generated token, read
+  from a streamer inside the same `generate` call, so nothing is subtracted or timed twice.
+- every aded drafter by name, through `SpeculativeDecoder` with a fresh drafter and budget policy
+  per method (learning drafters keep learning across questions, as in a server) and one shared
+  verification cost model.
+- `oracle`: drafts the baseline's own output as a chain; the ceiling of any drafter with this tree
+  budget on this machine.
+
+A method that cannot be built here (a missing optional package, a datastore that cannot be made) is
+returned as skipped with the reason instead of failing the run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from aded.drafters import DRAFTERS, drafter_class
+from aded.drafters.base import Drafter
+from aded.tree import DraftTree
+
+__all__ = ["TurnResult", "Method", "HFGenerate", "AdedMethod", "OracleDrafter", "build_methods",
+           "method_names", "BASELINE"]
+
+BASELINE = "hf"
+HF_METHODS = ("hf", "hf-pld")
+
+
+def method_names() -> list[str]:
+    """Every method `aded bench` knows, baseline first."""
+    return [*HF_METHODS, *DRAFTERS, "oracle"]
+
+
+@dataclass
+class TurnResult:
+    """One generation (one turn of one question) by one method."""
+
+    output_ids: list[int]
+    prefill_s: float  # prompt forward until the first generated token(s) are known
+    decode_s: float  # everything after that: drafting, verifying, bookkeeping
+    step_lengths: list[int]  # tokens emitted per decoding step after the first token(s)
+    first_tokens: int = 1  # tokens known when prefill ends (hf-pld's first step may emit several)
+    draft_s: float = 0.0
+    draft_nodes: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def decode_tokens(self) -> int:
+        return sum(self.step_lengths)
+
+    @property
+    def steps(self) -> int:
+        return len(self.step_lengths)
+
+
+class Method(ABC):
+    name: str = "method"
+
+    @abstractmethod
+    def run(self, prompt_ids: list[int], baseline_ids: list[int] | None) -> TurnResult:
+        """Generate for `prompt_ids`; `baseline_ids` is the baseline's output for the same prompt."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What every method shares about decoding: the same length limit, stop tokens and sampling."""
+
+    max_new_tokens: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    max_draft_nodes: int = 24
+
+
+class _TimingStreamer:
+    """A transformers streamer that timestamps each `put`: the first is the prompt, the second the
+    first generated token(s) (end of prefill), each later one a decoding step."""
+
+    def __init__(self) -> None:
+        self.prompt_seen = False
+        self.first_at: float | None = None
+        self.first_tokens = 0
+        self.step_lengths: list[int] = []
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        count = int(value.numel())
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+            self.first_tokens = count
+        else:
+            self.step_lengths.append(count)
+
+    def end(self) -> None:
+        pass
+
+
+class HFGenerate(Method):
+    """transformers' `generate` as users call it, with a clean generation config (no model defaults
+    such as repetition penalties, which would make greedy outputs incomparable)."""
+
+    def __init__(self, name: str, model, sampling: Sampling, prompt_lookup: int | None = None) -> None:
+        from transformers import GenerationConfig
+
+        self.name = name
+        self.model = model
+        self.sampling = sampling
+        options: dict[str, Any] = {"do_sample": False}
+        if sampling.temperature > 0:
+            options = {"do_sample": True, "temperature": sampling.temperature,
+                       "top_k": sampling.top_k or None, "top_p": sampling.top_p}
+        if prompt_lookup:
+            options["prompt_lookup_num_tokens"] = prompt_lookup
+        self.config = GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=list(sampling.eos_token_ids) or None,
+            pad_token_id=sampling.pad_token_id,
+            **options,
+        )
+
+    def run(self, prompt_ids: list[int], baseline_ids: list[int] | None) -> TurnResult:
+        import torch
+
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)  # [1, n]
+        streamer = _TimingStreamer()
+        if self.config.do_sample:
+            torch.manual_seed(self.sampling.seed)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                      generation_config=self.config, streamer=streamer)
+            end = time.perf_counter()
+        output = out[0, len(prompt_ids):].tolist()
+        first_at = streamer.first_at if streamer.first_at is not None else end
+        return TurnResult(output, first_at - start, end - first_at, streamer.step_lengths,
+                          streamer.first_tokens)
+
+
+class AdedMethod(Method):
+    """One aded drafter on the shared runner, with its own budget policy over the shared costs."""
+
+    def __init__(self, name: str, runner, drafter: Drafter, sampling: Sampling, budget) -> None:
+        from aded.decoding import GenerationConfig, SpeculativeDecoder
+
+        self.name = name
+        self.drafter = drafter
+        self.decoder = SpeculativeDecoder(runner, drafter, sampling.eos_token_ids, budget)
+        greedy = sampling.temperature <= 0
+        self.config = GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not greedy,
+            temperature=1.0 if greedy else sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            max_draft_nodes=sampling.max_draft_nodes,
+        )
+
+    def run(self, prompt_ids: list[int], baseline_ids: list[int] | None) -> TurnResult:
+        if isinstance(self.drafter, OracleDrafter):
+            self.drafter.expect(baseline_ids or [])
+        result = self.decoder.generate(prompt_ids, self.config)
+        stats = result.stats
+        return TurnResult(list(result.token_ids), stats.prefill_s, stats.decode_s,
+                          list(stats.accepted_lengths), 1 if result.token_ids else 0,
+                          stats.draft_s, stats.draft_nodes)
+
+
+class OracleDrafter(Drafter):
+    """Proposes the recorded continuation (the baseline's output) as a chain of `max_nodes` tokens.
+
+    Every node scores 1.0, so the cost-aware budget keeps the chain length that pays most on this
+    machine. Once the context leaves the recording (a sampled or numerically different run), it
+    proposes nothing, which is plain decoding.
+    """
+
+    name = "oracle"
+
+    def __init__(self) -> None:
+        self._expected: list[int] = []
+        self._prompt_len = 0
+
+    def expect(self, output_ids: Sequence[int]) -> None:
+        self._expected = [int(t) for t in output_ids]
+
+    def begin(self, prompt_ids: Sequence[int]) -> None:
+        self._prompt_len = len(prompt_ids)
+
+    def propose(self, context_ids: Sequence[int], max_nodes: int) -> DraftTree:
+        done = len(context_ids) - self._prompt_len  # generated tokens so far (the root included)
+        expected = self._expected
+        if max_nodes <= 0 or done < 1 or done >= len(expected) or expected[done - 1] != context_ids[-1]:
+            return DraftTree.empty()
+        chain = expected[done : done + max_nodes]
+        return DraftTree(np.asarray(chain), np.arange(-1, len(chain) - 1), scores=np.ones(len(chain)))
+
+
+@dataclass
+class MethodSet:
+    methods: list[Method] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> reason
+
+
+def _drafter(name: str, tokenizer) -> Drafter:
+    if name == "oracle":
+        return OracleDrafter()
+    if name == "aded-reference" and importlib.util.find_spec("draftretriever") is None:
+        raise ImportError("draftretriever is not installed (pip install draftretriever==0.1.1)")
+    cls = drafter_class(name)
+    options = {"tokenizer": tokenizer} if getattr(cls, "needs_tokenizer", False) else {}
+    return cls(**options)
+
+
+def build_methods(names: Sequence[str], model, tokenizer, runner, sampling: Sampling,
+                  make_budget) -> MethodSet:
+    """The methods in `names` (the baseline first), each fresh; unavailable ones skipped.
+
+    `make_budget()` returns a new `BudgetPolicy` over the run's shared cost model.
+    """
+    known = method_names()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(known)}")
+    ordered = [BASELINE] + [n for n in dict.fromkeys(names) if n != BASELINE]
+    out = MethodSet()
+    for name in ordered:
+        try:
+            if name in HF_METHODS:
+                out.methods.append(HFGenerate(name, model, sampling, 10 if name == "hf-pld" else None))
+            else:
+                drafter = _drafter(name, tokenizer)
+                out.methods.append(AdedMethod(name, runner, drafter, sampling, make_budget()))
+        except (ImportError, RuntimeError, ValueError, OSError) as exc:
+            if name == BASELINE:
+                raise
+            out.skipped[name] = f"{type(exc).__name__}: {exc}"
+    return out

@@ -1,0 +1,265 @@
+"""What a benchmark run leaves behind, and how two runs compare.
+
+`results.json`:
+
+    {"model", "machine": {cpu, cores, threads, torch, dtype, ...}, "config": {...},
+     "skipped": [{"method", "reason"}],
+     "questions": [{"id", "source", "category", "method", "tokens", "steps",
+                    "mean_accepted_tokens", "decode_s", "prefill_s", "identical_to_baseline", ...,
+                    "turns": [...], ("prompt_token_ids", "output_token_ids": one list per turn, hf only)}],
+     "summary": [{"method", "category", "questions", "mean_accepted_tokens", "tokens_per_s",
+                  "speedup", "identical", ...}]}
+
+Summary arithmetic: rates are ratios of totals (all decoded tokens over all decode seconds of the
+rows in a cell), not means of per-question rates, so long answers weigh as much as they cost.
+`speedup` divides by the baseline's rate over the *same* questions; `identical` is the fraction of
+questions whose every turn equals the baseline token for token (None when sampling).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from aded.bench.methods import BASELINE
+
+__all__ = ["summarize", "write_outputs", "render_report", "plot", "load_results", "compare",
+           "render_compare", "BASELINE"]
+
+
+
+def _key(row: dict[str, Any]) -> tuple[str, str]:
+    return str(row.get("source", "")), str(row["id"])
+
+
+def _ordered(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den > 0 else None
+
+
+def _cell(rows: Sequence[dict[str, Any]], baseline: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    decoded = sum(r["decode_tokens"] for r in rows)
+    seconds = sum(r["decode_s"] for r in rows)
+    steps = sum(r["steps"] for r in rows)
+    rate = _ratio(decoded, seconds)
+    matched = [baseline[_key(r)] for r in rows if _key(r) in baseline]
+    base_rate = _ratio(sum(r["decode_tokens"] for r in matched), sum(r["decode_s"] for r in matched))
+    judged = [r["identical_to_baseline"] for r in rows if r.get("identical_to_baseline") is not None]
+    return {
+        "questions": len(rows),
+        "mean_accepted_tokens": _round(_ratio(decoded, steps), 4),
+        "tokens_per_s": _round(rate, 3),
+        "speedup": _round(rate / base_rate, 4) if rate is not None and base_rate else None,
+        "identical": _round(sum(judged) / len(judged), 4) if judged else None,
+        "decode_tokens": decoded,
+        "steps": steps,
+        "decode_s": _round(seconds, 4),
+        "prefill_s": _round(sum(r["prefill_s"] for r in rows), 4),
+    }
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per method and category ("all" first, then categories in order of appearance)."""
+    baseline = {_key(r): r for r in rows if r["method"] == BASELINE}
+    categories = _ordered(r["category"] for r in rows)
+    summary = []
+    for method in _ordered(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        for category in ["all", *categories]:
+            cell = mine if category == "all" else [r for r in mine if r["category"] == category]
+            if cell:
+                summary.append({"method": method, "category": category, **_cell(cell, baseline)})
+    return summary
+
+
+# ---------------------------------------------------------------------------- files
+def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+    """results.json, report.md and the plots (when matplotlib is installed); returns the paths."""
+    from aded.fileio import write_atomic
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "results.json", out / "report.md"]
+    write_atomic(written[0], json.dumps(results, indent=1))
+    plots = plot(results, out)
+    write_atomic(written[1], render_report(results, [p.name for p in plots]))
+    return written + plots
+
+
+def _fmt(value: float | None, pattern: str = "{:.2f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def render_report(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
+    summary = results["summary"]
+    machine, config = results["machine"], results["config"]
+    categories = _ordered(s["category"] for s in summary if s["category"] != "all")
+    cells = {(s["method"], s["category"]): s for s in summary}
+    methods = _ordered(s["method"] for s in summary)
+    lines = [
+        f"# aded bench: {results['model']}",
+        "",
+        f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('threads')} threads, "
+        f"torch {machine.get('torch')}, {machine.get('dtype')} on {machine.get('device')}.",
+        f"Run: {config.get('questions')} questions, max_new_tokens {config.get('max_new_tokens')}, "
+        f"temperature {config.get('temperature')}, max_draft_nodes {config.get('max_draft_nodes')}, "
+        f"budget {config.get('budget')}.",
+        "",
+        f"## Speedup over {BASELINE} (decode tokens/s after prefill)",
+        "",
+        "| Method | " + " | ".join(categories) + " | MAT | tokens/s | Overall | Identical |",
+        "|---|" + "---:|" * (len(categories) + 4),
+    ]
+    for method in methods:
+        overall = cells.get((method, "all"), {})
+        per_cat = [_fmt(cells.get((method, c), {}).get("speedup"), "{:.2f}x") for c in categories]
+        identical = overall.get("identical")
+        lines.append(
+            f"| {method} | " + " | ".join(per_cat)
+            + f" | {_fmt(overall.get('mean_accepted_tokens'))} | {_fmt(overall.get('tokens_per_s'), '{:.1f}')}"
+            + f" | {_fmt(overall.get('speedup'), '{:.2f}x')} | {_fmt(identical, '{:.0%}')} |"
+        )
+    lines += ["", "## Mean accepted tokens per step", "",
+              "| Method | " + " | ".join(categories) + " | all |", "|---|" + "---:|" * (len(categories) + 1)]
+    for method in methods:
+        values = [_fmt(cells.get((method, c), {}).get("mean_accepted_tokens")) for c in [*categories, "all"]]
+        lines.append(f"| {method} | " + " | ".join(values) + " |")
+    lines += ["", "## Prefill (reported apart from decode)", "", "| Method | prefill s per question | token match |",
+              "|---|---:|---:|"]
+    rows = results["questions"]
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        prefill = sum(r["prefill_s"] for r in mine) / len(mine) if mine else None
+        rates = [r["token_match_rate"] for r in mine if r.get("token_match_rate") is not None]
+        lines.append(f"| {method} | {_fmt(prefill, '{:.3f}')} | {_fmt(sum(rates) / len(rates) if rates else None, '{:.1%}')} |")
+    if results.get("skipped"):
+        lines += ["", "## Skipped methods", ""]
+        lines += [f"- `{s['method']}`: {s['reason']}" for s in results["skipped"]]
+    if results.get("skipped_questions"):
+        lines += ["", "## Skipped questions", ""]
+        lines += [f"- `{s['source']}:{s['id']}`: {s['reason']}" for s in results["skipped_questions"]]
+    lines += [
+        "", "## How this was measured", "",
+        "One process and one loaded model for all methods; the same prompt token ids, threads and dtype; "
+        "a warm-up first; methods interleaved per turn (the baseline first, the others rotated per question); "
+        "multi-turn questions feed the baseline's answer back through the chat template. "
+        + str(config.get("timing", "")),
+        "MAT = tokens emitted per decoding step, bonus included (1.00 = plain decoding); Overall = "
+        f"tokens/s over {BASELINE}'s on the same questions; Identical = share of questions whose output equals "
+        f"{BASELINE}'s token for token; token match = common prefix over the longer output.",
+    ]
+    if plots:
+        lines += [""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    """speedup.png (per category per method) and accepted_lengths.png; none without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    summary = results["summary"]
+    categories = ["all", *_ordered(s["category"] for s in summary if s["category"] != "all")]
+    methods = [m for m in _ordered(s["method"] for s in summary) if m != BASELINE]
+    cells = {(s["method"], s["category"]): s for s in summary}
+    paths = [out_dir / "speedup.png", out_dir / "accepted_lengths.png"]
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(categories) + 2), 4))
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        values = [cells.get((method, c), {}).get("speedup") or 0.0 for c in categories]
+        ax.bar([x + i * width for x in range(len(categories))], values, width, label=method)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(categories))], categories,
+                  rotation=20)
+    ax.set_ylabel(f"speedup over {BASELINE}")
+    ax.set_title(f"{results['model']}: decode speedup per category")
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method in methods:
+        counts: dict[int, int] = {}
+        for row in results["questions"]:
+            if row["method"] == method:
+                for length, n in row.get("accepted_lengths", {}).items():
+                    counts[int(length)] = counts.get(int(length), 0) + n
+        total = sum(counts.values())
+        if total:
+            xs = sorted(counts)
+            ax.plot(xs, [counts[x] / total for x in xs], marker="o", label=method)
+    ax.set_xlabel("tokens emitted per step (accepted + bonus)")
+    ax.set_ylabel("share of steps")
+    ax.set_title("Accepted length distribution")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------------------- comparing runs
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    """A results.json, given as the file or the run folder holding it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read benchmark results {path}: {exc.strerror or exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("summary"), list):
+        raise ValueError(f"{path} is not an `aded bench` results file (no summary list)")
+    return data
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per (method, category) in both runs: the metrics of A and B and B's tokens/s over A's."""
+    cells_a = {(s["method"], s["category"]): s for s in a["summary"]}
+    cells_b = {(s["method"], s["category"]): s for s in b["summary"]}
+    rows = []
+    for key in _ordered([*cells_a, *cells_b]):
+        sa, sb = cells_a.get(key), cells_b.get(key)
+        row: dict[str, Any] = {"method": key[0], "category": key[1]}
+        for name in ("tokens_per_s", "speedup", "mean_accepted_tokens", "identical"):
+            row[f"{name}_a"] = sa.get(name) if sa else None
+            row[f"{name}_b"] = sb.get(name) if sb else None
+        ta, tb = row["tokens_per_s_a"], row["tokens_per_s_b"]
+        row["tokens_per_s_change"] = _round(tb / ta - 1.0, 4) if ta and tb is not None else None
+        rows.append(row)
+    return rows
+
+
+def render_compare(rows: Sequence[dict[str, Any]], name_a: str, name_b: str,
+                   category: str | None = "all") -> str:
+    """A markdown table of `compare` rows (only `category` unless it is None)."""
+    lines = [f"A = {name_a}", f"B = {name_b}", "",
+             "| Method | Category | tok/s A | tok/s B | change | speedup A | speedup B | MAT A | MAT B |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if category is not None and r["category"] != category:
+            continue
+        lines.append(
+            f"| {r['method']} | {r['category']} | {_fmt(r['tokens_per_s_a'], '{:.1f}')} | "
+            f"{_fmt(r['tokens_per_s_b'], '{:.1f}')} | {_fmt(r['tokens_per_s_change'], '{:+.1%}')} | "
+            f"{_fmt(r['speedup_a'], '{:.2f}x')} | {_fmt(r['speedup_b'], '{:.2f}x')} | "
+            f"{_fmt(r['mean_accepted_tokens_a'])} | {_fmt(r['mean_accepted_tokens_b'])} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,326 @@
+"""The benchmark loop: every method on every question, fairly, in one process.
+
+Fairness, as the field expects it:
+- one loaded model shared by all methods, the same prompt token ids, threads and dtype;
+- a warm-up of every code path (transformers' generate, prompt lookup, the tree verifier) first;
+- methods interleaved per turn (the baseline first, the others in an order rotated per question),
+  so a slow moment of the machine hits all methods alike;
+- decode time measured after the first token, prefill reported separately; drafting included;
+- multi-turn questions feed the baseline's answer back through the chat template, so every method
+  sees the same prompt ids at every turn;
+- greedy outputs compared token by token with the baseline.
+
+The loop knows nothing of files: `run_bench` returns the results dict and `report` writes it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Sequence
+
+from aded.bench.methods import BASELINE, Method, MethodSet, Sampling, TurnResult, build_methods
+from aded.bench.questions import Question
+
+__all__ = ["BenchConfig", "run_bench", "machine_info", "physical_cores"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy (outputs comparable token by token)
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    max_draft_nodes: int = 24
+    budget: str = "measured"  # measured, typical or off: how aded methods size their trees
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.budget not in ("measured", "typical", "off"):
+            raise ValueError(f"budget must be measured, typical or off, got {self.budget!r}")
+
+
+# ---------------------------------------------------------------------------- machine and prompts
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(model) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    param = next(model.parameters())
+    return {
+        "cpu": _cpu_name(),
+        "cores": physical_cores(),
+        "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(param.device),
+        "dtype": str(param.dtype).removeprefix("torch."),
+    }
+
+
+class PromptBuilder:
+    """Token ids of a conversation: through the chat template when the tokenizer has one, else the
+    turns and answers joined by blank lines (base models)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+
+    def ids(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.chat:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                     tokenize=True, return_dict=False)
+            return [int(t) for t in ids]
+        text = "\n\n".join(m["content"] for m in messages) + "\n\n"
+        return [int(t) for t in self.tokenizer(text)["input_ids"]]
+
+    def answer(self, output_ids: list[int]) -> str:
+        return self.tokenizer.decode(output_ids, skip_special_tokens=True)
+
+
+def _eos_and_pad(model, tokenizer) -> tuple[tuple[int, ...], int]:
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = getattr(model.generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = min(ids) if ids else 0
+    return tuple(sorted(ids)), int(pad)
+
+
+# ---------------------------------------------------------------------------- rows
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class _Row:
+    """One question x one method, filled turn by turn."""
+
+    def __init__(self, question: Question, method: str, keep_ids: bool) -> None:
+        self.question = question
+        self.method = method
+        self.keep_ids = keep_ids
+        self.turns: list[dict[str, Any]] = []
+        self.prompts: list[list[int]] = []
+        self.outputs: list[list[int]] = []
+        self.lengths: dict[int, int] = {}
+        self.matched = 0
+        self.compared = 0
+        self.identical: bool | None = True
+
+    def add(self, result: TurnResult, prompt_ids: list[int], baseline: list[int] | None,
+            greedy: bool) -> None:
+        identical = None
+        if greedy and baseline is not None:
+            identical = result.output_ids == baseline
+            self.matched += _common_prefix(result.output_ids, baseline)
+            self.compared += max(len(result.output_ids), len(baseline))
+        if identical is None or self.identical is None:
+            self.identical = None
+        else:
+            self.identical = self.identical and identical
+        for length in result.step_lengths:
+            self.lengths[length] = self.lengths.get(length, 0) + 1
+        self.turns.append({
+            "tokens": result.tokens, "decode_tokens": result.decode_tokens, "steps": result.steps,
+            "decode_s": round(result.decode_s, 6), "prefill_s": round(result.prefill_s, 6),
+            "draft_s": round(result.draft_s, 6), "draft_nodes": result.draft_nodes,
+            "prompt_tokens": len(prompt_ids), "identical_to_baseline": identical,
+        })
+        if self.keep_ids:
+            self.prompts.append(list(prompt_ids))
+            self.outputs.append(list(result.output_ids))
+
+    def as_dict(self) -> dict[str, Any]:
+        total = {k: sum(t[k] for t in self.turns) for k in
+                 ("tokens", "decode_tokens", "steps", "decode_s", "prefill_s", "draft_s", "draft_nodes")}
+        row = {
+            "id": self.question.id, "source": self.question.source, "category": self.question.category,
+            "method": self.method, **total,
+            "decode_s": round(total["decode_s"], 6), "prefill_s": round(total["prefill_s"], 6),
+            "draft_s": round(total["draft_s"], 6),
+            "mean_accepted_tokens": round(total["decode_tokens"] / total["steps"], 4) if total["steps"] else None,
+            "tokens_per_s": round(total["decode_tokens"] / total["decode_s"], 3) if total["decode_s"] > 0 else None,
+            "identical_to_baseline": self.identical,
+            "token_match_rate": round(self.matched / self.compared, 4) if self.compared else None,
+            "accepted_lengths": {str(k): v for k, v in sorted(self.lengths.items())},
+            "turns": self.turns,
+        }
+        if self.keep_ids:
+            row["prompt_token_ids"] = self.prompts  # one list per turn
+            row["output_token_ids"] = self.outputs
+        return row
+
+
+# ---------------------------------------------------------------------------- the loop
+def _warm_up(methods: Sequence[Method], prompt_ids: list[int]) -> None:
+    """Run each code path once on a short generation, so first-call costs land in no method's time.
+    Learning drafters see this prompt too; it is the same for all and costs them nothing."""
+    from aded.bench.methods import AdedMethod, HFGenerate
+
+    for method in methods:
+        if isinstance(method, HFGenerate):
+            saved = method.config.max_new_tokens
+            method.config.max_new_tokens = min(8, saved)
+            try:
+                method.run(prompt_ids, None)
+            finally:
+                method.config.max_new_tokens = saved
+    aded = next((m for m in methods if isinstance(m, AdedMethod)), None)
+    if aded is not None:
+        from aded.decoding import SpeculativeDecoder
+        from aded.drafters.pld import PromptLookupDrafter
+
+        throwaway = SpeculativeDecoder(aded.decoder.runner, PromptLookupDrafter(),
+                                       aded.decoder.eos_token_ids)
+        throwaway.generate(prompt_ids, replace(aded.config, max_new_tokens=8))
+
+
+def _budget_factory(runner, model_id: str, budget: str) -> tuple[Callable, dict | None]:
+    from aded.budget import BudgetPolicy, CostModel, load_or_measure_costs
+
+    if budget == "off":
+        return (lambda: BudgetPolicy(enabled=False)), None
+    costs = load_or_measure_costs(runner, model_id) if budget == "measured" else CostModel.typical_cpu()
+    return (lambda: BudgetPolicy(costs)), {"sizes": list(costs.sizes), "seconds": list(costs.seconds)}
+
+
+def run_bench(model, tokenizer, questions: Sequence[Question], methods: Sequence[str],
+              config: BenchConfig = BenchConfig(), model_name: str = "model",
+              progress=None) -> dict[str, Any]:
+    """Benchmark `methods` on `questions`; returns the results dict (see report.py for its shape).
+
+    `model_name` is recorded (and names the cached cost curve, with the dtype, as `aded.load` does);
+    `progress` is a `BenchProgress`-like object (or None for silence).
+    """
+    from aded.backends.hf import HFRunner
+    from aded.bench.report import summarize
+
+    if not questions:
+        raise ValueError("no questions to run")
+    runner = HFRunner(model)
+    eos, pad = _eos_and_pad(model, tokenizer)
+    sampling = Sampling(config.max_new_tokens, eos, pad, config.temperature, config.top_k,
+                        config.top_p, config.seed, config.max_draft_nodes)
+    model_id = f"{model_name}:{str(runner.dtype).removeprefix('torch.')}"
+    make_budget, cost_model = _budget_factory(runner, model_id, config.budget)
+    built: MethodSet = build_methods(methods, model, tokenizer, runner, sampling, make_budget)
+    prompts = PromptBuilder(tokenizer)
+    greedy = config.temperature <= 0
+    if config.warmup:
+        _warm_up(built.methods, prompts.ids([{"role": "user", "content": questions[0].turns[0]}]))
+
+    active = list(built.methods)
+    rows: list[dict[str, Any]] = []
+    skipped_questions: list[dict[str, str]] = []
+    if progress is not None:
+        progress.start(len(questions), [m.name for m in active])
+    for index, question in enumerate(questions):
+        order = active[:1] + _rotate(active[1:], index)
+        question_rows = {m.name: _Row(question, m.name, keep_ids=m.name == BASELINE) for m in order}
+        messages: list[dict[str, str]] = []
+        try:
+            for turn in question.turns:
+                messages.append({"role": "user", "content": turn})
+                prompt_ids = prompts.ids(messages)
+                room = runner.max_positions - len(prompt_ids) - config.max_new_tokens - config.max_draft_nodes
+                if room < 2:
+                    raise _TooLong(f"{len(prompt_ids)} prompt tokens + {config.max_new_tokens} new "
+                                   f"exceed the model's {runner.max_positions} positions")
+                baseline = None
+                for method in order:
+                    if method not in active:
+                        continue
+                    if progress is not None:
+                        progress.update(index, question, method.name)
+                    try:
+                        result = method.run(prompt_ids, baseline)
+                    except (RuntimeError, ValueError) as exc:
+                        if method.name == BASELINE:
+                            raise
+                        built.skipped[method.name] = f"failed on question {question.key}: {exc}"
+                        active.remove(method)
+                        question_rows.pop(method.name, None)
+                        continue
+                    if method.name == BASELINE:
+                        baseline = result.output_ids
+                    question_rows[method.name].add(result, prompt_ids,
+                                                   baseline if method.name != BASELINE else result.output_ids,
+                                                   greedy)
+                    if progress is not None:
+                        progress.record(method.name, result)
+                messages.append({"role": "assistant", "content": prompts.answer(baseline or [])})
+        except _TooLong as exc:
+            skipped_questions.append({"id": question.id, "source": question.source, "reason": str(exc)})
+            continue
+        rows.extend(r.as_dict() for r in question_rows.values() if r.turns)
+    if progress is not None:
+        progress.stop()
+    return {
+        "model": model_name,
+        "machine": machine_info(model),
+        "config": {**asdict(config), "methods": [m.name for m in built.methods],
+                   "chat_template": prompts.chat, "eos_token_ids": list(eos),
+                   "cost_model": cost_model, "timing": TIMING_NOTE,
+                   "questions": len(questions)},
+        "skipped": [{"method": k, "reason": v} for k, v in built.skipped.items()],
+        "skipped_questions": skipped_questions,
+        "questions": rows,
+        "summary": summarize(rows),
+    }
+
+
+TIMING_NOTE = ("decode_s starts when the first generated token is known: for aded methods after the "
+               "prefill forward, for hf and hf-pld at the streamer's first token inside the same "
+               "generate call (time to first token); prefill_s is the time before that. tokens_per_s "
+               "counts the tokens after the first over decode_s, drafting included.")
+
+
+class _TooLong(Exception):
+    """A question whose prompt does not fit the model's context with the generation budget."""
+
+
+def _rotate(items: list, by: int) -> list:
+    if not items:
+        return items
+    by %= len(items)
+    return items[by:] + items[:by]

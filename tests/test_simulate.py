@@ -1,0 +1,67 @@
+"""Offline replay agrees with real greedy runs: same steps, same accepted lengths, same MAT, when the
+drafter is deterministic and the replay sees what the engine did (budget, token limit)."""
+
+from __future__ import annotations
+
+import pytest
+
+from aded.backends.hf import HFRunner
+from aded.bench.questions import Question
+from aded.bench.runner import BenchConfig, run_bench
+from aded.bench.simulate import recorded_from_results, simulate_results
+from aded.budget import BudgetPolicy, CostModel
+from aded.decoding import GenerationConfig, SpeculativeDecoder
+from aded.drafters import make_drafter
+from aded.simulate import Recorded, replay
+from conftest import hf_greedy, tiny_llama
+from test_bench_smoke import QUESTIONS, tiny_char_tokenizer
+
+PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 9, 10, 11, 12], [5, 6, 7, 30, 31, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("name", ["pld", "suffix"])
+def test_replay_equals_real_run(tiny_model, name):
+    max_new = 24
+    drafter = make_drafter(name)
+    decoder = SpeculativeDecoder(HFRunner(tiny_model), drafter, (), BudgetPolicy(CostModel.typical_cpu()))
+    real, records = [], []
+    for prompt in PROMPTS:  # one drafter and one budget across requests, as in a server
+        result = decoder.generate(prompt, GenerationConfig(max_new_tokens=max_new))
+        assert result.token_ids == hf_greedy(tiny_model, prompt, max_new)
+        real.append(result.stats)
+        records.append(Recorded(prompt, result.token_ids, max_new_tokens=max_new))
+    stats = replay(make_drafter(name), records, 24, BudgetPolicy(CostModel.typical_cpu()))["all"]
+    assert stats.accepted_lengths == [n for s in real for n in s.accepted_lengths]
+    assert stats.steps == sum(s.steps for s in real)
+    assert stats.draft_nodes == sum(s.draft_nodes for s in real)
+    real_mat = sum(s.generated_tokens - 1 for s in real) / sum(s.steps for s in real)
+    assert stats.mean_accepted_tokens == pytest.approx(real_mat)
+    assert stats.verify_cost_s > 0 and stats.predicted_speedup(CostModel.typical_cpu()(0)) > 0
+
+
+def test_simulate_recorded_bench_matches_bench_mat():
+    model = tiny_llama(vocab_size=160, seed=5, logit_scale=4.0)
+    questions = [Question(str(q["id"]), q["category"], tuple(q["turns"])) for q in QUESTIONS]
+    results = run_bench(model, tiny_char_tokenizer(), questions, ["pld", "suffix"],
+                        BenchConfig(max_new_tokens=20, budget="typical", warmup=False))
+    records = recorded_from_results(results)
+    assert len(records) == sum(len(q.turns) for q in questions)
+    measured = {(s["method"], s["category"]): s for s in results["summary"]}
+    for entry in simulate_results(results, ["pld", "suffix"]):
+        real = measured[(entry["drafter"], entry["category"])]
+        assert real["identical"] == 1.0
+        assert entry["mean_accepted_tokens"] == pytest.approx(real["mean_accepted_tokens"], abs=1e-3), entry
+        assert entry["predicted_speedup"] is not None
+
+
+def test_simulate_needs_recorded_ids_and_known_drafters():
+    with pytest.raises(ValueError, match="no recorded token ids"):
+        recorded_from_results({"questions": [{"method": "hf", "id": "1", "category": "c"}]})
+    with pytest.raises(ValueError, match="no hf rows"):
+        recorded_from_results({"questions": []})
+    results = {"config": {}, "questions": [{"method": "hf", "id": "1", "category": "c",
+                                            "prompt_token_ids": [[1, 2]], "output_token_ids": [[3, 4]]}]}
+    with pytest.raises(ValueError, match="unknown drafter"):
+        simulate_results(results, ["nope"])
+    with pytest.raises(ValueError, match="budget must be"):
+        simulate_results(results, ["pld"], budget="sometimes")
