@@ -148,6 +148,11 @@ def test_calibrator_learns_acceptance_rates():
         calibrator.update(3, True, 0.5, accepted=i % 10 == 0)
     assert calibrator(3, True, 0.5) == pytest.approx(0.1, abs=0.02)
     assert calibrator(1, True, 0.5) == 0.5  # other cells untouched
+    assert calibrator.depth_factor(1) < 1.0  # the cell over-predicted while it learned
+    for _ in range(200):  # deep edges accepted as often as predicted: no correction there
+        calibrator.update(0, True, 0.9, accepted=True, depth=6, predicted=0.9)
+        calibrator.update(0, True, 0.9, accepted=False, depth=6, predicted=0.9)
+    assert calibrator.depth_factor(7) == pytest.approx((200 + 10) / (360 + 10))
 
 
 def test_save_and_restore_learned_state(tmp_path):
