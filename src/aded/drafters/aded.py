@@ -192,7 +192,8 @@ class AdedDrafter(Drafter):
         self.wants_topk = topk
         self.seed = seed
         self.learn = learn
-        self._proposed: dict[tuple[int, ...], tuple] = {}  # path tokens -> (level, supported, raw)
+        # path tokens -> (level, supported, raw p, calibrated p before the depth factor)
+        self._proposed: dict[tuple[int, ...], tuple] = {}
         if learned is not None:
             self.calibrator.load(self.rep.load_learned(learned, self.identity))
 
@@ -261,7 +262,8 @@ class AdedDrafter(Drafter):
             factor = self.calibrator.depth_factor(node.depth + 1)
             for token, p, meta in self._expansions(node.tail, cache):
                 child_p = min(p * factor, 0.999)
-                node.children.append(_Node(token, node, (node.tail + (token,))[-len(root.tail) :], child_p, (*meta, p), node.depth + 1))
+                tail = (node.tail + (token,))[-self.rep.config.max_order :]
+                node.children.append(_Node(token, node, tail, child_p, (*meta, p), node.depth + 1))
         value = self._rollout(node, cache, rng)
         for visited in reversed(path):
             visited.visits += 1
@@ -275,7 +277,7 @@ class AdedDrafter(Drafter):
         for _ in range(self.rollout_depth):
             if depth >= self.max_depth:
                 break
-            options = cache.get(tail) if tail in cache else self._expansions(tail, cache)
+            options = self._expansions(tail, cache)
             if not options:
                 break
             draw, token, p = rng.random(), options[-1][0], options[-1][1]
@@ -287,7 +289,7 @@ class AdedDrafter(Drafter):
                     break
             reach *= p
             total += reach
-            tail = (tail + (token,))[-len(node.tail) :] if node.tail else (token,)
+            tail = (tail + (token,))[-self.rep.config.max_order :]
             depth += 1
         return total
 
