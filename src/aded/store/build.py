@@ -231,13 +231,22 @@ def build_datastore(
     tables = counter.finish()
     seconds = time.perf_counter() - start
     stats = {"tokens": counter.num_tokens, "documents": counter.num_documents, "files": len(files),
-             "build_seconds": round(seconds, 2), "sources": sorted({str(Path(f.path).parent) for f in files})[:20]}  # fmt: skip
+             "build_seconds": round(seconds, 2), "sources": _roots(f.path.parent for f in files)}  # fmt: skip
     store = Datastore(tables, identity, asdict(params), stats)
     store.save(out)
     if progress:
         console.print(f"[dim]datastore {out}: {counter.num_tokens:,} tokens in {seconds:.1f} s "
                       f"({counter.num_tokens / max(seconds, 1e-9):,.0f} tokens/s), {store.num_contexts:,} contexts[/dim]")  # fmt: skip
     return store
+
+
+def _roots(folders: Iterable[Path]) -> list[str]:
+    """The outermost folders among `folders` (what a corpus was built from, briefly)."""
+    roots: list[Path] = []
+    for folder in sorted({Path(f).resolve() for f in folders}, key=lambda p: len(p.parts)):
+        if not any(folder.is_relative_to(root) for root in roots):
+            roots.append(folder)
+    return sorted(str(root) for root in roots)
 
 
 def _count(counter: NgramCounter, encode: Encoder, batch: list[str]) -> int:
