@@ -38,8 +38,7 @@ class GenerationConfig:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not 0 <= self.max_draft_nodes <= 1024:
             raise ValueError(f"max_draft_nodes must be in [0, 1024], got {self.max_draft_nodes}")
-        if self.do_sample:
-            self.sampling()  # validates temperature, top_k, top_p
+        self.sampling()  # validates temperature, top_k and top_p even when greedy: a typo is an error
 
     def sampling(self) -> Sampling:
         return Sampling(self.temperature, self.top_k, self.top_p)

@@ -1,0 +1,72 @@
+"""The `aded` command on a tiny model saved to a folder: JSON output, stdin, chat, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import hf_greedy, tiny_llama, tiny_tokenizer
+
+ADED = Path(sys.executable).with_name("aded")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model = tiny_llama(vocab_size=99, seed=2).float()
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def run(*args, stdin=None):
+    return subprocess.run([str(ADED), *map(str, args)], input=stdin, capture_output=True,
+                          text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                                                       "ADED_CACHE_DIR": str(Path(__file__).parent / ".cache-tests")})
+
+
+def test_generate_json_equals_greedy(model_dir):
+    import aded
+
+    lm = aded.load(str(model_dir), drafter="none", budget="off")
+    proc = run("generate", "--json", "--model", model_dir, "--budget", "off", "-n", 20, "abcabcabc")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["prompt_token_ids"] == lm.prompt_ids("abcabcabc")
+    assert data["token_ids"] == hf_greedy(lm.model, data["prompt_token_ids"], 20)
+
+
+def test_prompt_from_stdin_and_file_agree(model_dir, tmp_path):
+    prompt_file = tmp_path / "p.txt"
+    prompt_file.write_text("hello there")
+    a = run("generate", "--json", "--model", model_dir, "--budget", "off", "-n", 8, "-", stdin="hello there")
+    b = run("generate", "--json", "--model", model_dir, "--budget", "off", "-n", 8, "-f", prompt_file)
+    assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+    assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
+
+
+def test_chat_streams_replies_turn_after_turn(model_dir):
+    proc = run("chat", "--model", model_dir, "--budget", "off", "-n", 6, stdin="hi\nmore\n\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("model> ") == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--temperature", "-1"), "--temperature must be >= 0"),
+    (("--top-p", "2"), "top_p must be in (0, 1]"),
+    (("--drafter", "nope"), "unknown drafter 'nope'"),
+    (("--dtype", "int3"), "unknown dtype 'int3'"),
+])
+def test_bad_parameters_are_one_clear_line(model_dir, args, message):
+    proc = run("generate", "--model", model_dir, "--budget", "off", *args, "hi")
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_prompt_is_explained(model_dir):
+    proc = run("generate", "--model", model_dir)
+    assert proc.returncode == 2 and "no prompt" in proc.stderr
