@@ -89,25 +89,29 @@ def test_learning_across_requests_with_decay():
     rep.begin([])
     top = rep.candidates([1, 2])
     assert top[0].token == 3 and LEVELS[top[0].level] == "learned"
-    assert rep.learned[(1, 2)][3] == pytest.approx(1.0)  # 2 occurrences, decayed once by 0.5
+    assert rep.learned_followers((1, 2)) == pytest.approx({3: 1.0})  # 2 occurrences, decayed once by 0.5
+    assert rep.learned_followers(2) == pytest.approx({3: 1.0})
     assert (8, 9) not in rep.learned and (9, 9) in rep.learned  # only what the model said
     for _ in range(3):
         rep.end()
-    assert rep.learned == {} and rep.learned_bigram == {}  # decayed away
+    assert rep.learned_followers((1, 2)) == pytest.approx({3: 0.125})
+    rep.compact()  # 0.125 < min_count: dropped
+    assert rep.learned == {} and rep.learned_bigram == {}
 
 
 @settings(max_examples=15, deadline=None)
 @given(st.lists(st.lists(st.integers(0, V - 1), max_size=40), min_size=1, max_size=6))
 def test_learned_memory_is_bounded(requests):
-    config = RepresentativeConfig(max_contexts=7, max_successors=2, decay=1.0)
+    config = RepresentativeConfig(max_contexts=7, max_successors=2, decay=0.9, compact_every=3)
     rep = Representative(config=config)
-    for output in requests:
+    for number, output in enumerate(requests, 1):
         rep.begin([0])
         rep.sync([0] + output)
         rep.add_model_topk(output[-2:], list(range(6)))
         rep.end()
-        assert len(rep.learned) <= 7 and len(rep.learned_bigram) <= 7
-        assert all(len(f) <= 2 for f in rep.learned.values())
+        assert len(rep.learned) <= 1.25 * 7 and len(rep.learned_bigram) <= 1.25 * 7
+        if number % 3 == 0:  # compacted: the caps hold exactly
+            assert len(rep.learned) <= 7 and all(len(f) <= 2 for f in rep.learned.values())
 
 
 def test_deterministic():
@@ -140,6 +144,7 @@ def test_learned_state_round_trip(tmp_path):
     rep.save_learned(path, IDENTITY, {"extra": np.arange(3)})
     other = Representative()
     arrays = other.load_learned(path, IDENTITY)
+    rep.compact()
     assert other.learned == rep.learned and other.learned_bigram == rep.learned_bigram
     assert arrays["extra"].tolist() == [0, 1, 2]
     with pytest.raises(DatastoreError, match="learned for tokenizer"):

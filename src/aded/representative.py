@@ -12,8 +12,10 @@ levels below it, PPM style: p = (n(c) + beta * p_below(c)) / (N + beta)):
     level 5  bigram back-off               request, learned and corpus one-token contexts
 
 Every layer keeps counts, so it can be merged, decayed and saved; probabilities are derived at
-query time. Learned state is bounded: at each request's end its counts decay by `decay`, entries
-below `min_count` go, and at most `max_contexts` contexts x `max_successors` successors remain.
+query time. Learned state is bounded: at each request's end its counts decay by `decay` (lazily,
+through one global scale, so a request's end costs what it adds, not the table's size); every
+`compact_every` requests, or when the table passes 1.25 x `max_contexts`, entries below
+`min_count` go and at most `max_contexts` contexts x `max_successors` successors remain.
 Nothing here is random: the same calls in the same order give the same answers.
 """
 
@@ -48,6 +50,7 @@ class RepresentativeConfig:
     min_count: float = 0.05  # learned entries below this are dropped
     max_contexts: int = 200_000  # learned contexts kept (the smallest totals go first)
     max_successors: int = 8  # learned successors kept per context
+    compact_every: int = 16  # requests between compactions of the learned layer
     per_level: int = 8  # candidates read from each level per query
     request_layer: bool = True  # off: the prompt and output are not matched (for measuring)
 
@@ -74,8 +77,11 @@ class Representative:
     def __init__(self, datastore: Datastore | None = None, config: RepresentativeConfig = RepresentativeConfig()) -> None:  # fmt: skip
         self.config = config
         self.datastore = datastore
-        self.learned: dict[tuple[int, int], Counts] = {}  # (a, b) -> {c: count}
-        self.learned_bigram: dict[int, Counts] = {}  # b -> {c: count}
+        # stored counts are true counts x `_scale`: decaying everything is one division
+        self.learned: dict[tuple[int, int], Counts] = {}  # (a, b) -> {c: count x scale}
+        self.learned_bigram: dict[int, Counts] = {}  # b -> {c: count x scale}
+        self._scale = 1.0
+        self._pending = 0  # requests folded since the last compaction
         self._corpus_cache: dict[tuple[int, ...], tuple[Counts, float]] = {}
         self.begin(())
 
@@ -131,16 +137,30 @@ class Representative:
 
     def end(self) -> None:
         """Fold the request's output tri-grams and model evidence into the learned layer, decay, cap."""
-        output = self.history[max(self._output_start - 2, 0) :]
+        output, scale = self.history[max(self._output_start - 2, 0) :], self._scale
         for a, b, c in zip(output, output[1:], output[2:]):
-            _bump(self.learned, (a, b), c, 1.0)
-            _bump(self.learned_bigram, b, c, 1.0)
+            _bump(self.learned, (a, b), c, scale)
+            _bump(self.learned_bigram, b, c, scale)
         for context, followers in self._evidence.items():
             for c, weight in followers.items():
-                _bump(self.learned, context, c, weight)
-        self.learned = _decayed(self.learned, self.config)
-        self.learned_bigram = _decayed(self.learned_bigram, self.config)
+                _bump(self.learned, context, c, weight * scale)
+        self._scale /= self.config.decay
+        self._pending += 1
+        overfull = len(self.learned) > 1.25 * self.config.max_contexts  # slack: compaction is O(table)
+        if self._pending >= self.config.compact_every or overfull or self._scale > 1e12:
+            self.compact()
         self.begin(())
+
+    def compact(self) -> None:
+        """Apply the pending decay, drop small entries, enforce the caps (deterministic order)."""
+        self.learned = _compacted(self.learned, self._scale, self.config)
+        self.learned_bigram = _compacted(self.learned_bigram, self._scale, self.config)
+        self._scale, self._pending = 1.0, 0
+
+    def learned_followers(self, context: tuple[int, int] | int) -> Counts:
+        """True learned counts after a two-token context (or, for an int, a one-token one)."""
+        table = self.learned_bigram if isinstance(context, int) else self.learned
+        return {c: w / self._scale for c, w in table.get(context, {}).items()}
 
     # ------------------------------------------------------------------ queries
     def candidates(self, tail: Sequence[int], limit: int = 8) -> list[Candidate]:
@@ -153,11 +173,11 @@ class Representative:
         if len(tail) >= 2:
             pair = tail[-2:]
             chain.append((2, _merged(self._request[2].get(pair), self._evidence.get(pair)), cfg.beta_request, None))
-            chain.append((3, self.learned.get(pair), cfg.beta_learned, None))
+            chain.append((3, _scaled(self.learned.get(pair), 1.0 / self._scale), cfg.beta_learned, None))
             corpus, total = self._corpus(pair)
             chain.append((4, corpus, cfg.beta_corpus, total))
         if tail:
-            bigram = _merged(self._request[1].get(tail[-1:]), self.learned_bigram.get(tail[-1]))
+            bigram = _merged(self._request[1].get(tail[-1:]), _scaled(self.learned_bigram.get(tail[-1]), 1.0 / self._scale))
             chain.append((5, bigram, cfg.beta_learned, None))
             corpus, total = self._corpus(tail[-1:])
             chain.append((5, corpus, cfg.beta_corpus, total))
@@ -195,6 +215,7 @@ class Representative:
     # ------------------------------------------------------------------ learned state
     def export_learned(self) -> dict[str, np.ndarray]:
         """Learned tri-grams and bigrams as arrays: keys [n, 3] / [m, 2] int64, counts [n] / [m] float64."""
+        self.compact()
         tri = [(a, b, c, w) for (a, b), followers in self.learned.items() for c, w in followers.items()]
         bi = [(b, c, w) for b, followers in self.learned_bigram.items() for c, w in followers.items()]
         tri_array = np.asarray(tri, dtype=np.float64).reshape(-1, 4)
@@ -207,12 +228,10 @@ class Representative:
     def import_learned(self, arrays: dict[str, np.ndarray]) -> None:
         """Add exported learned counts to this representative's (then cap as usual)."""
         for (a, b, c), w in zip(np.asarray(arrays["learned_tri_keys"]).tolist(), np.asarray(arrays["learned_tri_counts"]).tolist()):
-            _bump(self.learned, (a, b), c, w)
+            _bump(self.learned, (a, b), c, w * self._scale)
         for (b, c), w in zip(np.asarray(arrays["learned_bi_keys"]).tolist(), np.asarray(arrays["learned_bi_counts"]).tolist()):
-            _bump(self.learned_bigram, b, c, w)
-        no_decay = RepresentativeConfig(**{**asdict(self.config), "decay": 1.0})
-        self.learned = _decayed(self.learned, no_decay)
-        self.learned_bigram = _decayed(self.learned_bigram, no_decay)
+            _bump(self.learned_bigram, b, c, w * self._scale)
+        self.compact()
 
     def save_learned(self, path: str | os.PathLike, tokenizer: TokenizerIdentity, extra: dict[str, np.ndarray] | None = None) -> None:
         """Write the learned state atomically to a file of the datastore format (kind aded-learned)."""
@@ -242,11 +261,11 @@ def _bump(table: dict, context, token: int, weight: float) -> None:
     followers[token] = followers.get(token, 0.0) + weight
 
 
-def _decayed(table: dict, config: RepresentativeConfig) -> dict:
-    """Decay, drop small entries, keep the strongest successors and contexts (deterministic order)."""
+def _compacted(table: dict, scale: float, config: RepresentativeConfig) -> dict:
+    """True counts (stored / scale) without small entries, the strongest successors and contexts."""
     kept = {}
     for context, followers in table.items():
-        items = [(c, w * config.decay) for c, w in followers.items() if w * config.decay >= config.min_count]
+        items = [(c, w / scale) for c, w in followers.items() if w / scale >= config.min_count]
         if len(items) > config.max_successors:
             items = sorted(items, key=lambda item: (-item[1], item[0]))[: config.max_successors]
         if items:
@@ -262,6 +281,12 @@ def _top(counts: Counts, limit: int) -> Counts:
     if len(counts) <= 2 * limit:
         return counts
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit])
+
+
+def _scaled(counts: Counts | None, factor: float) -> Counts | None:
+    if not counts or factor == 1.0:
+        return counts
+    return {c: w * factor for c, w in counts.items()}
 
 
 def _merged(first: Counts | None, second: Counts | None) -> Counts | None:
