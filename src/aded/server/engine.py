@@ -177,6 +177,9 @@ class Engine:
                 item.emit("error", RequestError("the server is shutting down", 503, type_="server_error"))
 
     def _run(self, job: Job) -> None:
+        if not self._accepting:  # stopping: queued jobs are refused, not run
+            job.emit("error", RequestError("the server is shutting down", 503, type_="server_error"))
+            return
         if job.cancelled.is_set():  # the client left while queued
             self._finished(job, None)
             return
