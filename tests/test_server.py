@@ -294,6 +294,39 @@ def _state_arrays(path: Path) -> dict:
     return StateFile(path, "suffix", identity).read()[1]
 
 
+def test_learned_state_round_trips_for_every_learning_drafter(tmp_path):
+    """hybrid (with its aded source through the adapter), suffix and aded: export, write, read,
+    import into a fresh drafter, export again: the same arrays; pld persists nothing."""
+    import numpy as np
+
+    from aded.drafters import make_drafter
+    from aded.drafters.aded import AdedDrafter
+    from aded.server.state import StateFile, export_state, import_state, persisted_parts
+    from aded.store.datastore import TokenizerIdentity
+
+    def build(name):
+        if name == "hybrid":
+            return make_drafter("hybrid", sources=["pld", "suffix", AdedDrafter()])
+        return AdedDrafter() if name == "aded" else make_drafter(name)
+
+    identity = TokenizerIdentity("toy", 16, "f" * 64)
+    for name in ("hybrid", "suffix", "aded"):
+        drafter = build(name)
+        for seq in ([1, 2, 3, 4, 5, 1, 2, 3, 4, 5], [7, 8, 9, 7, 8, 9, 7, 8]):
+            drafter.begin(seq[:3])
+            drafter.propose(seq, 8)
+            drafter.end()
+        arrays = export_state(drafter)
+        file = StateFile(tmp_path / f"{name}.npz", name, identity)
+        file.save(arrays)
+        fresh = build(name)
+        import_state(fresh, file.read()[1])
+        again = export_state(fresh)
+        assert sorted(again) == sorted(arrays)
+        assert all(np.array_equal(arrays[k], again[k]) for k in arrays), name
+    assert persisted_parts(make_drafter("pld")) == []
+
+
 def test_state_is_saved_at_shutdown_and_reloaded(tiny_dir, tmp_path):
     state = tiny_dir.parent / "state.npz"
     state.unlink(missing_ok=True)
