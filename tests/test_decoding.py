@@ -56,7 +56,7 @@ def decoder_for(model, drafter, eos=()):
     return SpeculativeDecoder(HFRunner(model), drafter, eos, BudgetPolicy(enabled=False))
 
 
-@pytest.mark.parametrize("drafter_name", ["none", "pld"])
+@pytest.mark.parametrize("drafter_name", ["none", "pld", "suffix", "hybrid", "aded"])
 def test_registered_drafters_equal_greedy(tiny_model, drafter_name):
     rng = np.random.default_rng(1)
     vocab = tiny_model.config.vocab_size

@@ -92,6 +92,14 @@ TopKOpt = typer.Option(0, "--top-k", min=0, help="Sample among the k likeliest t
 SeedOpt = typer.Option(None, "--seed", help="Seed for sampling.")
 NodesOpt = typer.Option(24, "--max-draft-nodes", min=0, max=1024, help="Largest draft tree per step.")
 BudgetOpt = typer.Option("measured", "--budget", help="measured, typical or off (see README).")
+DatastoreOpt = typer.Option(None, "--datastore", exists=True, dir_okay=False,
+                            help="Tri-gram datastore for the aded and hybrid drafters (default: built-in).")
+
+
+def _datastore_option(datastore: Optional[Path]) -> dict:
+    return {"datastore": str(datastore)} if datastore is not None else {}
+
+
 ChatOpt = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: when the tokenizer has one).")
 
 
@@ -112,6 +120,7 @@ def generate(
     stop: list[str] = typer.Option([], "--stop", help="Stop before this string (repeatable)."),
     max_draft_nodes: int = NodesOpt,
     budget: str = BudgetOpt,
+    datastore: Optional[Path] = DatastoreOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
 ) -> None:
     """Generate a completion, streaming text as drafts are accepted."""
@@ -119,7 +128,7 @@ def generate(
 
     text = _read_prompt(prompt, prompt_file)
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, seed, max_draft_nodes)
-    lm = load(model, drafter=drafter, dtype=dtype, budget=budget)
+    lm = load(model, drafter=drafter, dtype=dtype, budget=budget, **_datastore_option(datastore))
     stream = lm.stream(text, stop=stop, chat=chat, **options)
     if as_json:
         for _ in stream:
@@ -157,12 +166,13 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", help="A system message."),
     max_draft_nodes: int = NodesOpt,
     budget: str = BudgetOpt,
+    datastore: Optional[Path] = DatastoreOpt,
 ) -> None:
     """An interactive conversation that streams replies (empty line or Ctrl-D ends it)."""
     from aded.api import load
 
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, seed, max_draft_nodes)
-    lm = load(model, drafter=drafter, dtype=dtype, budget=budget)
+    lm = load(model, drafter=drafter, dtype=dtype, budget=budget, **_datastore_option(datastore))
     if not lm.has_chat_template:
         raise ValueError(f"{model} has no chat template; use `aded generate --no-chat`")
     messages = [{"role": "system", "content": system}] if system else []
