@@ -80,7 +80,7 @@ def test_shipped_set_is_a_mix_with_sources():
     questions = load_questions()
     assert default_questions_path().is_file()
     categories = {q.category for q in questions}
-    assert {"chat", "translation", "summarization", "qa", "math", "rag", "code-edit"} <= categories
+    assert {"chat", "translation", "summarization", "qa", "math", "rag", "code", "code-edit"} == categories
     assert any(len(q.turns) > 1 for q in questions)
     for line in default_questions_path().read_text().splitlines():
         assert json.loads(line)["source"]

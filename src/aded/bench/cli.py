@@ -39,14 +39,14 @@ def bench(
     questions: list[Path] = typer.Option([], "--questions", "-q", dir_okay=False,
                                          help="A question file (JSON Lines; repeatable). Default: the shipped mixed set."),
     methods: str = typer.Option("all", "--methods", help="Comma-separated methods, or all: hf, hf-pld, every drafter, oracle."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Most tokens per turn."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Most tokens per turn."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most K questions, spread over categories."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (outputs compared with hf)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", file_okay=False, help="Output folder (default: a new timestamped one)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", file_okay=False, help="Output folder (default: bench-results/<timestamp>)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: physical cores)."),
     max_draft_nodes: int = typer.Option(24, "--max-draft-nodes", min=0, max=1024, help="Largest draft tree per step."),
-    budget: str = typer.Option("measured", "--budget", help="measured, typical or off: how aded methods size trees."),
+    budget: str = typer.Option("measured", "--budget", help="measured (cached t(k)), fresh (time t(k) now), typical, or off: how aded methods size trees."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling."),
     warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="Run every code path once before timing."),
 ) -> None:
@@ -77,7 +77,7 @@ def _run(model, questions, methods, max_new_tokens, limit, temperature, out, dty
                          max_draft_nodes=max_draft_nodes, budget=budget, warmup=warmup)
     selected = load_questions(questions, limit)
     torch.set_num_threads(threads or physical_cores())
-    out_dir = out or Path(f"aded-bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir = out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
     with status(f"Loading {model}"):
         hf_model, tokenizer = load_model(model, dtype=dtype)
     results = run_bench(hf_model, tokenizer, selected, names, config, model_name=model,

@@ -177,7 +177,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     cells = {(s["method"], s["category"]): s for s in summary}
     paths = [out_dir / "speedup.png", out_dir / "accepted_lengths.png"]
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(categories) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(categories) + 3.5), 4))
     width = 0.8 / max(1, len(methods))
     for i, method in enumerate(methods):
         values = [cells.get((method, c), {}).get("speedup") or 0.0 for c in categories]
@@ -187,12 +187,12 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
                   rotation=20)
     ax.set_ylabel(f"speedup over {BASELINE}")
     ax.set_title(f"{results['model']}: decode speedup per category")
-    ax.legend(fontsize="small", ncol=2)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     for method in methods:
         counts: dict[int, int] = {}
         for row in results["questions"]:
@@ -200,13 +200,15 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
                 for length, n in row.get("accepted_lengths", {}).items():
                     counts[int(length)] = counts.get(int(length), 0) + n
         total = sum(counts.values())
-        if total:
-            xs = sorted(counts)
-            ax.plot(xs, [counts[x] / total for x in xs], marker="o", label=method)
-    ax.set_xlabel("tokens emitted per step (accepted + bonus)")
-    ax.set_ylabel("share of steps")
+        if total:  # share of steps emitting at least n tokens: readable even for sparse lengths
+            xs = list(range(1, max(counts) + 1))
+            shares = [sum(v for k, v in counts.items() if k >= x) / total for x in xs]
+            ax.step(xs, shares, where="post", marker=".", label=method)
+    ax.set_xlabel("n: tokens emitted per step (accepted + bonus)")
+    ax.set_ylabel("share of steps emitting at least n")
+    ax.set_yscale("log")
     ax.set_title("Accepted length distribution")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(paths[1], dpi=110)
     plt.close(fig)
