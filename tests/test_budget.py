@@ -52,3 +52,23 @@ def test_disabled_policy_verifies_everything():
 def test_cost_model_interpolates():
     cost = CostModel((0, 4, 8), (1.0, 2.0, 4.0))
     assert cost(2) == 1.5 and cost(6) == 3.0 and cost(100) == 4.0
+
+
+def test_observed_step_times_correct_a_wrong_cost_curve():
+    """A curve measured on a busy machine said trees cost 3x; the steps it sees say otherwise."""
+    wrong = CostModel((0, 1, 8, 16), (0.1, 0.3, 0.3, 0.4))
+    policy = BudgetPolicy(wrong)
+    tree = scored([[1, 2, 3]], [0.5, 0.4, 0.3])
+    assert len(policy.choose(tree)) == 0
+    for _ in range(30):
+        policy.observe_cost(0, 0.1)
+        policy.observe_cost(3, 0.12)
+    assert policy.step_cost(3) < 1.5 * policy.step_cost(0)
+    assert len(policy.choose(tree)) == 3
+
+
+def test_a_policy_that_verifies_nothing_explores_now_and_then():
+    policy = BudgetPolicy(CostModel((0, 1, 8), (0.1, 1.0, 1.0)), explore_every=8)
+    tree = scored([[1, 2, 3]], [0.5, 0.4, 0.3])
+    sizes = [len(policy.choose(tree)) for _ in range(16)]
+    assert sizes.count(0) == 14 and sizes[7] == sizes[15] == 3

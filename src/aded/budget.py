@@ -21,7 +21,6 @@ import heapq
 import json
 import os
 import platform
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -59,14 +58,43 @@ class CostModel:
         return cls((0, 2, 4, 8, 16, 32, 64), (1.0, 1.25, 1.35, 1.55, 1.85, 2.5, 3.8))
 
 
+COST_BUCKETS = np.array([0, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 1024])
+
+
 @dataclass
 class BudgetPolicy:
     cost: CostModel = field(default_factory=CostModel.typical_cpu)
     decay: float = 0.97  # per verified step: evidence fades with a half-life of ~23 steps
     prior_weight: float = 2.0  # pseudo-observations per depth pulling the ratio toward 1
     enabled: bool = True  # False: verify every proposed node (no pruning, no calibration)
+    cost_memory: float = 0.95  # per timing of a size bucket: ~20 recent timings count
     _predicted: np.ndarray = field(default_factory=lambda: np.zeros(MAX_DEPTH + 1))
     _accepted: np.ndarray = field(default_factory=lambda: np.zeros(MAX_DEPTH + 1))
+    # observed / prior cost per size bucket, as decayed sums: the machine's state today (other
+    # load, threads, thermal) corrects the once-measured curve where steps actually run
+    _cost_ratio_sum: np.ndarray = field(default_factory=lambda: np.zeros(len(COST_BUCKETS)))
+    _cost_ratio_n: np.ndarray = field(default_factory=lambda: np.zeros(len(COST_BUCKETS)))
+    explore_every: int = 32  # after this many steps that verified nothing, try a small tree
+    _idle_steps: int = 0
+
+    def step_cost(self, k: int) -> float:
+        """t(k) in the prior's units, corrected by timings observed in this process."""
+        prior = self.cost(k)
+        n = self._cost_ratio_n
+        if n.sum() == 0:
+            return prior
+        overall = self._cost_ratio_sum.sum() / n.sum()
+        bucket = _bucket(k)
+        ratio = (self._cost_ratio_sum[bucket] + 3.0 * overall) / (n[bucket] + 3.0)
+        return prior * ratio
+
+    def observe_cost(self, k: int, seconds: float) -> None:
+        """One verification step of k nodes took `seconds`."""
+        if not self.enabled or seconds <= 0:
+            return
+        bucket = _bucket(k)
+        self._cost_ratio_sum[bucket] = self._cost_ratio_sum[bucket] * self.cost_memory + seconds / self.cost(k)
+        self._cost_ratio_n[bucket] = self._cost_ratio_n[bucket] * self.cost_memory + 1.0
 
     def calibrated(self, tree: DraftTree) -> np.ndarray:
         """[k] calibrated acceptance estimates, never above the parent's."""
@@ -85,13 +113,19 @@ class BudgetPolicy:
             return tree
         scores = self.calibrated(tree)
         order = _best_first(tree, scores)
-        base = self.cost(0)
-        best_k, best_rate, expected = 0, 1.0 / base, 0.0
+        best_k, best_rate, expected = 0, 1.0 / self.step_cost(0), 0.0
         for k, node in enumerate(order, start=1):
             expected += scores[node]
-            rate = (1.0 + expected) / self.cost(k)
+            rate = (1.0 + expected) / self.step_cost(k)
             if rate > best_rate:
                 best_k, best_rate = k, rate
+        if best_k == 0:
+            # keep the estimates honest: a policy that never verifies never learns it was wrong
+            self._idle_steps += 1
+            if self._idle_steps >= self.explore_every:
+                best_k = min(len(order), 4)
+        if best_k:
+            self._idle_steps = 0
         return tree.subtree(order[:best_k])
 
     def observe(self, tree: DraftTree, accepted_nodes: tuple[int, ...]) -> None:
@@ -107,6 +141,10 @@ class BudgetPolicy:
         np.add.at(self._predicted, depths, raw)
         for node in accepted_nodes:
             self._accepted[depths[node]] += 1.0
+
+
+def _bucket(k: int) -> int:
+    return int(np.abs(COST_BUCKETS - k).argmin())
 
 
 def _best_first(tree: DraftTree, scores: np.ndarray) -> list[int]:
@@ -133,7 +171,7 @@ def measure_costs(runner, sizes=DEFAULT_SIZES, past_len: int = 256, repeats: int
     """Time verification steps of k nodes (a bushy tree, as drafts are) after `past_len` tokens.
 
     Sizes are interleaved in every round, so a slow moment of the machine hits all sizes alike,
-    and each size's median over the rounds is kept.
+    and each size's fastest round is kept (other load only ever adds time).
     """
     rng = np.random.default_rng(0)
     vocab = min(runner.vocab_size, 30000)
@@ -154,7 +192,7 @@ def measure_costs(runner, sizes=DEFAULT_SIZES, past_len: int = 256, repeats: int
                 layer.crop(-1)
             if round_:
                 timings[i].append(elapsed)
-    seconds = [statistics.median(t) for t in timings]
+    seconds = [min(t) for t in timings]  # the least disturbed run; observed steps refine it
     # costs must not fall with size (timing noise would otherwise invite bigger trees)
     seconds = np.maximum.accumulate(np.asarray(seconds)).tolist()
     return CostModel(tuple(sizes), tuple(seconds))

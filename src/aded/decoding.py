@@ -187,6 +187,7 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
             runner.commit(seq, acceptance.accepted_nodes)
             t2 = time.perf_counter()
             budget.observe(tree, acceptance.accepted_nodes)
+            budget.observe_cost(len(tree), t2 - t1)
             topk = None
             if drafter.wants_topk:
                 topk = logits.topk(drafter.wants_topk, dim=-1).indices.numpy()  # [1 + k, K]
