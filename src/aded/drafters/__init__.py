@@ -12,7 +12,7 @@ from typing import Any
 from aded.drafters.base import Drafter, NoDrafter, StepFeedback
 
 #: what `aded generate`, the API and the server use unless told otherwise (chosen by measurement)
-DEFAULT_DRAFTER = "pld"
+DEFAULT_DRAFTER = "hybrid"
 
 __all__ = ["DEFAULT_DRAFTER", "Drafter", "NoDrafter", "StepFeedback", "DRAFTERS", "make_drafter", "drafter_names"]
 

@@ -56,6 +56,7 @@ class HybridDrafter(Drafter):
     `tokenizer` / `datastore` go to the aded source; `source_options` maps a name to its options."""
 
     name = "hybrid"
+    needs_tokenizer = True  # passed on to the aded source, to find and check its datastore
 
     def __init__(
         self,
