@@ -131,3 +131,15 @@ def test_greedy_methods_equal_baseline_in_float64():
     oracle = next(s for s in results["summary"] if s["method"] == "oracle" and s["category"] == "all")
     pld = next(s for s in results["summary"] if s["method"] == "pld" and s["category"] == "all")
     assert oracle["mean_accepted_tokens"] >= pld["mean_accepted_tokens"] and oracle["mean_accepted_tokens"] > 2
+
+
+def test_sampling_run_reports_no_identity():
+    model = tiny_llama(vocab_size=160, seed=5, logit_scale=4.0)
+    results = run_bench(model, tiny_char_tokenizer(chat=False), [Question("1", "chat", ("Hi", "More"))],
+                        ["pld"], BenchConfig(max_new_tokens=6, temperature=0.8, top_k=20, budget="off",
+                                             warmup=False))
+    assert results["config"]["chat_template"] is False and results["config"]["interrupted"] is False
+    for entry in results["summary"]:
+        assert entry["identical"] is None and entry["tokens_per_s"] is not None
+    pld = next(r for r in results["questions"] if r["method"] == "pld")
+    assert pld["identical_to_baseline"] is None and len(pld["turns"]) == 2

@@ -82,10 +82,15 @@ def _run(model, questions, methods, max_new_tokens, limit, temperature, out, dty
         hf_model, tokenizer = load_model(model, dtype=dtype)
     results = run_bench(hf_model, tokenizer, selected, names, config, model_name=model,
                         progress=BenchProgress())
+    if not results["questions"]:
+        raise typer.Exit(130 if results["config"]["interrupted"] else 2)
     paths = write_outputs(results, out_dir)
     console.print(render_report(results).split("\n## Mean")[0].strip(), markup=False)
     typer.echo(str(out_dir))
     console.print(f"[dim]wrote {', '.join(p.name for p in paths)}[/dim]")
+    if results["config"]["interrupted"]:
+        console.print(f"interrupted: the results cover the first {results['config']['questions']} questions")
+        raise typer.Exit(130)
 
 
 @bench_app.command("compare")

@@ -240,7 +240,8 @@ def run_bench(model, tokenizer, questions: Sequence[Question], methods: Sequence
     """Benchmark `methods` on `questions`; returns the results dict (see report.py for its shape).
 
     `model_name` is recorded (and names the cached cost curve, with the dtype, as `aded.load` does);
-    `progress` is a `BenchProgress`-like object (or None for silence).
+    `progress` is a `BenchProgress`-like object (or None for silence). Ctrl-C stops after the
+    questions already done, which are returned with `config.interrupted` set.
     """
     from aded.backends.hf import HFRunner
     from aded.bench.report import summarize
@@ -253,80 +254,101 @@ def run_bench(model, tokenizer, questions: Sequence[Question], methods: Sequence
                         config.top_p, config.seed, config.max_draft_nodes)
     model_id = f"{model_name}:{str(runner.dtype).removeprefix('torch.')}"
     make_budget, cost_model = _budget_factory(runner, model_id, config.budget)
-    built: MethodSet = build_methods(methods, model, tokenizer, runner, sampling, make_budget)
-    prompts = PromptBuilder(tokenizer)
-    greedy = config.temperature <= 0
+    built = build_methods(methods, model, tokenizer, runner, sampling, make_budget)
+    session = _Session(runner, PromptBuilder(tokenizer), built, config, progress)
     if config.warmup:
-        _warm_up(built.methods, prompts.ids([{"role": "user", "content": questions[0].turns[0]}]))
+        _warm_up(built.methods, session.prompts.ids([{"role": "user", "content": questions[0].turns[0]}]))
 
-    active = list(built.methods)
     rows: list[dict[str, Any]] = []
-    skipped_questions: list[dict[str, str]] = []
+    done, interrupted = 0, False
     if progress is not None:
-        progress.start(len(questions), [m.name for m in active])
-    for index, question in enumerate(questions):
-        order = active[:1] + _rotate(active[1:], index)
-        question_rows = {m.name: _Row(question, m.name, keep_ids=m.name == BASELINE) for m in order}
-        messages: list[dict[str, str]] = []
-        try:
-            for turn in question.turns:
-                messages.append({"role": "user", "content": turn})
-                prompt_ids = prompts.ids(messages)
-                room = runner.max_positions - len(prompt_ids) - config.max_new_tokens - config.max_draft_nodes
-                if room < 2:
-                    raise _TooLong(f"{len(prompt_ids)} prompt tokens + {config.max_new_tokens} new "
-                                   f"exceed the model's {runner.max_positions} positions")
-                baseline = None
-                for method in order:
-                    if method not in active:
-                        continue
-                    if progress is not None:
-                        progress.update(index, question, method.name)
-                    try:
-                        result = method.run(prompt_ids, baseline)
-                    except (RuntimeError, ValueError) as exc:
-                        if method.name == BASELINE:
-                            raise
-                        built.skipped[method.name] = f"failed on question {question.key}: {exc}"
-                        active.remove(method)
-                        question_rows.pop(method.name, None)
-                        continue
-                    if method.name == BASELINE:
-                        baseline = result.output_ids
-                    question_rows[method.name].add(result, prompt_ids,
-                                                   baseline if method.name != BASELINE else result.output_ids,
-                                                   greedy)
-                    if progress is not None:
-                        progress.record(method.name, result)
-                messages.append({"role": "assistant", "content": prompts.answer(baseline or [])})
-        except _TooLong as exc:
-            skipped_questions.append({"id": question.id, "source": question.source, "reason": str(exc)})
-            continue
-        rows.extend(r.as_dict() for r in question_rows.values() if r.turns)
-    if progress is not None:
-        progress.stop()
+        progress.start(len(questions), [m.name for m in built.methods])
+    try:
+        for index, question in enumerate(questions):
+            rows.extend(session.run_question(index, question))
+            done += 1
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if progress is not None:
+            progress.stop()
     return {
         "model": model_name,
         "machine": machine_info(model),
         "config": {**asdict(config), "methods": [m.name for m in built.methods],
-                   "chat_template": prompts.chat, "eos_token_ids": list(eos),
+                   "chat_template": session.prompts.chat, "eos_token_ids": list(eos),
                    "cost_model": cost_model, "timing": TIMING_NOTE,
-                   "questions": len(questions)},
+                   "questions": done, "interrupted": interrupted},
         "skipped": [{"method": k, "reason": v} for k, v in built.skipped.items()],
-        "skipped_questions": skipped_questions,
+        "skipped_questions": session.skipped_questions,
         "questions": rows,
         "summary": summarize(rows),
     }
+
+
+class _Session:
+    """The state one run carries across questions: which methods are still running, and why others
+    stopped."""
+
+    def __init__(self, runner, prompts: PromptBuilder, built: MethodSet, config: BenchConfig,
+                 progress) -> None:
+        self.runner = runner
+        self.prompts = prompts
+        self.built = built
+        self.active: list[Method] = list(built.methods)
+        self.config = config
+        self.progress = progress
+        self.skipped_questions: list[dict[str, str]] = []
+
+    def run_question(self, index: int, question: Question) -> list[dict[str, Any]]:
+        """Every active method on every turn of one question (baseline first, the rest rotated)."""
+        order = self.active[:1] + _rotate(self.active[1:], index)
+        rows = {m.name: _Row(question, m.name, keep_ids=m.name == BASELINE) for m in order}
+        messages: list[dict[str, str]] = []
+        for turn in question.turns:
+            messages.append({"role": "user", "content": turn})
+            prompt_ids = self.prompts.ids(messages)
+            limit = self.runner.max_positions
+            if len(prompt_ids) + self.config.max_new_tokens + self.config.max_draft_nodes + 2 > limit:
+                self.skipped_questions.append({
+                    "id": question.id, "source": question.source,
+                    "reason": f"{len(prompt_ids)} prompt tokens + {self.config.max_new_tokens} new "
+                              f"exceed the model's {limit} positions"})
+                return []
+            baseline = self._turn(index, question, order, rows, prompt_ids)
+            messages.append({"role": "assistant", "content": self.prompts.answer(baseline)})
+        return [r.as_dict() for r in rows.values() if r.turns]
+
+    def _turn(self, index: int, question: Question, order: list[Method], rows: dict[str, _Row],
+              prompt_ids: list[int]) -> list[int]:
+        greedy = self.config.temperature <= 0
+        baseline: list[int] = []
+        for method in order:
+            if method not in self.active:
+                continue
+            if self.progress is not None:
+                self.progress.update(index, question, method.name)
+            try:
+                result = method.run(prompt_ids, baseline)
+            except (RuntimeError, ValueError) as exc:
+                if method.name == BASELINE:
+                    raise
+                self.built.skipped[method.name] = f"failed on question {question.key}: {exc}"
+                self.active.remove(method)
+                rows.pop(method.name, None)
+                continue
+            if method.name == BASELINE:
+                baseline = result.output_ids
+            rows[method.name].add(result, prompt_ids, baseline, greedy)
+            if self.progress is not None:
+                self.progress.record(method.name, result)
+        return baseline
 
 
 TIMING_NOTE = ("decode_s starts when the first generated token is known: for aded methods after the "
                "prefill forward, for hf and hf-pld at the streamer's first token inside the same "
                "generate call (time to first token); prefill_s is the time before that. tokens_per_s "
                "counts the tokens after the first over decode_s, drafting included.")
-
-
-class _TooLong(Exception):
-    """A question whose prompt does not fit the model's context with the generation budget."""
 
 
 def _rotate(items: list, by: int) -> list:
