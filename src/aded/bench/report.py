@@ -110,7 +110,7 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
         "",
         f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('threads')} threads, "
         f"torch {machine.get('torch')}, {machine.get('dtype')} on {machine.get('device')}.",
-        f"Run: {config.get('questions')} questions, max_new_tokens {config.get('max_new_tokens')}, "
+        f"Run: {config.get('questions')} questions{_skipped_note(results)}, max_new_tokens {config.get('max_new_tokens')}, "
         f"temperature {config.get('temperature')}, max_draft_nodes {config.get('max_draft_nodes')}, "
         f"budget {config.get('budget')}.",
         "",
@@ -160,6 +160,12 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
     if plots:
         lines += [""] + [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _skipped_note(results: dict[str, Any]) -> str:
+    skipped = len(results.get("skipped_questions") or [])
+    interrupted = " (interrupted)" if results["config"].get("interrupted") else ""
+    return (f" ({skipped} skipped: too long for the model)" if skipped else "") + interrupted
 
 
 def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:

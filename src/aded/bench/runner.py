@@ -265,8 +265,9 @@ def run_bench(model, tokenizer, questions: Sequence[Question], methods: Sequence
         progress.start(len(questions), [m.name for m in built.methods])
     try:
         for index, question in enumerate(questions):
-            rows.extend(session.run_question(index, question))
-            done += 1
+            finished = session.run_question(index, question)
+            rows.extend(finished)
+            done += bool(finished)
     except KeyboardInterrupt:
         interrupted = True
     finally:
