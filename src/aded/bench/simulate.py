@@ -2,9 +2,11 @@
 
 The `hf` rows of a results.json carry each turn's prompt and output token ids. Replaying them
 (aded.simulate) measures what a drafter would accept on exactly those outputs in seconds. With the
-run's measured cost curve t(k) (stored in results.json), every replayed step goes through the same
-cost-aware budget as the real run, so mean accepted tokens agree with the run's for deterministic
-drafters, and t(k) turns the steps into a predicted speedup over plain decoding on that machine.
+run's cost curve t(k) (stored in results.json), every replayed step goes through the same
+cost-aware budget as the real run, and t(k) turns the steps into a predicted speedup over plain
+decoding on that machine. Mean accepted tokens then agree closely with the run's; exactly (for
+deterministic drafters) when the run used `--budget off`, since a real budget also corrects t(k)
+by the step times it observes, which a replay cannot know.
 Only the tokenizer is loaded, and only for drafters that need one (to find their datastore).
 """
 
@@ -45,7 +47,10 @@ def _cost_model(results: dict[str, Any], budget: str):
         return CostModel.typical_cpu()
     if budget != "recorded":
         raise ValueError(f"budget must be recorded, typical or off, got {budget!r}")
-    recorded = results.get("config", {}).get("cost_model")
+    config = results.get("config", {})
+    if config.get("budget") == "off":
+        return None  # the run verified every proposed node: replay it the same way
+    recorded = config.get("cost_model")
     if not recorded:
         return CostModel.typical_cpu()
     return CostModel(tuple(recorded["sizes"]), tuple(recorded["seconds"]))
