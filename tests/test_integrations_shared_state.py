@@ -14,8 +14,8 @@ from aded.integrations.shared_state import (
 )
 
 
-def table(*sequences, bounds=Bounds()) -> CountTable:
-    counts = CountTable(bounds)
+def table(*sequences, bounds: Bounds | None = None) -> CountTable:
+    counts = CountTable(bounds or Bounds())
     for sequence in sequences:
         counts.add_sequence(sequence)
     return counts

@@ -9,7 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from aded.integrations.shared_state import InlineTransport, SharedStateClient, SharedStateCore
+from aded.integrations.shared_state import (
+    InlineTransport,
+    SharedStateClient,
+    SharedStateCore,
+)
 from aded.integrations.vllm import AdedProposer, best_path
 from aded.tree import DraftTree
 
@@ -122,7 +126,6 @@ def test_rows_without_a_decode_get_no_draft_and_keep_their_state():
 
 def test_a_replaced_row_starts_a_new_request_without_the_old_context():
     proposer = AdedProposer(config(k=4), drafter="suffix")
-    proposer.drafter_options  # the suffix drafter's global index learns from ended requests only
     engine = FakeEngine(proposer)
     engine.load([(list(range(100, 110)), list(range(100, 110)) * 3)])
     engine.run()

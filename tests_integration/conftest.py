@@ -26,14 +26,14 @@ def default_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
-    """A 2-layer random Llama with the default model's tokenizer (heads divisible by 2 for TP 2)."""
+    """A 2-layer random Llama with the default model's tokenizer: head_dim 64 (the CPU attention kernels need it), 2 KV heads (TP 2)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+    config = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(folder)
     for name in TOKENIZER_FILES:
@@ -60,7 +60,8 @@ def _run_engine(options: dict) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith("ADED-RESULT "):
             return json.loads(line[len("ADED-RESULT ") :])
-    raise AssertionError(f"vLLM run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    causes = [line for line in proc.stderr.splitlines() if "Error:" in line][-5:]  # the root cause, not the echo
+    raise AssertionError(f"vLLM run failed ({proc.returncode}):\n" + "\n".join(causes) + "\n" + proc.stderr[-2000:])
 
 
 def report(name: str, payload: dict) -> None:

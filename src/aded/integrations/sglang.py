@@ -15,13 +15,13 @@ the worker calls `NgramCache.batch_get` verifies aded's trees unchanged.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from aded.tree import DraftTree
 
-__all__ = ["to_ngram_format", "to_ngram_batch", "leaf_paths"]
+__all__ = ["leaf_paths", "to_ngram_batch", "to_ngram_format"]
 
 PAD_TOKEN = 0
 

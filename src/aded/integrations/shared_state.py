@@ -19,16 +19,18 @@ file format. The core (`CountTable`, `SharedStateCore`, `SharedStateClient`) has
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from aded.store.datastore import DatastoreError, read_arrays, write_arrays
 
-__all__ = ["CountTable", "SharedStateCore", "SharedStateClient", "InlineTransport", "RayTransport", "TransportError"]
+__all__ = ["CountTable", "InlineTransport", "RayTransport", "SharedStateClient", "SharedStateCore", "TransportError"]
 
 Counts = dict[int, float]
 
@@ -68,11 +70,11 @@ class CountTable:
         tokens = [int(t) for t in token_ids]
         for a, b, c in zip(tokens, tokens[1:], tokens[2:]):
             _bump(self.tri, (a, b), c, weight)
-        for b, c in zip(tokens, tokens[1:]):
+        for b, c in itertools.pairwise(tokens):
             _bump(self.bi, b, c, weight)
         self._cap_if_overfull()
 
-    def merge(self, other: "CountTable", scale: float = 1.0) -> None:
+    def merge(self, other: CountTable, scale: float = 1.0) -> None:
         """Add `other`'s counts (times `scale`) to these, then enforce the bounds if overfull."""
         for context, followers in other.tri.items():
             for c, w in followers.items():
@@ -102,7 +104,7 @@ class CountTable:
         if len(self.tri) > 1.25 * self.bounds.max_contexts or len(self.bi) > 1.25 * self.bounds.max_contexts:
             self.compact()
 
-    def copy(self) -> "CountTable":
+    def copy(self) -> CountTable:
         table = CountTable(self.bounds)
         table.merge(self)
         return table
@@ -120,7 +122,7 @@ class CountTable:
         }  # fmt: skip
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], bounds: Bounds = Bounds()) -> "CountTable":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], bounds: Bounds = Bounds()) -> CountTable:
         table = cls(bounds)
         for (a, b, c), w in zip(np.asarray(arrays["learned_tri_keys"]).tolist(), np.asarray(arrays["learned_tri_counts"]).tolist()):
             _bump(table.tri, (a, b), c, w)

@@ -29,15 +29,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from aded.drafters import DEFAULT_DRAFTER, Drafter, StepFeedback, make_drafter
 from aded.tree import DraftTree
 
-__all__ = ["AdedProposer", "best_path", "ProposerStats"]
+__all__ = ["AdedProposer", "ProposerStats", "best_path"]
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +265,7 @@ def _rank(vllm_config: Any) -> int:
     parallel = getattr(vllm_config, "parallel_config", None)
     rank = getattr(parallel, "rank", None)
     if rank is None:
-        rank = os.environ.get("RANK", 0)
+        rank = os.environ.get("RANK", "0")
     try:
         return int(rank)
     except (TypeError, ValueError):
@@ -273,7 +274,11 @@ def _rank(vllm_config: Any) -> int:
 
 def _shared_client(name: str | None, rank: int) -> Any:
     """The shared-state client named by `ADED_VLLM_SHARED`, or a local one when Ray is unreachable."""
-    from aded.integrations.shared_state import RayTransport, SharedStateClient, TransportError
+    from aded.integrations.shared_state import (
+        RayTransport,
+        SharedStateClient,
+        TransportError,
+    )
 
     if not name:
         return SharedStateClient(None)
