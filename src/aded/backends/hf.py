@@ -123,6 +123,43 @@ class HFRunner:
                 f"{type(model).__name__} uses cache layers {kinds}; only full-attention models are supported"
             )
         self._num_layers = len(probe.layers)
+        self._decoder, self._head = self._split_head(model)
+
+    @staticmethod
+    def _split_head(model):
+        """(decoder, FastHead) when the model's logits are exactly its head applied to the
+        decoder's last hidden states (checked on a few tokens), else (None, None): then the
+        model's own forward computes logits."""
+        from aded.backends.head import FastHead
+
+        get_decoder = getattr(model, "get_decoder", None)
+        linear = model.get_output_embeddings()
+        if get_decoder is None or not isinstance(linear, torch.nn.Linear):
+            return None, None
+        decoder = get_decoder()
+        head = FastHead(linear)
+        probe = torch.tensor([[1, 2, 3, 4]], device=next(model.parameters()).device)
+        with torch.inference_mode():
+            try:
+                expected = model(input_ids=probe).logits[0]
+                hidden = decoder(input_ids=probe).last_hidden_state[0]
+            except (TypeError, ValueError, RuntimeError, AttributeError):
+                return None, None
+            got = head(hidden)
+        if not torch.allclose(got.float(), expected.float(), rtol=1e-3, atol=1e-3):
+            return None, None  # e.g. soft-capped or scaled logits
+        return decoder, head
+
+    def _forward(self, seq: Sequence, last_only: bool = False, **inputs) -> torch.Tensor:
+        """Logits [rows, vocab] float32 for the given inputs, extending `seq`'s cache."""
+        if self._decoder is None:
+            out = self.model(**inputs, past_key_values=seq.cache, use_cache=True,
+                             logits_to_keep=1 if last_only else 0)
+            return out.logits[0].float()
+        hidden = self._decoder(**inputs, past_key_values=seq.cache, use_cache=True).last_hidden_state[0]
+        if last_only:
+            hidden = hidden[-1:]
+        return self._head(hidden).float()  # [rows, vocab]
 
     def new_sequence(self, capacity: int) -> Sequence:
         layers = [SlotLayer(capacity) for _ in range(self._num_layers)]
@@ -134,8 +171,7 @@ class HFRunner:
     def prefill(self, seq: Sequence, input_ids: list[int]) -> torch.Tensor:
         """Run the prompt; returns the logits after its last token, [vocab] float32."""
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)  # [1, n]
-        out = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float()
+        return self._forward(seq, last_only=True, input_ids=ids)[-1]
 
     @torch.inference_mode()
     def verify(self, seq: Sequence, root_id: int, tree: DraftTree) -> torch.Tensor:
@@ -157,14 +193,12 @@ class HFRunner:
             visible[:, past:] = torch.tensor(tree.verify_mask)
             mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, self._mask_min)
             mask = mask[None, None].to(self.device)  # [1, 1, 1 + k, past + 1 + k]
-        out = self.model(
+        return self._forward(
+            seq,
             input_ids=ids.to(self.device),
             position_ids=positions.to(self.device),
             attention_mask=mask,
-            past_key_values=seq.cache,
-            use_cache=True,
         )
-        return out.logits[0].float()
 
     @torch.inference_mode()
     def commit(self, seq: Sequence, accepted_nodes: tuple[int, ...] | list[int]) -> None:
