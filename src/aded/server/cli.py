@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from aded.drafters import DEFAULT_DRAFTER
 from aded.models import DEFAULT_MODEL
 
 __all__ = ["serve_command"]
@@ -19,7 +20,7 @@ __all__ = ["serve_command"]
 
 def serve_command(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face folder, or .gguf file."),
-    drafter: str = typer.Option("hybrid", "--drafter", "-d", help="Draft source: none, pld, suffix, hybrid, aded, ..."),
+    drafter: str = typer.Option(DEFAULT_DRAFTER, "--drafter", "-d", help="Draft source: none, pld, suffix, hybrid, aded, ..."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port to listen on."),
     state: Optional[Path] = typer.Option(None, "--state", dir_okay=False,
