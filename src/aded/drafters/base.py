@@ -37,7 +37,8 @@ class StepFeedback:
     says after each drafted context, accepted or not.
     """
 
-    context_ids: Sequence[int]  # committed tokens before the step; its last one is the root
+    context_ids: Sequence[int]  # committed tokens before the step (last = root); the loop's live
+    # list, extended after `observe` returns: copy it to keep it
     tree: DraftTree
     accepted_nodes: tuple[int, ...]  # tree indices on the accepted path, root's child first
     accepted_ids: tuple[int, ...]  # their tokens
