@@ -16,6 +16,10 @@ os.environ.setdefault("ADED_CACHE_DIR", os.path.join(os.path.dirname(__file__), 
 torch.set_num_threads(1)
 
 
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512)
+
+
 def _finish(model, seed_scale: float = 1.0):
     model = model.to(torch.float64).eval()
     if seed_scale != 1.0:
@@ -30,9 +34,7 @@ def tiny_llama(vocab_size: int = 96, seed: int = 0, logit_scale: float = 1.0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=False)
+    config = LlamaConfig(vocab_size=vocab_size, tie_word_embeddings=False, **TINY)
     return _finish(LlamaForCausalLM(config), logit_scale)
 
 
@@ -40,9 +42,7 @@ def tiny_qwen2(vocab_size: int = 96, seed: int = 0, logit_scale: float = 1.0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True)
+    config = Qwen2Config(vocab_size=vocab_size, tie_word_embeddings=True, **TINY)
     return _finish(Qwen2ForCausalLM(config), logit_scale)
 
 
