@@ -58,6 +58,8 @@ class CostModel:
         return cls((0, 2, 4, 8, 16, 32, 64), (1.0, 1.25, 1.35, 1.55, 1.85, 2.5, 3.8))
 
 
+# bump when the runner's kernels change: t(k) cached on disk is then measured anew
+COSTS_VERSION = "2"
 COST_BUCKETS = np.array([0, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 1024])
 
 
@@ -201,7 +203,7 @@ def measure_costs(runner, sizes=DEFAULT_SIZES, past_len: int = 256, repeats: int
 def _cost_key(runner, model_id: str) -> str:
     import torch
 
-    parts = [model_id, str(runner.dtype), str(runner.device), str(torch.get_num_threads()),
+    parts = [model_id, COSTS_VERSION, str(runner.dtype), str(runner.device), str(torch.get_num_threads()),
              platform.processor() or platform.machine(), torch.__version__]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 

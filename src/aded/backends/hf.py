@@ -20,9 +20,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from aded.backends.kernels import fast_linears
 from aded.tree import DraftTree
 
-__all__ = ["HFRunner", "SlotLayer", "Sequence"]
+__all__ = ["HFRunner", "Sequence", "SlotLayer"]
 
 
 class SlotLayer(DynamicLayer):
@@ -124,6 +125,8 @@ class HFRunner:
             )
         self._num_layers = len(probe.layers)
         self._decoder, self._head = self._split_head(model)
+        if self._decoder is not None:  # a view of it, with kernels for few rows; `model` is untouched
+            self._decoder = fast_linears(self._decoder)
 
     @staticmethod
     def _split_head(model):
