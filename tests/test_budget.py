@@ -72,3 +72,21 @@ def test_a_policy_that_verifies_nothing_explores_now_and_then():
     tree = scored([[1, 2, 3]], [0.5, 0.4, 0.3])
     sizes = [len(policy.choose(tree)) for _ in range(16)]
     assert sizes.count(0) == 14 and sizes[7] == sizes[15] == 3
+
+
+def test_drafting_is_thinned_while_drafts_are_not_worth_verifying_and_resumes_when_they_are():
+    policy = BudgetPolicy(CostModel((0, 1, 8), (0.1, 1.0, 1.0)), thin_after=4, thin_every=3,
+                          explore_every=1000)
+    hopeless = scored([[1, 2, 3]], [0.5, 0.4, 0.3])
+    asked = []
+    for _ in range(13):
+        nodes = policy.proposal_nodes(24)
+        asked.append(nodes)
+        if nodes:
+            assert len(policy.choose(hopeless)) == 0
+    assert asked[:4] == [24] * 4  # a few failures are tolerated as they are
+    assert asked[4:] == [0, 0, 24] * 3  # then the drafter is asked every third step only
+    policy.cost = CostModel.flat()  # drafts become worth verifying: drafting resumes at once
+    assert len(policy.choose(hopeless)) == 3
+    assert [policy.proposal_nodes(24) for _ in range(3)] == [24] * 3
+    assert BudgetPolicy(enabled=False).proposal_nodes(24) == 24

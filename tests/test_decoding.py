@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from aded.backends.hf import HFRunner
-from aded.budget import BudgetPolicy
+from aded.budget import BudgetPolicy, CostModel
 from aded.decoding import GenerationConfig, SpeculativeDecoder
 from aded.drafters import make_drafter
 from aded.drafters.base import Drafter
@@ -172,3 +172,22 @@ def test_stream_yields_what_generate_returns(tiny_model):
     stream = decoder.stream(prompt, GenerationConfig(max_new_tokens=25))
     pieces = [list(p) for p in stream]
     assert [t for p in pieces for t in p] == stream.result.token_ids == hf_greedy(tiny_model, prompt, 25)
+
+
+def test_failing_drafts_are_thinned_and_output_stays_greedy(tiny_model):
+    """A drafter that is always wrong is soon asked for nothing on most steps (its time is saved)."""
+    prompt = [3, 4, 5, 6, 7, 8]
+    reference = hf_greedy(tiny_model, prompt, 60)
+
+    class Counting(ScriptedDrafter):
+        def propose(self, context_ids, max_nodes):
+            self.asked = [*getattr(self, "asked", []), max_nodes]
+            tree = super().propose(context_ids, max_nodes)
+            return tree if max_nodes else DraftTree.empty()
+
+    drafter = Counting(reference, len(prompt), seed=1, vocab=tiny_model.config.vocab_size, wrong_only=True)
+    budget = BudgetPolicy(CostModel((0, 1, 8), (0.05, 0.1, 0.2)), explore_every=1000)
+    decoder = SpeculativeDecoder(HFRunner(tiny_model), drafter, (), budget)
+    result = decoder.generate(prompt, GenerationConfig(max_new_tokens=60, max_draft_nodes=8))
+    assert result.token_ids == reference
+    assert drafter.asked.count(0) > len(drafter.asked) / 2

@@ -77,7 +77,23 @@ class BudgetPolicy:
     _cost_ratio_sum: np.ndarray = field(default_factory=lambda: np.zeros(len(COST_BUCKETS)))
     _cost_ratio_n: np.ndarray = field(default_factory=lambda: np.zeros(len(COST_BUCKETS)))
     explore_every: int = 32  # after this many steps that verified nothing, try a small tree
+    # Drafting costs time even when nothing of it is verified. After `thin_after` proposals in a
+    # row that were not worth verifying, ask for one only every `thin_every` steps until one is.
+    thin_after: int = 8
+    thin_every: int = 4
     _idle_steps: int = 0
+    _thinned: int = 0
+
+    def proposal_nodes(self, max_nodes: int) -> int:
+        """How many nodes to ask the drafter for this step: `max_nodes`, or 0 while drafts keep
+        failing (a drafter answers 0 cheaply, without drafting)."""
+        if not self.enabled or self._idle_steps < self.thin_after:
+            return max_nodes
+        self._thinned += 1
+        if self._thinned >= self.thin_every:
+            self._thinned = 0
+            return max_nodes
+        return 0
 
     def step_cost(self, k: int) -> float:
         """t(k) in the prior's units, corrected by timings observed in this process."""

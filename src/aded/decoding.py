@@ -178,7 +178,7 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
                 break
 
             t0 = time.perf_counter()
-            tree = drafter.propose(context, config.max_draft_nodes)
+            tree = drafter.propose(context, budget.proposal_nodes(config.max_draft_nodes))
             tree = _fit(tree, max_new - len(generated), limit - len(context))
             tree = budget.choose(tree)
             t1 = time.perf_counter()

@@ -62,7 +62,11 @@ class Drafter(ABC):
 
     @abstractmethod
     def propose(self, context_ids: Sequence[int], max_nodes: int) -> DraftTree:
-        """A tree of at most `max_nodes` nodes continuing `context_ids` (do not mutate it)."""
+        """A tree of at most `max_nodes` nodes continuing `context_ids` (do not mutate it).
+
+        `max_nodes` may be 0 (the loop skips drafting on this step): answer an empty tree cheaply,
+        keeping up with the context and forgetting the last proposal, as `observe` will judge none.
+        """
 
     def observe(self, feedback: StepFeedback) -> None:
         """The verification result of the last proposal."""
