@@ -43,6 +43,8 @@ fi
 if [ "${1:-}" = "--setup" ]; then
   exit 0
 fi
+# the environment may be cached from another clone: point its editable install at this one
+"$VENV/bin/python" -m pip install --quiet --no-deps -e . 2> >(quiet_pip_warnings)
 echo "== integration tests"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests_integration "$@"
 echo "== integration tier done in $(( $(date +%s) - start )) s"

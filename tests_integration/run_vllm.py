@@ -20,6 +20,8 @@ def main(options: dict) -> dict:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1)) for i in range(options["tp"])))
     from vllm import LLM, SamplingParams
 
+    from aded.integrations.vllm import spec_decode_counters
+
     speculative = None
     if options.get("method") == "aded":
         os.environ["ADED_VLLM_DRAFTER"] = options.get("drafter") or ""
@@ -43,11 +45,11 @@ def main(options: dict) -> dict:
     )
     params = SamplingParams(temperature=0.0, max_tokens=options["max_tokens"], ignore_eos=options.get("ignore_eos", False))
     llm.generate(options["prompts"][:1], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
-    before = _spec_metrics(llm)
+    before = spec_decode_counters(llm)
     start = time.perf_counter()
     outputs = llm.generate(options["prompts"], params)
     seconds = time.perf_counter() - start
-    after = _spec_metrics(llm)
+    after = spec_decode_counters(llm)
     spec = {name: after.get(name, 0) - before.get(name, 0) for name in after}
     num_generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     return {
@@ -60,15 +62,6 @@ def main(options: dict) -> dict:
         "num_draft_tokens": spec.get("vllm:spec_decode_num_draft_tokens", 0),
         "num_accepted_tokens": spec.get("vllm:spec_decode_num_accepted_tokens", 0),
     }
-
-
-def _spec_metrics(llm) -> dict[str, float]:
-    """Counters of speculative decoding summed over the engine (empty when metrics are off)."""
-    totals: dict[str, float] = {}
-    for metric in llm.get_metrics():
-        if metric.name.startswith("vllm:spec_decode") and hasattr(metric, "value"):
-            totals[metric.name] = totals.get(metric.name, 0) + metric.value
-    return totals
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ This module never imports vllm: it reads attributes of the config it is given.
 Configuration by environment (vLLM passes nothing else to a custom class), identical on every rank:
     ADED_VLLM_DRAFTER   drafter name (default: aded's default drafter)
     ADED_VLLM_SHARED    name of the shared-state Ray actor; unset: learn in this process only
+    ADED_VLLM_SHARED_INTERVAL  seconds between background exchanges with it (default 2)
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np
 from aded.drafters import DEFAULT_DRAFTER, Drafter, StepFeedback, make_drafter
 from aded.tree import DraftTree
 
-__all__ = ["AdedProposer", "ProposerStats", "best_path"]
+__all__ = ["AdedProposer", "ProposerStats", "best_path", "spec_decode_counters"]
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,24 @@ def _shared_client(name: str | None, rank: int) -> Any:
     if not name:
         return SharedStateClient(None)
     try:
-        return SharedStateClient(RayTransport(name) if rank == 0 else None)
+        interval = float(os.environ.get("ADED_VLLM_SHARED_INTERVAL", "2"))
+    except ValueError:
+        interval = 2.0
+    if not interval > 0:
+        interval = 2.0
+    try:
+        return SharedStateClient(RayTransport(name) if rank == 0 else None, interval_s=interval)
     except (ImportError, TransportError) as error:
         log.warning("aded: shared state %r unreachable, learning locally: %s", name, error)
         return SharedStateClient(None)
+
+
+def spec_decode_counters(llm: Any) -> dict[str, float]:
+    """vLLM's speculative decoding counters (`vllm:spec_decode_*`), summed over the engine, from an
+    `LLM` built with `disable_log_stats=False` (empty otherwise). Differences of two readings give
+    one run's drafts, draft tokens and accepted tokens."""
+    totals: dict[str, float] = {}
+    for metric in llm.get_metrics():
+        if metric.name.startswith("vllm:spec_decode") and hasattr(metric, "value"):
+            totals[metric.name] = totals.get(metric.name, 0) + metric.value
+    return totals
