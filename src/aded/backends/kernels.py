@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["BUCKETS", "FastLinear", "KernelChoice", "fast_linears", "row_bucket", "tunable"]
+__all__ = ["BUCKETS", "KERNELS", "FastLinear", "KernelChoice", "fast_linears", "row_bucket", "tunable"]
 
 BUCKETS = (1, 2, 4, 8, 16, 32)
 Kernel = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
