@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from aded.backends.kernels import KERNELS, KernelChoice, row_bucket, tunable
+from aded.backends.kernels import KERNELS, KernelChoice, tunable
 
 __all__ = ["FastHead"]
 
@@ -35,6 +35,5 @@ class FastHead:
         return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), self._mkldnn_weight, None).to_dense()
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.choice is None or row_bucket(hidden.shape[0]) == 0:
-            return self._kernels["linear"](hidden)
-        return self._kernels[self.choice.pick(hidden.shape[0])](hidden)
+        name = "linear" if self.choice is None else self.choice.pick(hidden.shape[0])
+        return self._kernels[name](hidden)

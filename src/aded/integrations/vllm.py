@@ -283,11 +283,13 @@ def _shared_client(name: str | None, rank: int) -> Any:
 
     if not name:
         return SharedStateClient(None)
+    raw = os.environ.get("ADED_VLLM_SHARED_INTERVAL", "2")
     try:
-        interval = float(os.environ.get("ADED_VLLM_SHARED_INTERVAL", "2"))
+        interval = float(raw)
     except ValueError:
-        interval = 2.0
-    if not interval > 0:
+        interval = -1.0
+    if not 0 < interval < float("inf"):
+        log.warning("aded: ADED_VLLM_SHARED_INTERVAL=%r is not a positive number of seconds; using 2", raw)
         interval = 2.0
     try:
         return SharedStateClient(RayTransport(name) if rank == 0 else None, interval_s=interval)
