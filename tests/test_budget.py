@@ -84,9 +84,22 @@ def test_drafting_is_thinned_while_drafts_are_not_worth_verifying_and_resumes_wh
         asked.append(nodes)
         if nodes:
             assert len(policy.choose(hopeless)) == 0
-    assert asked[:4] == [24] * 4  # a few failures are tolerated as they are
-    assert asked[4:] == [0, 0, 24] * 3  # then the drafter is asked every third step only
+    assert asked[:4] == [8] * 4  # a few failures are tolerated as they are (min_proposal asked)
+    assert asked[4:] == [0, 0, 8] * 3  # then the drafter is asked every third step only
     policy.cost = CostModel.flat()  # drafts become worth verifying: drafting resumes at once
     assert len(policy.choose(hopeless)) == 3
-    assert [policy.proposal_nodes(24) for _ in range(3)] == [24] * 3
+    assert [policy.proposal_nodes(24) for _ in range(3)] == [8] * 3
     assert BudgetPolicy(enabled=False).proposal_nodes(24) == 24
+
+
+def test_the_ask_follows_what_the_budget_verifies():
+    policy = BudgetPolicy(CostModel.flat(), min_proposal=4)
+    assert policy.proposal_nodes(64) == 4
+    asks = []
+    for _ in range(60):  # every proposed node is worth verifying: the ask grows to the cap
+        ask = policy.proposal_nodes(64)
+        asks.append(ask)
+        tree = scored([list(range(1, ask + 1))], [0.99] * ask)
+        assert len(policy.choose(tree)) == ask
+    assert asks == sorted(asks) and asks[-1] == 64
+    assert policy.proposal_nodes(6) == 6  # never above the caller's limit

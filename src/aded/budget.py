@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import math
 import os
 import platform
 import time
@@ -81,19 +82,25 @@ class BudgetPolicy:
     # row that were not worth verifying, ask for one only every `thin_every` steps until one is.
     thin_after: int = 8
     thin_every: int = 4
+    # A drafter's time grows with its tree, and nodes beyond what the budget keeps are drafted for
+    # nothing: ask for about twice what recent steps verified, at least `min_proposal`. The ask
+    # grows by itself when whole proposals keep being verified (copying long spans).
+    min_proposal: int = 8
+    _verified_mean: float = 0.0  # decayed mean of nodes verified per step
     _idle_steps: int = 0
     _thinned: int = 0
 
     def proposal_nodes(self, max_nodes: int) -> int:
-        """How many nodes to ask the drafter for this step: `max_nodes`, or 0 while drafts keep
-        failing (a drafter answers 0 cheaply, without drafting)."""
-        if not self.enabled or self._idle_steps < self.thin_after:
+        """How many nodes to ask the drafter for this step (at most `max_nodes`); 0 while drafts
+        keep failing (a drafter answers 0 cheaply, without drafting)."""
+        if not self.enabled:
             return max_nodes
-        self._thinned += 1
-        if self._thinned >= self.thin_every:
+        if self._idle_steps >= self.thin_after:
+            self._thinned += 1
+            if self._thinned < self.thin_every:
+                return 0
             self._thinned = 0
-            return max_nodes
-        return 0
+        return min(max_nodes, max(self.min_proposal, math.ceil(2.0 * self._verified_mean)))
 
     def step_cost(self, k: int) -> float:
         """t(k) in the prior's units, corrected by timings observed in this process."""
@@ -144,6 +151,7 @@ class BudgetPolicy:
                 best_k = min(len(order), 4)
         if best_k:
             self._idle_steps = 0
+        self._verified_mean = 0.9 * self._verified_mean + 0.1 * best_k
         return tree.subtree(order[:best_k])
 
     def observe(self, tree: DraftTree, accepted_nodes: tuple[int, ...]) -> None:
