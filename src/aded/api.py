@@ -19,9 +19,9 @@ from typing import Any, Iterator, Sequence
 from aded.budget import BudgetPolicy, CostModel, load_or_measure_costs
 from aded.decoding import GenerationConfig, GenerationResult, GenerationStats, SpeculativeDecoder
 from aded.drafters import DEFAULT_DRAFTER, Drafter, make_drafter
-from aded.models import DEFAULT_MODEL, load_model
+from aded.models import DEFAULT_MODEL
 
-__all__ = ["load", "Aded", "Completion"]
+__all__ = ["load", "Aded", "Completion", "eos_token_ids"]
 
 Messages = Sequence[dict[str, str]]
 
@@ -59,30 +59,43 @@ def load(
     dtype: str = "float32",
     device: str = "cpu",
     budget: str = "measured",
+    backend: str = "auto",
+    n_ctx: int | None = None,
+    threads: int | None = None,
     **drafter_options: Any,
 ) -> "Aded":
     """Load a model (alias, folder or .gguf) with a drafter, ready to generate.
 
+    `backend`: "auto" (llama.cpp for GGUF files when llama-cpp-python is installed, else
+    transformers), "hf" or "llama.cpp". `dtype` and `device` apply to transformers, `n_ctx` (the
+    context size) to llama.cpp, `threads` to both.
     `budget`: "measured" (verify as many draft nodes as pay off on this machine, from a one-off
     timing of the model that is cached), "typical" (a CPU-like cost curve, no timing), or "off"
     (verify every proposed node).
     """
-    hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
-    return Aded(hf_model, tokenizer, drafter, model_id=f"{model}:{dtype}", budget=budget,
-                **drafter_options)
+    from aded.backends.select import load_runner
+
+    runner, tokenizer, model_id = load_runner(model, backend, dtype=dtype, device=device,
+                                              n_ctx=n_ctx, threads=threads)
+    return Aded(runner, tokenizer, drafter, model_id=model_id, budget=budget, **drafter_options)
 
 
 class Aded:
-    """A model, its tokenizer and a drafter; one request at a time."""
+    """A model runner, its tokenizer and a drafter; one request at a time.
+
+    `model` is a runner (see backends/base.py) or a transformers causal LM, which is then run by
+    the HF runner.
+    """
 
     def __init__(self, model, tokenizer, drafter: str | Drafter = DEFAULT_DRAFTER, model_id: str = "model",
                  budget: str = "typical", **drafter_options: Any) -> None:
+        from aded.backends.base import Runner
         from aded.backends.hf import HFRunner
 
-        self.model = model
+        self.runner = model if isinstance(model, Runner) else HFRunner(model)
+        self.model = getattr(self.runner, "model", None)  # the transformers model, if any
         self.tokenizer = tokenizer
         self.model_id = model_id
-        self.runner = HFRunner(model)
         if isinstance(drafter, str):
             drafter = make_drafter(drafter, **_drafter_context(drafter, tokenizer, drafter_options))
         self.drafter = drafter
@@ -93,8 +106,12 @@ class Aded:
         }
         if budget not in policies:
             raise ValueError(f"budget must be one of {', '.join(policies)}, got {budget!r}")
-        self.decoder = SpeculativeDecoder(self.runner, drafter, _eos_ids(model, tokenizer),
+        self.decoder = SpeculativeDecoder(self.runner, drafter, eos_token_ids(self.runner, tokenizer),
                                           policies[budget]())
+
+    @property
+    def backend(self) -> str:
+        return self.runner.backend
 
     # ------------------------------------------------------------------ prompts
     @property
@@ -210,14 +227,11 @@ class TextStream:
                                      result.stats)
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids: set[int] = set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (configured, tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(int(v) for v in value)
+def eos_token_ids(runner, tokenizer) -> list[int]:
+    """Where generation ends: the runner's own stop tokens and the tokenizer's EOS."""
+    ids = {int(t) for t in runner.eos_token_ids}
+    if tokenizer is not None and isinstance(tokenizer.eos_token_id, int):
+        ids.add(tokenizer.eos_token_id)
     return sorted(ids)
 
 

@@ -132,12 +132,15 @@ class BudgetPolicy:
                 scores[i] = scores[parent]
         return scores
 
-    def choose(self, tree: DraftTree) -> DraftTree:
-        """The subtree worth verifying on this machine (possibly empty)."""
-        if not self.enabled or len(tree) == 0:
+    def choose(self, tree: DraftTree, max_leaves: int | None = None) -> DraftTree:
+        """The subtree worth verifying on this machine (possibly empty), with at most
+        `max_leaves` root-to-leaf paths (a runner's limit; None: any width)."""
+        if len(tree) == 0:
             return tree
+        if not self.enabled:
+            return tree.subtree(tree.within_leaves(range(len(tree)), max_leaves))
         scores = self.calibrated(tree)
-        order = _best_first(tree, scores)
+        order = tree.within_leaves(_best_first(tree, scores), max_leaves)
         best_k, best_rate, expected = 0, 1.0 / self.step_cost(0), 0.0
         for k, node in enumerate(order, start=1):
             expected += scores[node]
@@ -206,7 +209,11 @@ def measure_costs(runner, sizes=DEFAULT_SIZES, past_len: int = 256, repeats: int
     trees = []
     for k in sizes:
         parents = np.array([-1] + [(i - 1) // 2 for i in range(1, k)], dtype=np.int64)[:k]
-        trees.append(DraftTree(np.arange(100, 100 + k) % vocab, parents))  # siblings stay distinct
+        tree = DraftTree(np.arange(100, 100 + k) % vocab, parents)  # siblings stay distinct
+        if runner.max_tree_leaves is not None and len(tree.leaves()) > runner.max_tree_leaves:
+            parents = np.array([-1] + [max(0, i - runner.max_tree_leaves) for i in range(1, k)])[:k]
+            tree = DraftTree(np.arange(100, 100 + k) % vocab, parents)  # a comb of that width
+        trees.append(tree)
     timings: list[list[float]] = [[] for _ in sizes]
     for round_ in range(repeats + 1):  # round 0 warms up kernels and is not kept
         for i, tree in enumerate(trees):
@@ -214,8 +221,7 @@ def measure_costs(runner, sizes=DEFAULT_SIZES, past_len: int = 256, repeats: int
             runner.verify(seq, 7 % vocab, tree)
             elapsed = time.perf_counter() - start
             runner.commit(seq, ())
-            for layer in seq.layers:
-                layer.crop(-1)
+            runner.rewind(seq, past_len)
             if round_:
                 timings[i].append(elapsed)
     seconds = [min(t) for t in timings]  # the least disturbed run; observed steps refine it
@@ -225,10 +231,7 @@ def measure_costs(runner, sizes=DEFAULT_SIZES, past_len: int = 256, repeats: int
 
 
 def _cost_key(runner, model_id: str) -> str:
-    import torch
-
-    parts = [model_id, COSTS_VERSION, str(runner.dtype), str(runner.device), str(torch.get_num_threads()),
-             platform.processor() or platform.machine(), torch.__version__]
+    parts = [model_id, COSTS_VERSION, runner.cost_identity(), platform.processor() or platform.machine()]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 

@@ -100,6 +100,9 @@ def _datastore_option(datastore: Optional[Path]) -> dict:
     return {"datastore": str(datastore)} if datastore is not None else {}
 
 
+BackendOpt = typer.Option("auto", "--backend", help="auto (llama.cpp for GGUF files when installed, else transformers), hf, or llama.cpp.")
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores).")
+
 ChatOpt = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: when the tokenizer has one).")
 
 
@@ -121,6 +124,8 @@ def generate(
     max_draft_nodes: int = NodesOpt,
     budget: str = BudgetOpt,
     datastore: Optional[Path] = DatastoreOpt,
+    backend: str = BackendOpt,
+    threads: Optional[int] = ThreadsOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
 ) -> None:
     """Generate a completion, streaming text as drafts are accepted."""
@@ -128,7 +133,8 @@ def generate(
 
     text = _read_prompt(prompt, prompt_file)
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, seed, max_draft_nodes)
-    lm = load(model, drafter=drafter, dtype=dtype, budget=budget, **_datastore_option(datastore))
+    lm = load(model, drafter=drafter, dtype=dtype, budget=budget, backend=backend, threads=threads,
+              **_datastore_option(datastore))
     stream = lm.stream(text, stop=stop, chat=chat, **options)
     if as_json:
         for _ in stream:
@@ -167,12 +173,15 @@ def chat(
     max_draft_nodes: int = NodesOpt,
     budget: str = BudgetOpt,
     datastore: Optional[Path] = DatastoreOpt,
+    backend: str = BackendOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """An interactive conversation that streams replies (empty line or Ctrl-D ends it)."""
     from aded.api import load
 
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, seed, max_draft_nodes)
-    lm = load(model, drafter=drafter, dtype=dtype, budget=budget, **_datastore_option(datastore))
+    lm = load(model, drafter=drafter, dtype=dtype, budget=budget, backend=backend, threads=threads,
+              **_datastore_option(datastore))
     if not lm.has_chat_template:
         raise ValueError(f"{model} has no chat template; use `aded generate --no-chat`")
     messages = [{"role": "system", "content": system}] if system else []
@@ -201,11 +210,13 @@ def demo(
     drafter: str = typer.Option(DEFAULT_DRAFTER, "--drafter", "-d", help="Draft source to show."),
     max_new_tokens: int = typer.Option(160, "--max-new-tokens", "-n", min=1),
     dtype: str = DtypeOpt,
+    backend: str = BackendOpt,
 ) -> None:
     """Plain decoding against aded on two prompts: speed side by side, identical tokens."""
     from aded.demo import print_demo, run_demo
 
-    print_demo(run_demo(model, drafter, max_new_tokens, dtype), drafter)
+    rows, baseline = run_demo(model, drafter, max_new_tokens, dtype, backend)
+    print_demo(rows, drafter, baseline)
 
 
 @app.command()

@@ -7,6 +7,7 @@ step is one single-token forward, i.e. plain decoding.
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -142,9 +143,9 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
         raise ValueError(f"the prompt is {len(prompt_ids)} tokens; the model's context holds {limit}")
     max_new = min(config.max_new_tokens, limit - len(prompt_ids))
     generator = None
-    if config.do_sample:
-        generator = torch.Generator().manual_seed(config.seed if config.seed is not None else
-                                                  torch.seed())
+    if config.do_sample:  # a private CPU generator: logits are CPU tensors on every runner
+        seed = config.seed if config.seed is not None else secrets.randbits(63)
+        generator = torch.Generator().manual_seed(seed)
     sampling = config.sampling() if config.do_sample else None
 
     stats = GenerationStats()
@@ -180,7 +181,7 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
             t0 = time.perf_counter()
             tree = drafter.propose(context, budget.proposal_nodes(config.max_draft_nodes))
             tree = _fit(tree, max_new - len(generated), limit - len(context))
-            tree = budget.choose(tree)
+            tree = budget.choose(tree, runner.max_tree_leaves)
             t1 = time.perf_counter()
             logits = runner.verify(seq, context[-1], tree)  # [1 + k, vocab]
             acceptance = _accept(tree, logits, sampling, generator)
@@ -224,11 +225,13 @@ def _finished(generated: list[int], start: int, max_new: int, eos: frozenset[int
 
 
 def _fit(tree: DraftTree, remaining: int, room: int) -> DraftTree:
-    """Drop nodes that could never be emitted: deeper than the token budget or the context allows."""
+    """Drop nodes that could never be emitted (deeper than the token budget or the context
+    allows) and nodes beyond the positions left (a runner may store every node, not only a path)."""
     max_depth = min(remaining - 1, room - 1)
-    if len(tree) == 0 or tree.max_depth <= max_depth:
+    if len(tree) == 0 or (tree.max_depth <= max_depth and len(tree) <= room):
         return tree
-    return tree.subtree([i for i in range(len(tree)) if tree.depths[i] <= max_depth])
+    keep = [i for i in range(len(tree)) if tree.depths[i] <= max_depth][: max(room, 0)]
+    return tree.subtree(keep)  # a prefix of a topological order stays parent-closed
 
 
 def _accept(tree: DraftTree, logits: torch.Tensor, sampling: Sampling | None,

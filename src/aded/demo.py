@@ -1,12 +1,11 @@
 """`aded demo`: one command that shows what aded does on this machine.
 
-Runs transformers' own greedy `generate`, then aded with the chosen drafter, on the same prompt ids
-in the same process, and prints their speeds side by side and whether the tokens are identical.
+Runs the backend's own plain greedy decoding (transformers' `generate`, or llama.cpp's for a GGUF
+file), then aded with the chosen drafter, on the same prompt ids in the same process, and prints their speeds side by side and whether the tokens are identical.
 """
 
 from __future__ import annotations
 
-import time
 
 DEMO_PROMPTS = {
     "code edit": (
@@ -29,54 +28,55 @@ DEMO_PROMPTS = {
 }
 
 
-def run_demo(model: str, drafter: str, max_new_tokens: int, dtype: str) -> list[dict]:
-    import torch
-
+def run_demo(model: str, drafter: str, max_new_tokens: int, dtype: str,
+             backend: str = "auto") -> tuple[list[dict], str]:
+    """(rows, baseline name): the backend's own plain greedy decoding (the benchmark's baseline
+    method: transformers' `generate` or llama.cpp's) against aded, same prompt ids."""
     from aded.api import load
+    from aded.bench.methods import Sampling, build_methods
     from aded.progress import console
 
-    lm = load(model, drafter=drafter, dtype=dtype)
+    lm = load(model, drafter=drafter, dtype=dtype, backend=backend)
+    eos = tuple(lm.decoder.eos_token_ids)
+    sampling = Sampling(max_new_tokens, eos, lm.tokenizer.pad_token_id or 0)
+    built = build_methods([], lm.tokenizer, lm.runner, sampling, make_budget=None)
+    baseline = built.methods[0]
     rows = []
     for task, prompt in DEMO_PROMPTS.items():
         ids = lm.prompt_ids(prompt)
         console.print(f"[bold]{task}[/bold]: {len(ids)} prompt tokens, up to {max_new_tokens} new")
-        start = time.perf_counter()
-        with torch.inference_mode():
-            input_ids = torch.tensor([ids], device=lm.runner.device)
-            out = lm.model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                    max_new_tokens=max_new_tokens, do_sample=False)
-        hf_s = time.perf_counter() - start
-        reference = out[0, len(ids):].tolist()
+        reference = baseline.run(ids, None)
         completion = lm.generate(ids, max_new_tokens=max_new_tokens)
         total_s = completion.stats.prefill_s + completion.stats.decode_s
         rows.append({
             "task": task,
             "tokens": len(completion.token_ids),
-            "hf_tokens_per_s": len(reference) / hf_s,
+            "baseline_tokens_per_s": reference.tokens / (reference.prefill_s + reference.decode_s),
             "aded_tokens_per_s": len(completion.token_ids) / total_s,
             "mean_accepted_tokens": completion.stats.mean_accepted_tokens,
-            "identical": completion.token_ids == reference,
+            "identical": completion.token_ids == reference.output_ids,
             "text": completion.text,
         })
-    return rows
+    return rows, baseline.name
 
 
-def print_demo(rows: list[dict], drafter: str) -> None:
+def print_demo(rows: list[dict], drafter: str, baseline: str = "hf") -> None:
     from rich.table import Table
 
     from aded.progress import console
 
+    engine = {"hf": "transformers generate", "llama.cpp": "llama.cpp"}.get(baseline, baseline)
     for row in rows:
         console.rule(row["task"])
         console.print(row["text"], markup=False, highlight=False)
-    table = Table(title=f"aded ({drafter}) against transformers generate, greedy, same prompt ids")
-    for column in ("task", "tokens", "generate tok/s", "aded tok/s", "speedup", "tokens/step",
+    table = Table(title=f"aded ({drafter}) against {engine}, greedy, same prompt ids")
+    for column in ("task", "tokens", f"{baseline} tok/s", "aded tok/s", "speedup", "tokens/step",
                    "identical"):
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(row["task"], str(row["tokens"]), f"{row['hf_tokens_per_s']:.1f}",
+        table.add_row(row["task"], str(row["tokens"]), f"{row['baseline_tokens_per_s']:.1f}",
                       f"{row['aded_tokens_per_s']:.1f}",
-                      f"{row['aded_tokens_per_s'] / row['hf_tokens_per_s']:.2f}x",
+                      f"{row['aded_tokens_per_s'] / row['baseline_tokens_per_s']:.2f}x",
                       f"{row['mean_accepted_tokens']:.2f}", "yes" if row["identical"] else "NO")
     console.print(table)
     console.print("[dim]Times include prefill for both. Same output, token for token, is the "

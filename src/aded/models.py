@@ -27,6 +27,7 @@ __all__ = [
     "resolve_model",
     "load_tokenizer",
     "load_model",
+    "tokenizer_dir",
     "install_alias",
 ]
 
@@ -227,11 +228,46 @@ def local_dir(spec: str | os.PathLike) -> Path:
     return converted_dir(source.path) if source.is_gguf else source.path
 
 
-# ---------------------------------------------------------------------------- loading
-def load_tokenizer(spec: str | os.PathLike):
+def tokenizer_dir(gguf: Path) -> Path:
+    """A cached folder with the tokenizer of a GGUF file alone (no weights converted): what the
+    llama.cpp backend needs for text, chat templates and datastores."""
+    converted = cache_dir() / "converted" / _file_sha256(gguf)[:24]
+    if (converted / "aded-converted.json").is_file():
+        return converted
+    target = cache_dir() / "tokenizers" / _file_sha256(gguf)[:24]
+    if (target / "aded-tokenizer.json").is_file():
+        return target
     from transformers import AutoTokenizer
 
-    folder = local_dir(spec)
+    from aded.progress import status
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with status(f"Reading the tokenizer of {gguf.name} once into {target}"):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except Exception as exc:  # transformers raises many kinds on a file it cannot read
+            raise ModelError(f"cannot read a tokenizer from {gguf}: {type(exc).__name__}: {exc}") from exc
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+        try:
+            tokenizer.save_pretrained(staging)
+            meta = {"source": str(gguf), "source_sha256": _file_sha256(gguf), "format": 1}
+            (staging / "aded-tokenizer.json").write_text(json.dumps(meta, indent=1))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return target
+
+
+# ---------------------------------------------------------------------------- loading
+def load_tokenizer(spec: str | os.PathLike):
+    """The tokenizer of a model spec; for a GGUF file without converting its weights."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(spec)
+    folder = tokenizer_dir(source.path) if source.is_gguf else source.path
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -241,7 +277,7 @@ def load_tokenizer(spec: str | os.PathLike):
 def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer) for a model spec, in eval mode on `device`."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
@@ -250,7 +286,10 @@ def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "c
 
     hf_logging.disable_progress_bar()  # our own progress goes to stderr; theirs garbles the stream
     folder = local_dir(spec)
-    tokenizer = load_tokenizer(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer from {folder}: {exc}") from exc
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=dtypes[dtype], local_files_only=True

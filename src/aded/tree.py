@@ -188,6 +188,30 @@ class DraftTree:
             sources=tuple(self.sources[i] for i in keep_sorted) if self.sources is not None else None,
         )
 
+    def within_leaves(self, order: Sequence[int], max_leaves: int | None) -> list[int]:
+        """The longest run of `order` (a parent-first node order) whose nodes, with their kept
+        parents, form a tree of at most `max_leaves` root-to-leaf paths; nodes that would add a
+        path beyond that are skipped, and so are their descendants."""
+        if max_leaves is None:
+            return list(order)
+        parents = self.parents.tolist()
+        kept: set[int] = set()
+        has_child: set[int] = set()
+        leaves = 0
+        out: list[int] = []
+        for node in order:
+            parent = parents[node]
+            if parent >= 0 and parent not in kept:
+                continue
+            grows = parent < 0 or parent in has_child  # a new path, not the extension of a leaf
+            if grows and leaves >= max_leaves:
+                continue
+            leaves += grows
+            kept.add(node)
+            has_child.add(parent)
+            out.append(node)
+        return out
+
     def __repr__(self) -> str:
         return f"DraftTree(k={len(self)}, depth={self.max_depth}, tokens={self.token_ids.tolist()}, parents={self.parents.tolist()})"
 

@@ -23,7 +23,7 @@ from transformers.cache_utils import DynamicLayer
 from aded.backends.kernels import fast_linears
 from aded.tree import DraftTree
 
-__all__ = ["HFRunner", "Sequence", "SlotLayer"]
+__all__ = ["HFRunner", "HFSequence", "SlotLayer"]
 
 
 class SlotLayer(DynamicLayer):
@@ -94,7 +94,7 @@ class SlotLayer(DynamicLayer):
 
 
 @dataclass
-class Sequence:
+class HFSequence:
     """Per-request model state: the KV cache and how many positions it holds."""
 
     cache: DynamicCache
@@ -107,7 +107,11 @@ class Sequence:
 
 
 class HFRunner:
-    """The model side of the loop; knows token ids and tensors, nothing of drafters or text."""
+    """The model side of the loop (the `Runner` protocol of backends/base.py) for a transformers
+    model on any torch device; knows token ids and tensors, nothing of drafters or text."""
+
+    backend = "hf"
+    max_tree_leaves = None  # a 4D mask expresses any tree
 
     def __init__(self, model) -> None:
         self.model = model
@@ -117,6 +121,7 @@ class HFRunner:
         self.vocab_size = int(config.vocab_size)
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
         self._mask_min = torch.finfo(self.dtype).min
+        self.eos_token_ids = _configured_eos(model)
         probe = DynamicCache(config=model.config)
         if any(type(layer) is not DynamicLayer for layer in probe.layers):
             kinds = sorted({type(layer).__name__ for layer in probe.layers})
@@ -153,31 +158,31 @@ class HFRunner:
             return None, None  # e.g. soft-capped or scaled logits
         return decoder, head
 
-    def _forward(self, seq: Sequence, last_only: bool = False, **inputs) -> torch.Tensor:
+    def _forward(self, seq: HFSequence, last_only: bool = False, **inputs) -> torch.Tensor:
         """Logits [rows, vocab] float32 for the given inputs, extending `seq`'s cache."""
         if self._decoder is None:
             out = self.model(**inputs, past_key_values=seq.cache, use_cache=True,
                              logits_to_keep=1 if last_only else 0)
-            return out.logits[0].float()
+            return out.logits[0].float().cpu()
         hidden = self._decoder(**inputs, past_key_values=seq.cache, use_cache=True).last_hidden_state[0]
         if last_only:
             hidden = hidden[-1:]
-        return self._head(hidden).float()  # [rows, vocab]
+        return self._head(hidden).float().cpu()  # [rows, vocab]; .cpu() also synchronises
 
-    def new_sequence(self, capacity: int) -> Sequence:
+    def new_sequence(self, capacity: int) -> HFSequence:
         layers = [SlotLayer(capacity) for _ in range(self._num_layers)]
         cache = DynamicCache(config=self.model.config)
         cache.layers = layers
-        return Sequence(cache, layers)
+        return HFSequence(cache, layers)
 
     @torch.inference_mode()
-    def prefill(self, seq: Sequence, input_ids: list[int]) -> torch.Tensor:
+    def prefill(self, seq: HFSequence, input_ids: list[int]) -> torch.Tensor:
         """Run the prompt; returns the logits after its last token, [vocab] float32."""
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)  # [1, n]
         return self._forward(seq, last_only=True, input_ids=ids)[-1]
 
     @torch.inference_mode()
-    def verify(self, seq: Sequence, root_id: int, tree: DraftTree) -> torch.Tensor:
+    def verify(self, seq: HFSequence, root_id: int, tree: DraftTree) -> torch.Tensor:
         """One forward over root + tree; row 0 = logits after the root, row i+1 after node i.
 
         Returns [1 + k, vocab] float32 logits.
@@ -204,8 +209,30 @@ class HFRunner:
         )
 
     @torch.inference_mode()
-    def commit(self, seq: Sequence, accepted_nodes: tuple[int, ...] | list[int]) -> None:
+    def commit(self, seq: HFSequence, accepted_nodes: tuple[int, ...] | list[int]) -> None:
         """After `verify`: keep the root and the accepted path, in order; drop rejected nodes."""
         rows = torch.tensor([0] + [i + 1 for i in accepted_nodes], dtype=torch.long, device=self.device)
         for layer in seq.layers:
             layer.keep_rows(seq.step_start, rows)
+
+    def rewind(self, seq: HFSequence, length: int) -> None:
+        for layer in seq.layers:
+            layer.crop(min(0, length - layer.length))
+
+    def cost_identity(self) -> str:
+        return f"hf|{self.dtype}|{self.device}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+    def describe(self) -> dict:
+        import transformers
+
+        return {"backend": "hf", "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+def _configured_eos(model) -> tuple[int, ...]:
+    """The EOS ids of the model's generation config (where transformers' `generate` stops)."""
+    value = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(value, int):
+        return (value,)
+    return tuple(sorted(int(v) for v in value)) if value else ()

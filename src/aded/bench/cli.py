@@ -38,7 +38,9 @@ def bench(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face folder, or .gguf file."),
     questions: list[Path] = typer.Option([], "--questions", "-q", dir_okay=False,
                                          help="A question file (JSON Lines; repeatable). Default: the shipped mixed set."),
-    methods: str = typer.Option("all", "--methods", help="Comma-separated methods, or all: hf, hf-pld, every drafter, oracle."),
+    methods: str = typer.Option("all", "--methods", help="Comma-separated methods, or all: the backend's plain decoding and "
+                                "prompt lookup (hf, hf-pld or llama.cpp, llama.cpp-pld), every drafter, oracle."),
+    backend: str = typer.Option("auto", "--backend", help="auto (llama.cpp for GGUF files when installed), hf, or llama.cpp."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Most tokens per turn."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most K questions, spread over categories."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (outputs compared with hf)."),
@@ -53,35 +55,37 @@ def bench(
     """Run the benchmark (the default action); `aded bench compare A B` compares two runs."""
     if ctx.invoked_subcommand is not None:
         return
-    _friendly(_run, model, questions, methods, max_new_tokens, limit, temperature, out, dtype, threads,
-              max_draft_nodes, budget, seed, warmup)
+    _friendly(_run, model, questions, methods, backend, max_new_tokens, limit, temperature, out, dtype,
+              threads, max_draft_nodes, budget, seed, warmup)
 
 
-def _run(model, questions, methods, max_new_tokens, limit, temperature, out, dtype, threads,
+def _run(model, questions, methods, backend, max_new_tokens, limit, temperature, out, dtype, threads,
          max_draft_nodes, budget, seed, warmup) -> None:
     import torch
 
+    from aded.backends.select import choose_backend, load_runner
     from aded.bench.methods import method_names
     from aded.bench.progress import BenchProgress
     from aded.bench.questions import load_questions
     from aded.bench.report import render_report, write_outputs
     from aded.bench.runner import BenchConfig, physical_cores, run_bench
-    from aded.models import load_model
     from aded.progress import console, status
 
-    names = method_names() if methods.strip() == "all" else _split(methods)
-    unknown = [n for n in names if n not in method_names()]
+    known = method_names(choose_backend(model, backend))
+    names = known if methods.strip() == "all" else _split(methods)
+    unknown = [n for n in names if n not in known]
     if unknown:  # before the model loads: a typo should cost nothing
-        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(method_names())}")
+        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(known)}")
     config = BenchConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                          max_draft_nodes=max_draft_nodes, budget=budget, warmup=warmup)
     selected = load_questions(questions, limit)
     torch.set_num_threads(threads or physical_cores())
     out_dir = out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
     with status(f"Loading {model}"):
-        hf_model, tokenizer = load_model(model, dtype=dtype)
-    results = run_bench(hf_model, tokenizer, selected, names, config, model_name=model,
-                        progress=BenchProgress())
+        runner, tokenizer, model_id = load_runner(model, backend, dtype=dtype,
+                                                  threads=threads or physical_cores())
+    results = run_bench(runner, tokenizer, selected, names, config, model_name=model,
+                        progress=BenchProgress(), model_id=model_id)
     if not results["questions"]:
         raise typer.Exit(130 if results["config"]["interrupted"] else 2)
     paths = write_outputs(results, out_dir)

@@ -1,8 +1,12 @@
 """The methods a benchmark compares, behind one call: `run(prompt_ids, baseline_ids) -> TurnResult`.
 
-- `hf`, `hf-pld`: transformers' own `model.generate` (greedy or sampled; `hf-pld` adds prompt lookup
-  with `prompt_lookup_num_tokens=10`). Their prefill is the time to the first generated token, read
-  from a streamer inside the same `generate` call, so nothing is subtracted or timed twice.
+- `hf`, `hf-pld` (HF backend): transformers' own `model.generate` (greedy or sampled; `hf-pld` adds
+  prompt lookup with `prompt_lookup_num_tokens=10`). Their prefill is the time to the first
+  generated token, read from a streamer inside the same `generate` call, so nothing is subtracted
+  or timed twice.
+- `llama.cpp`, `llama.cpp-pld` (llama.cpp backend): llama-cpp-python's `Llama(model_path=...)`
+  `generate` on the same file with the same context size and threads, plain or with its own prompt
+  lookup (`LlamaPromptLookupDecoding(num_pred_tokens=10)`), as users run them.
 - every aded drafter by name, through `SpeculativeDecoder` with a fresh drafter and budget policy
   per method (learning drafters keep learning across questions, as in a server) and one shared
   verification cost model.
@@ -18,7 +22,7 @@ from __future__ import annotations
 import importlib.util
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -27,16 +31,20 @@ from aded.drafters import DRAFTERS, drafter_class
 from aded.drafters.base import Drafter
 from aded.tree import DraftTree
 
-__all__ = ["TurnResult", "Method", "HFGenerate", "AdedMethod", "OracleDrafter", "build_methods",
-           "method_names", "BASELINE"]
+__all__ = ["TurnResult", "Method", "HFGenerate", "LlamaCppGenerate", "AdedMethod", "OracleDrafter",
+           "build_methods", "method_names", "baseline_of", "PEERS"]
 
-BASELINE = "hf"
-HF_METHODS = ("hf", "hf-pld")
+#: per backend, its plain decoding (the baseline, first) and its own prompt lookup
+PEERS = {"hf": ("hf", "hf-pld"), "llama.cpp": ("llama.cpp", "llama.cpp-pld")}
 
 
-def method_names() -> list[str]:
-    """Every method `aded bench` knows, baseline first."""
-    return [*HF_METHODS, *DRAFTERS, "oracle"]
+def baseline_of(backend: str) -> str:
+    return PEERS[backend][0]
+
+
+def method_names(backend: str = "hf") -> list[str]:
+    """Every method `aded bench` knows on a backend, its baseline first."""
+    return [*PEERS[backend], *DRAFTERS, "oracle"]
 
 
 @dataclass
@@ -70,6 +78,9 @@ class Method(ABC):
     @abstractmethod
     def run(self, prompt_ids: list[int], baseline_ids: list[int] | None) -> TurnResult:
         """Generate for `prompt_ids`; `baseline_ids` is the baseline's output for the same prompt."""
+
+    def warm_up(self, prompt_ids: list[int]) -> None:
+        """Run each code path once (a short generation) so first-call costs land in no timing."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,75 @@ class _TimingStreamer:
         pass
 
 
+class LlamaCppGenerate(Method):
+    """llama-cpp-python's high-level `Llama.generate` as users call it, on the runner's file with
+    its context size and threads; each turn starts from an empty cache (`reset`), so the prompt is
+    processed as aded's runner processes it. Steps are counted as `llama_decode` calls (`eval`)."""
+
+    def __init__(self, name: str, runner, sampling: Sampling, prompt_lookup: int | None = None) -> None:
+        from llama_cpp import Llama
+
+        self.name = name
+        self.sampling = sampling
+        options: dict[str, Any] = {}
+        if prompt_lookup:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+            # its draft path breaks on prompts longer than n_batch unless the batch holds them
+            options = {"draft_model": LlamaPromptLookupDecoding(num_pred_tokens=prompt_lookup),
+                       "n_batch": runner.n_ctx, "n_ubatch": runner.n_ctx}
+        self.llm = Llama(model_path=str(runner.path), n_ctx=runner.n_ctx, n_threads=runner.n_threads,
+                         n_threads_batch=runner.n_threads, seed=sampling.seed, verbose=False,
+                         **{"n_batch": runner.n_batch, "n_ubatch": runner.n_batch, **options})
+        self._evals: list[int] = []
+        self._produced = 0
+        plain_eval = self.llm.eval
+
+        def counted_eval(tokens):
+            self._evals.append(self._produced)
+            return plain_eval(tokens)
+
+        self.llm.eval = counted_eval
+
+    def warm_up(self, prompt_ids: list[int]) -> None:
+        saved = self.sampling
+        self.sampling = replace(saved, max_new_tokens=min(8, saved.max_new_tokens))
+        try:
+            self.run(prompt_ids, None)
+        finally:
+            self.sampling = saved
+
+    def run(self, prompt_ids: list[int], baseline_ids: list[int] | None) -> TurnResult:
+        s = self.sampling
+        greedy = s.temperature <= 0
+        eos = set(s.eos_token_ids)
+        self.llm.reset()
+        self._evals.clear()
+        self._produced = 0
+        output: list[int] = []
+        start = time.perf_counter()
+        first_at = None
+        tokens = self.llm.generate(prompt_ids, temp=0.0 if greedy else s.temperature,
+                                   top_k=0 if greedy else s.top_k, top_p=1.0 if greedy else s.top_p,
+                                   min_p=0.0, typical_p=1.0, repeat_penalty=1.0, reset=True)
+        try:
+            for token in tokens:
+                if first_at is None:
+                    first_at = time.perf_counter()
+                output.append(int(token))
+                self._produced = len(output)
+                if token in eos or len(output) >= s.max_new_tokens:
+                    break
+        finally:
+            tokens.close()
+        end = time.perf_counter()
+        # evals after the prompt's: each is one decoding step, emitting what came before the next
+        marks = [m for m in self._evals[1:]] + [len(output)]
+        steps = [b - a for a, b in zip(marks, marks[1:]) if b > a]
+        first_at = first_at if first_at is not None else end
+        return TurnResult(output, first_at - start, end - first_at, steps, 1 if output else 0)
+
+
 class HFGenerate(Method):
     """transformers' `generate` as users call it, with a clean generation config (no model defaults
     such as repetition penalties, which would make greedy outputs incomparable)."""
@@ -133,6 +213,14 @@ class HFGenerate(Method):
             pad_token_id=sampling.pad_token_id,
             **options,
         )
+
+    def warm_up(self, prompt_ids: list[int]) -> None:
+        saved = self.config.max_new_tokens
+        self.config.max_new_tokens = min(8, saved)
+        try:
+            self.run(prompt_ids, None)
+        finally:
+            self.config.max_new_tokens = saved
 
     def run(self, prompt_ids: list[int], baseline_ids: list[int] | None) -> TurnResult:
         import torch
@@ -227,27 +315,31 @@ def _drafter(name: str, tokenizer) -> Drafter:
     return cls(**options)
 
 
-def build_methods(names: Sequence[str], model, tokenizer, runner, sampling: Sampling,
+def build_methods(names: Sequence[str], tokenizer, runner, sampling: Sampling,
                   make_budget) -> MethodSet:
-    """The methods in `names` (the baseline first), each fresh; unavailable ones skipped.
+    """The methods in `names` (the runner's baseline first), each fresh; unavailable ones skipped.
 
     `make_budget()` returns a new `BudgetPolicy` over the run's shared cost model.
     """
-    known = method_names()
+    known = method_names(runner.backend)
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(known)}")
-    ordered = [BASELINE] + [n for n in dict.fromkeys(names) if n != BASELINE]
+        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))} on the {runner.backend} "
+                         f"backend; choose from: {', '.join(known)}")
+    baseline, peer = PEERS[runner.backend]
+    ordered = [baseline] + [n for n in dict.fromkeys(names) if n != baseline]
     out = MethodSet()
     for name in ordered:
         try:
-            if name in HF_METHODS:
-                out.methods.append(HFGenerate(name, model, sampling, 10 if name == "hf-pld" else None))
+            if name in ("hf", "hf-pld"):
+                out.methods.append(HFGenerate(name, runner.model, sampling, 10 if name == peer else None))
+            elif name in ("llama.cpp", "llama.cpp-pld"):
+                out.methods.append(LlamaCppGenerate(name, runner, sampling, 10 if name == peer else None))
             else:
                 drafter = _drafter(name, tokenizer)
                 out.methods.append(AdedMethod(name, runner, drafter, sampling, make_budget()))
         except (ImportError, RuntimeError, ValueError, OSError) as exc:
-            if name == BASELINE:
+            if name == baseline:
                 raise
             out.skipped[name] = f"{type(exc).__name__}: {exc}"
     return out

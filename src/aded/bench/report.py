@@ -23,10 +23,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from aded.bench.methods import BASELINE
 
 __all__ = ["summarize", "write_outputs", "render_report", "plot", "load_results", "compare",
-           "render_compare", "BASELINE"]
+           "render_compare", "baseline_name"]
 
 
 
@@ -67,9 +66,15 @@ def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def baseline_name(results: dict[str, Any]) -> str:
+    """The method every other is compared with: the backend's plain decoding (runs recorded before
+    there were backends used transformers)."""
+    return str(results.get("config", {}).get("baseline") or "hf")
+
+
+def summarize(rows: Sequence[dict[str, Any]], baseline_method: str = "hf") -> list[dict[str, Any]]:
     """One entry per method and category ("all" first, then categories in order of appearance)."""
-    baseline = {_key(r): r for r in rows if r["method"] == BASELINE}
+    baseline = {_key(r): r for r in rows if r["method"] == baseline_method}
     categories = _ordered(r["category"] for r in rows)
     summary = []
     for method in _ordered(r["method"] for r in rows):
@@ -105,16 +110,21 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
     categories = _ordered(s["category"] for s in summary if s["category"] != "all")
     cells = {(s["method"], s["category"]): s for s in summary}
     methods = _ordered(s["method"] for s in summary)
+    base = baseline_name(results)
+    if machine.get("backend") == "llama.cpp":
+        engine = (f"llama.cpp (llama-cpp-python {machine.get('llama_cpp_python')}), "
+                  f"{machine.get('file_type')}, n_ctx {machine.get('n_ctx')}")
+    else:
+        engine = f"transformers, torch {machine.get('torch')}, {machine.get('dtype')} on {machine.get('device')}"
     lines = [
         f"# aded bench: {results['model']}",
         "",
-        f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('threads')} threads, "
-        f"torch {machine.get('torch')}, {machine.get('dtype')} on {machine.get('device')}.",
+        f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('threads')} threads; {engine}.",
         f"Run: {config.get('questions')} questions{_skipped_note(results)}, max_new_tokens {config.get('max_new_tokens')}, "
         f"temperature {config.get('temperature')}, max_draft_nodes {config.get('max_draft_nodes')}, "
         f"budget {config.get('budget')}.",
         "",
-        f"## Speedup over {BASELINE} (decode tokens/s after prefill)",
+        f"## Speedup over {base} (decode tokens/s after prefill)",
         "",
         "| Method | " + " | ".join(categories) + " | MAT | tokens/s | Overall | Identical |",
         "|---|" + "---:|" * (len(categories) + 4),
@@ -154,8 +164,8 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
         "multi-turn questions feed the baseline's answer back through the chat template. "
         + str(config.get("timing", "")),
         "MAT = tokens emitted per decoding step, bonus included (1.00 = plain decoding); Overall = "
-        f"tokens/s over {BASELINE}'s on the same questions; Identical = share of questions whose output equals "
-        f"{BASELINE}'s token for token; token match = common prefix over the longer output.",
+        f"tokens/s over {base}'s on the same questions; Identical = share of questions whose output equals "
+        f"{base}'s token for token; token match = common prefix over the longer output.",
     ]
     if plots:
         lines += [""] + [f"![{Path(p).stem}]({p})" for p in plots]
@@ -178,8 +188,9 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     except ImportError:
         return []
     summary = results["summary"]
+    base = baseline_name(results)
     categories = ["all", *_ordered(s["category"] for s in summary if s["category"] != "all")]
-    methods = [m for m in _ordered(s["method"] for s in summary) if m != BASELINE]
+    methods = [m for m in _ordered(s["method"] for s in summary) if m != base]
     cells = {(s["method"], s["category"]): s for s in summary}
     paths = [out_dir / "speedup.png", out_dir / "accepted_lengths.png"]
 
@@ -191,7 +202,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(categories))], categories,
                   rotation=20)
-    ax.set_ylabel(f"speedup over {BASELINE}")
+    ax.set_ylabel(f"speedup over {base}")
     ax.set_title(f"{results['model']}: decode speedup per category")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Sequence
 
-from aded.bench.methods import BASELINE, Method, MethodSet, Sampling, TurnResult, build_methods
+from aded.bench.methods import Method, MethodSet, Sampling, TurnResult, baseline_of, build_methods
 from aded.bench.questions import Question
 
 __all__ = ["BenchConfig", "run_bench", "machine_info", "physical_cores"]
@@ -68,22 +68,17 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info(model) -> dict[str, Any]:
+def machine_info(runner) -> dict[str, Any]:
     import torch
-    import transformers
 
-    param = next(model.parameters())
     return {
         "cpu": _cpu_name(),
         "cores": physical_cores(),
         "logical_cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "device": str(param.device),
-        "dtype": str(param.dtype).removeprefix("torch."),
+        **runner.describe(),
     }
 
 
@@ -107,19 +102,9 @@ class PromptBuilder:
         return self.tokenizer.decode(output_ids, skip_special_tokens=True)
 
 
-def _eos_and_pad(model, tokenizer) -> tuple[tuple[int, ...], int]:
-    ids: set[int] = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(int(v) for v in value)
+def _pad_id(tokenizer, eos: Sequence[int]) -> int:
     pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = getattr(model.generation_config, "pad_token_id", None)
-    if pad is None:
-        pad = min(ids) if ids else 0
-    return tuple(sorted(ids)), int(pad)
+    return int(pad) if pad is not None else (min(eos) if eos else 0)
 
 
 # ---------------------------------------------------------------------------- rows
@@ -195,16 +180,10 @@ class _Row:
 def _warm_up(methods: Sequence[Method], prompt_ids: list[int]) -> None:
     """Run each code path once on a short generation, so first-call costs land in no method's time.
     Learning drafters see this prompt too; it is the same for all and costs them nothing."""
-    from aded.bench.methods import AdedMethod, HFGenerate
+    from aded.bench.methods import AdedMethod
 
     for method in methods:
-        if isinstance(method, HFGenerate):
-            saved = method.config.max_new_tokens
-            method.config.max_new_tokens = min(8, saved)
-            try:
-                method.run(prompt_ids, None)
-            finally:
-                method.config.max_new_tokens = saved
+        method.warm_up(prompt_ids)
     aded = next((m for m in methods if isinstance(m, AdedMethod)), None)
     if aded is not None:
         from aded.decoding import SpeculativeDecoder
@@ -236,26 +215,32 @@ def _budget_factory(runner, model_id: str, budget: str) -> tuple[Callable, dict 
 
 def run_bench(model, tokenizer, questions: Sequence[Question], methods: Sequence[str],
               config: BenchConfig = BenchConfig(), model_name: str = "model",
-              progress=None) -> dict[str, Any]:
+              progress=None, model_id: str | None = None) -> dict[str, Any]:
     """Benchmark `methods` on `questions`; returns the results dict (see report.py for its shape).
 
-    `model_name` is recorded (and names the cached cost curve, with the dtype, as `aded.load` does);
+    `model` is a runner (backends/base.py) or a transformers model (run by the HF runner); the
+    runner's backend decides the baseline (`hf` or `llama.cpp`). `model_name` is recorded;
+    `model_id` names the cached cost curve (default: the name and the dtype, as `aded.load` does).
     `progress` is a `BenchProgress`-like object (or None for silence). Ctrl-C stops after the
     questions already done, which are returned with `config.interrupted` set.
     """
+    from aded.api import eos_token_ids
+    from aded.backends.base import Runner
     from aded.backends.hf import HFRunner
     from aded.bench.report import summarize
 
     if not questions:
         raise ValueError("no questions to run")
-    runner = HFRunner(model)
-    eos, pad = _eos_and_pad(model, tokenizer)
-    sampling = Sampling(config.max_new_tokens, eos, pad, config.temperature, config.top_k,
-                        config.top_p, config.seed, config.max_draft_nodes)
-    model_id = f"{model_name}:{str(runner.dtype).removeprefix('torch.')}"
+    runner = model if isinstance(model, Runner) else HFRunner(model)
+    baseline = baseline_of(runner.backend)
+    eos = tuple(eos_token_ids(runner, tokenizer))
+    sampling = Sampling(config.max_new_tokens, eos, _pad_id(tokenizer, eos), config.temperature,
+                        config.top_k, config.top_p, config.seed, config.max_draft_nodes)
+    if model_id is None:
+        model_id = f"{model_name}:{runner.describe().get('dtype', 'gguf')}"
     make_budget, cost_model = _budget_factory(runner, model_id, config.budget)
-    built = build_methods(methods, model, tokenizer, runner, sampling, make_budget)
-    session = _Session(runner, PromptBuilder(tokenizer), built, config, progress)
+    built = build_methods(methods, tokenizer, runner, sampling, make_budget)
+    session = _Session(runner, PromptBuilder(tokenizer), built, config, progress, baseline)
     if config.warmup:
         _warm_up(built.methods, session.prompts.ids([{"role": "user", "content": questions[0].turns[0]}]))
 
@@ -275,15 +260,16 @@ def run_bench(model, tokenizer, questions: Sequence[Question], methods: Sequence
             progress.stop()
     return {
         "model": model_name,
-        "machine": machine_info(model),
+        "machine": machine_info(runner),
         "config": {**asdict(config), "methods": [m.name for m in built.methods],
+                   "backend": runner.backend, "baseline": baseline,
                    "chat_template": session.prompts.chat, "eos_token_ids": list(eos),
                    "cost_model": cost_model, "timing": TIMING_NOTE,
                    "questions": done, "interrupted": interrupted},
         "skipped": [{"method": k, "reason": v} for k, v in built.skipped.items()],
         "skipped_questions": session.skipped_questions,
         "questions": rows,
-        "summary": summarize(rows),
+        "summary": summarize(rows, baseline),
     }
 
 
@@ -292,8 +278,9 @@ class _Session:
     stopped."""
 
     def __init__(self, runner, prompts: PromptBuilder, built: MethodSet, config: BenchConfig,
-                 progress) -> None:
+                 progress, baseline: str) -> None:
         self.runner = runner
+        self.baseline = baseline
         self.prompts = prompts
         self.built = built
         self.active: list[Method] = list(built.methods)
@@ -304,7 +291,7 @@ class _Session:
     def run_question(self, index: int, question: Question) -> list[dict[str, Any]]:
         """Every active method on every turn of one question (baseline first, the rest rotated)."""
         order = self.active[:1] + _rotate(self.active[1:], index)
-        rows = {m.name: _Row(question, m.name, keep_ids=m.name == BASELINE) for m in order}
+        rows = {m.name: _Row(question, m.name, keep_ids=m.name == self.baseline) for m in order}
         messages: list[dict[str, str]] = []
         for turn in question.turns:
             messages.append({"role": "user", "content": turn})
@@ -332,13 +319,13 @@ class _Session:
             try:
                 result = method.run(prompt_ids, baseline)
             except (RuntimeError, ValueError) as exc:
-                if method.name == BASELINE:
+                if method.name == self.baseline:
                     raise
                 self.built.skipped[method.name] = f"failed on question {question.key}: {exc}"
                 self.active.remove(method)
                 rows.pop(method.name, None)
                 continue
-            if method.name == BASELINE:
+            if method.name == self.baseline:
                 baseline = result.output_ids
             rows[method.name].add(result, prompt_ids, baseline, greedy)
             if self.progress is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Sequence
 
-from aded.bench.methods import BASELINE
+from aded.bench.report import baseline_name
 from aded.simulate import Recorded, ReplayStats, replay
 
 __all__ = ["recorded_from_results", "simulate_results", "render_simulation"]
@@ -24,17 +24,18 @@ __all__ = ["recorded_from_results", "simulate_results", "render_simulation"]
 def recorded_from_results(results: dict[str, Any]) -> list[Recorded]:
     """Every recorded turn of the baseline, in run order."""
     max_new = results.get("config", {}).get("max_new_tokens")
+    base = baseline_name(results)
     records = []
     for row in results.get("questions", []):
-        if row.get("method") != BASELINE:
+        if row.get("method") != base:
             continue
         prompts, outputs = row.get("prompt_token_ids"), row.get("output_token_ids")
         if not isinstance(prompts, list) or not isinstance(outputs, list) or len(prompts) != len(outputs):
-            raise ValueError(f"the {BASELINE} row of question {row.get('id')!r} has no recorded token ids")
+            raise ValueError(f"the {base} row of question {row.get('id')!r} has no recorded token ids")
         for turn, (prompt, output) in enumerate(zip(prompts, outputs)):
             records.append(Recorded(prompt, output, row["category"], f"{row['id']}#{turn}", max_new))
     if not records:
-        raise ValueError(f"the results hold no {BASELINE} rows with recorded token ids to replay")
+        raise ValueError(f"the results hold no {base} rows with recorded token ids to replay")
     return records
 
 

@@ -56,7 +56,7 @@ class _Server:
         self.created = int(time.time())
         self.encoder = copy.deepcopy(lm.tokenizer)  # for the event loop; never shared with the worker
         self.context = int(lm.runner.max_positions)
-        self.vocab_size = int(lm.model.config.vocab_size)
+        self.vocab_size = int(lm.runner.vocab_size)
         self.metrics = Metrics(config.model_name, lm.drafter.name)
         self.engine = Engine(lm, config.max_queue, on_finish=self._finished)
         self.metrics.gauges["aded_queue_depth"] = lambda: self.engine.pending
@@ -250,7 +250,7 @@ def create_app(lm_or_factory: Union[Any, Callable[[], Any]], config: ServerConfi
         server = _Server(lm, config)
         await asyncio.to_thread(server.start)
         holder["server"] = server
-        log.info("serving %s with the %s drafter", config.model_name, lm.drafter.name)
+        log.info("serving %s on %s with the %s drafter", config.model_name, lm.backend, lm.drafter.name)
         try:
             yield
         finally:
@@ -282,7 +282,8 @@ def create_app(lm_or_factory: Union[Any, Callable[[], Any]], config: ServerConfi
     @app.get("/health")
     async def health():
         server = holder["server"]
-        return {"status": "ok", "model": config.model_name, "drafter": server.lm.drafter.name,
+        return {"status": "ok", "model": config.model_name, "backend": server.lm.backend,
+                "drafter": server.lm.drafter.name,
                 "queue": server.engine.pending, "completed": server.engine.completed,
                 "mean_accepted_tokens": round(server.metrics.mean_accepted_tokens(), 4),
                 "state": server.state_note}

@@ -28,7 +28,9 @@ def serve_command(
     save_interval: float = typer.Option(60.0, "--save-interval", min=0.01, help="Seconds between state saves."),
     served_name: Optional[str] = typer.Option(None, "--served-model-name",
                                               help="Model id clients use (default: --model, or a folder's name)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 (transformers backend)."),
+    backend: str = typer.Option("auto", "--backend", help="auto (llama.cpp for GGUF files when installed), hf, or llama.cpp."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores)."),
     budget: str = typer.Option("measured", "--budget", help="measured, typical or off."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests queued or running before 429."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1024, help="Largest request body."),
@@ -53,7 +55,8 @@ def serve_command(
     config = ServerConfig(model_name=name, state_path=state, save_interval=save_interval, max_queue=max_queue,
                           max_body_bytes=max_body_bytes, default_max_tokens=max_tokens,
                           max_draft_nodes=max_draft_nodes)
-    lm = load(model, drafter=drafter, dtype=dtype, budget=budget)  # fail before binding the port
+    lm = load(model, drafter=drafter, dtype=dtype, budget=budget, backend=backend,
+              threads=threads)  # fail before binding the port
     app = create_app(lm, config)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("aded.server").warning("binding %s: the API has no authentication", host)

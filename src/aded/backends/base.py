@@ -1,0 +1,62 @@
+"""The runner protocol: what the decoding loop, the budget, the API, the server and the benchmark
+need from a model, whichever engine runs it.
+
+A runner holds one model and serves one sequence at a time:
+
+    seq = runner.new_sequence(capacity)          # a fresh KV state for one request
+    logits = runner.prefill(seq, prompt_ids)     # [vocab] after the prompt's last token
+    loop:
+        logits = runner.verify(seq, root_id, tree)   # [1 + k, vocab]: row 0 after the root,
+                                                     # row i + 1 after tree node i
+        runner.commit(seq, accepted_nodes)           # keep root + accepted path, drop the rest
+
+Logits cross this boundary as CPU float32 torch tensors, whatever the device or engine: acceptance,
+sampling and the drafters' feedback then never touch device memory or engine buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from aded.tree import DraftTree
+
+__all__ = ["Runner", "BACKENDS"]
+
+#: the engines a model can run on; "auto" picks llama.cpp for GGUF files when it is installed
+BACKENDS = ("auto", "hf", "llama.cpp")
+
+
+@runtime_checkable
+class Runner(Protocol):
+    #: "hf" or "llama.cpp": which plain decoding is this runner's baseline
+    backend: str
+    vocab_size: int
+    #: positions (tokens) one sequence may hold: the prompt, the output and one step's tree
+    max_positions: int
+    #: most root-to-leaf paths one verification may carry (None: any tree)
+    max_tree_leaves: int | None
+    #: token ids that end generation as the model's own plain decoding stops on them
+    eos_token_ids: tuple[int, ...]
+
+    def new_sequence(self, capacity: int) -> Any:
+        """Fresh per-request state for up to `capacity` positions (the previous one is void)."""
+
+    def prefill(self, seq: Any, input_ids: Sequence[int]) -> torch.Tensor:
+        """Run the prompt; logits after its last token, [vocab] CPU float32."""
+
+    def verify(self, seq: Any, root_id: int, tree: DraftTree) -> torch.Tensor:
+        """One forward over the root (the last committed token, not yet cached) and the tree."""
+
+    def commit(self, seq: Any, accepted_nodes: Sequence[int]) -> None:
+        """After `verify`: keep the root and the accepted path, in order; drop rejected nodes."""
+
+    def rewind(self, seq: Any, length: int) -> None:
+        """Forget every position from `length` on (timing runs undo their steps with it)."""
+
+    def cost_identity(self) -> str:
+        """What a measured t(k) depends on besides the model: engine, dtype, device, threads."""
+
+    def describe(self) -> dict[str, Any]:
+        """Engine facts for benchmark reports (versions, threads, dtype or file type)."""

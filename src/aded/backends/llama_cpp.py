@@ -1,0 +1,321 @@
+"""Runs a GGUF file in llama.cpp (through llama-cpp-python's C API) for the decoding loop.
+
+The file is used as it is (quantised weights, llama.cpp's kernels); nothing is de-quantised.
+
+A draft tree is verified in one `llama_decode` with sequence ids instead of an attention mask
+(method.md section 8): every root-to-leaf path is one sequence, a node carries the ids of all the
+leaves below it and the root carries them all, at positions `past + depth`. The committed past
+lives in sequence 0 and is shared with the tree's other sequences before the step (`seq_cp`; with
+a unified KV buffer that only adds ids to the cells). After acceptance one sequence that holds the
+accepted path is kept (`seq_keep`), cut after the path (`seq_rm`) and becomes sequence 0 again:
+nothing is copied, rejected cells are freed.
+
+The context is set up as llama-cpp-python's `Llama(model_path=...)` sets up its own (flash
+attention off, f16 KV cache, the same batch sizes), so plain decoding through this runner is
+llama.cpp's own greedy decoding of the file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from aded.tree import DraftTree
+
+__all__ = ["LlamaCppRunner", "LlamaCppError", "llama_cpp_available", "tree_sequences"]
+
+#: most root-to-leaf paths per verification; the budget prunes wider trees to this
+DEFAULT_MAX_LEAVES = 16
+
+
+class LlamaCppError(RuntimeError):
+    """llama.cpp refused a file or a step; the message says which and why."""
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+_LOG_CALLBACK = None
+
+
+def _quiet(llama_cpp) -> None:
+    """Route llama.cpp's log lines to nowhere (once per process); errors surface as exceptions."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+
+
+def tree_sequences(tree: DraftTree) -> tuple[list[list[int]], list[int]]:
+    """Sequence ids per node (the leaves below it, numbered 0..L-1 in tree order) and, per node,
+    the one sequence kept when that node ends the accepted path (its first leaf)."""
+    k = len(tree)
+    parents = tree.parents.tolist()
+    has_child = [False] * k
+    for parent in parents:
+        if parent >= 0:
+            has_child[parent] = True
+    seqs: list[list[int]] = [[] for _ in range(k)]
+    leaf = 0
+    for i in range(k):
+        if not has_child[i]:
+            seqs[i].append(leaf)
+            leaf += 1
+    for i in range(k - 1, -1, -1):  # children come after parents: fold leaves upward
+        parent = parents[i]
+        if parent >= 0:
+            seqs[parent].extend(seqs[i])
+    for ids in seqs:
+        ids.sort()
+    return seqs, [ids[0] for ids in seqs]
+
+
+@dataclass
+class LlamaSequence:
+    """Per-request state: how many positions sequence 0 holds, and the last step's layout."""
+
+    past_len: int = 0
+    step_past: int = 0
+    step_keep: list[int] | None = None  # per tree node, the sequence to keep if the path ends there
+    step_width: int = 1
+
+
+class LlamaCppRunner:
+    """The `Runner` protocol (backends/base.py) over a llama.cpp context."""
+
+    backend = "llama.cpp"
+
+    def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, n_threads: int | None = None,
+                 n_batch: int = 512, max_leaves: int = DEFAULT_MAX_LEAVES) -> None:
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise LlamaCppError(
+                "the llama.cpp backend needs llama-cpp-python (bash scripts/setup.sh builds it; "
+                f"or use --backend hf): {exc}") from exc
+        self._lib = llama_cpp
+        _quiet(llama_cpp)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LlamaCppError(f"{self.path} is not a file")
+        if not 1 <= max_leaves <= 256:
+            raise ValueError(f"max_leaves must be in [1, 256], got {max_leaves}")
+        self.n_threads = int(n_threads or _physical_cores())
+        self._model = self._ctx = self._batch = None
+        model_params = llama_cpp.llama_model_default_params()
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
+        if not self._model:
+            raise LlamaCppError(f"llama.cpp cannot load {self.path}: not a GGUF model it supports, "
+                                "or a damaged file")
+        try:
+            self._setup(n_ctx, n_batch, max_leaves)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, n_ctx: int | None, n_batch: int, max_leaves: int) -> None:
+        lib = self._lib
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        self.vocab_size = int(lib.llama_vocab_n_tokens(self._vocab))
+        train_ctx = int(lib.llama_model_n_ctx_train(self._model)) or 4096
+        self.n_ctx = int(n_ctx or min(train_ctx, 8192))
+        if self.n_ctx < 16:
+            raise ValueError(f"n_ctx must be at least 16, got {self.n_ctx}")
+        self.n_batch = int(min(n_batch, self.n_ctx))
+        params = lib.llama_context_default_params()
+        params.n_ctx = self.n_ctx
+        params.n_batch = self.n_batch
+        params.n_ubatch = self.n_batch
+        params.n_seq_max = max_leaves
+        params.kv_unified = True  # one cell buffer shared by all sequences: seq_cp adds ids only
+        params.n_threads = self.n_threads
+        params.n_threads_batch = self.n_threads
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as Llama(...) by default
+        params.no_perf = True
+        self._ctx = lib.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            raise LlamaCppError(f"llama.cpp cannot create a context of {self.n_ctx} positions "
+                                f"for {self.path} (out of memory?)")
+        self.n_ctx = int(lib.llama_n_ctx(self._ctx))
+        self.max_tree_leaves = int(lib.llama_n_seq_max(self._ctx))
+        self.max_positions = self.n_ctx
+        self._memory = lib.llama_get_memory(self._ctx)
+        self._batch = lib.llama_batch_init(self.n_batch, 0, self.max_tree_leaves)
+        self.eos_token_ids = self._end_of_generation_ids()
+
+    def _end_of_generation_ids(self) -> tuple[int, ...]:
+        """Every token llama.cpp treats as end of generation (EOS, EOT and the like)."""
+        lib = self._lib
+        flags = np.fromiter((lib.llama_vocab_is_eog(self._vocab, t) for t in range(self.vocab_size)),
+                            dtype=bool, count=self.vocab_size)
+        return tuple(int(t) for t in np.flatnonzero(flags))
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        lib = self._lib
+        if self._batch is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ the protocol
+    def new_sequence(self, capacity: int) -> LlamaSequence:
+        if capacity > self.n_ctx:
+            capacity = self.n_ctx  # the loop limits itself to max_positions
+        self._lib.llama_memory_clear(self._memory, True)
+        return LlamaSequence()
+
+    def prefill(self, seq: LlamaSequence, input_ids: Sequence[int]) -> torch.Tensor:
+        ids = [int(t) for t in input_ids]
+        if not ids:
+            raise ValueError("the prompt must contain at least one token")
+        if seq.past_len + len(ids) > self.n_ctx:
+            raise ValueError(f"{seq.past_len + len(ids)} positions exceed the context of {self.n_ctx}")
+        self._check_ids(ids)
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start : start + self.n_batch]
+            last = start + len(chunk) == len(ids)
+            self._fill(chunk, [seq.past_len + j for j in range(len(chunk))], None,
+                       [last and j == len(chunk) - 1 for j in range(len(chunk))])
+            self._decode(f"prefill of {len(ids)} tokens")
+            seq.past_len += len(chunk)
+        return self._logits([-1])[0]
+
+    def verify(self, seq: LlamaSequence, root_id: int, tree: DraftTree) -> torch.Tensor:
+        k = len(tree)
+        past = seq.past_len
+        if k + 1 > self.n_batch:
+            raise ValueError(f"a tree of {k} nodes exceeds the batch of {self.n_batch} tokens")
+        if past + k + 1 > self.n_ctx:
+            raise ValueError(f"{past} cached positions and {k + 1} new exceed the context of {self.n_ctx}")
+        tokens = [int(root_id), *tree.token_ids.tolist()]
+        self._check_ids(tokens)
+        positions = [past, *(past + int(d) for d in tree.depths.tolist())]
+        if tree.is_chain:
+            node_seqs, keep, width = None, None, 1
+        else:
+            per_node, keep = tree_sequences(tree)
+            width = max(keep) + 1 if keep else 1
+            if width > self.max_tree_leaves:
+                raise ValueError(f"a tree with {width} leaves exceeds the {self.max_tree_leaves} "
+                                 "sequences of this context")
+            node_seqs = [list(range(width)), *per_node]
+            for s in range(1, width):  # the committed past, visible to every path
+                self._lib.llama_memory_seq_cp(self._memory, 0, s, -1, -1)
+        seq.step_past, seq.step_keep, seq.step_width = past, keep, width
+        self._fill(tokens, positions, node_seqs, [True] * len(tokens))
+        self._decode(f"verification of {k} draft nodes")
+        return self._logits(range(len(tokens)))
+
+    def commit(self, seq: LlamaSequence, accepted_nodes: Sequence[int]) -> None:
+        lib, mem = self._lib, self._memory
+        kept = len(accepted_nodes)
+        end = seq.step_past + 1 + kept  # positions of the past, the root and the accepted path
+        if seq.step_width > 1:
+            keep = seq.step_keep[accepted_nodes[-1]] if kept else 0
+            lib.llama_memory_seq_keep(mem, keep)
+            lib.llama_memory_seq_rm(mem, keep, end, -1)
+            if keep != 0:
+                lib.llama_memory_seq_cp(mem, keep, 0, -1, -1)
+                lib.llama_memory_seq_rm(mem, keep, -1, -1)
+        else:
+            lib.llama_memory_seq_rm(mem, 0, end, -1)
+        seq.past_len = end
+        seq.step_keep, seq.step_width = None, 1
+
+    def rewind(self, seq: LlamaSequence, length: int) -> None:
+        if length < seq.past_len:
+            self._lib.llama_memory_seq_rm(self._memory, 0, length, -1)
+            seq.past_len = length
+
+    def cost_identity(self) -> str:
+        return (f"llama.cpp|{self._lib.__version__}|threads={self.n_threads}|n_batch={self.n_batch}"
+                f"|leaves={self.max_tree_leaves}")
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "llama.cpp", "llama_cpp_python": self._lib.__version__,
+                "threads": self.n_threads, "n_ctx": self.n_ctx, "n_batch": self.n_batch,
+                "file": self.path.name, "file_type": self.file_type()}
+
+    # ------------------------------------------------------------------ llama.cpp specifics
+    def file_type(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        self._lib.llama_model_desc(self._model, buf, len(buf))
+        return buf.value.decode(errors="replace")
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """llama.cpp's own tokenization (tests compare it with the Hugging Face tokenizer's)."""
+        data = text.encode()
+        size = len(data) + 16
+        buf = (self._lib.llama_token * size)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, size, add_special, parse_special)
+        if n < 0:
+            buf = (self._lib.llama_token * -n)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, -n, add_special, parse_special)
+        return list(buf[:n])
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.vocab_size}")
+
+    def _fill(self, tokens: list[int], positions: list[int], seq_ids: list[list[int]] | None,
+              logits: list[bool]) -> None:
+        batch = self._batch
+        batch.n_tokens = len(tokens)
+        for i, (token, pos, want) in enumerate(zip(tokens, positions, logits)):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            ids = seq_ids[i] if seq_ids is not None else (0,)
+            batch.n_seq_id[i] = len(ids)
+            row = batch.seq_id[i]
+            for j, s in enumerate(ids):
+                row[j] = s
+            batch.logits[i] = want
+
+    def _decode(self, what: str) -> None:
+        code = self._lib.llama_decode(self._ctx, self._batch)
+        if code != 0:
+            reason = "no room left in the KV cache" if code == 1 else f"error code {code}"
+            raise LlamaCppError(f"llama.cpp failed the {what}: {reason}")
+
+    def _logits(self, indices) -> torch.Tensor:
+        """[rows, vocab] float32 copies of the logits of these batch indices (-1: the last)."""
+        indices = list(indices)
+        out = np.empty((len(indices), self.vocab_size), dtype=np.float32)
+        for row, i in enumerate(indices):
+            ptr = self._lib.llama_get_logits_ith(self._ctx, i)
+            if not ptr:
+                raise LlamaCppError(f"llama.cpp returned no logits for batch index {i}")
+            out[row] = np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))
+        return torch.from_numpy(out)
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1

@@ -1,0 +1,253 @@
+"""The llama.cpp backend on tiny random GGUF files: the runner protocol, lossless trees through
+sequence ids, every drafter equal to llama.cpp's own greedy decoding, exact sampling, bad input."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+if os.environ.get("ADED_SKIP_LLAMA") == "1":  # the setup script was told to skip the backend
+    pytest.skip("ADED_SKIP_LLAMA=1: the llama.cpp backend is not installed", allow_module_level=True)
+
+import llama_cpp  # noqa: E402  (the setup script installs it: a missing one fails loudly)
+
+from aded.api import Aded  # noqa: E402
+from aded.backends.base import Runner  # noqa: E402
+from aded.backends.llama_cpp import LlamaCppRunner, tree_sequences  # noqa: E402
+from aded.budget import BudgetPolicy  # noqa: E402
+from aded.decoding import GenerationConfig, SpeculativeDecoder  # noqa: E402
+from aded.drafters import make_drafter  # noqa: E402
+from aded.drafters.base import Drafter, NoDrafter  # noqa: E402
+from aded.tree import DraftTree, TreeBuilder  # noqa: E402
+from aded.verify import Sampling, warp  # noqa: E402
+from gguf_models import write_tiny_gguf  # noqa: E402
+
+N_CTX = 1024
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", seed=3)
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_path):
+    runner = LlamaCppRunner(tiny_path, n_ctx=N_CTX, n_threads=1, max_leaves=4)
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="module")
+def reference_llm(tiny_path):
+    """llama-cpp-python's own `Llama`, as a user runs it: the reference for greedy output."""
+    return llama_cpp.Llama(model_path=str(tiny_path), n_ctx=N_CTX, n_threads=1, n_threads_batch=1,
+                           verbose=False)
+
+
+def llama_greedy(llm, prompt: list[int], max_new: int) -> list[int]:
+    llm.reset()
+    out = []
+    for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0):
+        out.append(int(token))
+        if len(out) >= max_new:
+            break
+    return out
+
+
+def decoder(runner, drafter, budget=None):
+    return SpeculativeDecoder(runner, drafter, (), budget or BudgetPolicy(enabled=False))
+
+
+class ScriptedDrafter(Drafter):
+    """Wide random trees mixing the true continuation (to a random depth) with wrong tokens."""
+
+    name = "scripted"
+
+    def __init__(self, reference, prompt_len, seed, vocab, paths=6):
+        self.reference, self.prompt_len, self.vocab, self.paths = reference, prompt_len, vocab, paths
+        self.rng = np.random.default_rng(seed)
+
+    def propose(self, context_ids, max_nodes):
+        truth = self.reference[len(context_ids) - self.prompt_len:]
+        builder = TreeBuilder(max_nodes)
+        for _ in range(int(self.rng.integers(0, self.paths + 1))):
+            depth = int(self.rng.integers(1, 7))
+            keep = int(self.rng.integers(0, min(depth, len(truth)) + 1))
+            builder.add_path(truth[:keep] + self.rng.integers(0, self.vocab, depth - keep).tolist())
+        return builder.build()
+
+
+def test_runner_speaks_the_protocol(runner):
+    assert isinstance(runner, Runner)
+    assert runner.backend == "llama.cpp" and runner.max_positions == N_CTX
+    assert runner.max_tree_leaves == 4
+    assert 2 in runner.eos_token_ids  # <|im_end|>, where llama.cpp's own generation ends
+
+
+def test_tree_sequences_give_each_leaf_a_path():
+    tree = DraftTree.from_paths([[5, 6, 7], [5, 8], [9]])
+    seqs, keep = tree_sequences(tree)
+    leaves = tree.leaves()
+    assert sorted(s for leaf in leaves for s in seqs[leaf]) == list(range(len(leaves)))
+    for node in range(len(tree)):
+        below = [leaf for leaf in leaves if node in tree.path_to(leaf)]
+        assert seqs[node] == sorted(seqs[leaf][0] for leaf in below)
+        assert keep[node] in seqs[node]
+
+
+def test_plain_decoding_is_llama_cpp_greedy(runner, reference_llm):
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        prompt = rng.integers(3, runner.vocab_size, 20).tolist()
+        result = decoder(runner, NoDrafter()).generate(prompt, GenerationConfig(max_new_tokens=40))
+        assert result.token_ids == llama_greedy(reference_llm, prompt, 40)
+
+
+def test_tree_logits_match_sequential_logits(runner):
+    prompt = list(range(100, 130))
+    tree = DraftTree.from_paths([[7, 8, 9], [7, 11], [12, 13]])
+    seq = runner.new_sequence(64)
+    runner.prefill(seq, prompt)
+    logits = runner.verify(seq, 55, tree)
+    for node in range(len(tree)):
+        fresh = runner.new_sequence(64)
+        expected = runner.prefill(fresh, prompt + [55] + tree.path_tokens(node))
+        assert torch.allclose(logits[node + 1], expected, atol=1e-2, rtol=1e-3)
+        assert int(logits[node + 1].argmax()) == int(expected.argmax())
+
+
+def test_commit_keeps_exactly_the_accepted_path(runner):
+    prompt = list(range(200, 240))
+    tree = DraftTree.from_paths([[7, 8, 9], [7, 11], [12, 13, 14]])
+    for accepted in [(), (0,), (0, 3), (4, 5, 6), (0, 1, 2)]:
+        seq = runner.new_sequence(64)
+        runner.prefill(seq, prompt)
+        runner.verify(seq, 55, tree)
+        runner.commit(seq, accepted)
+        path = [int(tree.token_ids[i]) for i in accepted]
+        after = runner.verify(seq, 77, DraftTree.empty())[0]
+        fresh = runner.new_sequence(64)
+        expected = runner.prefill(fresh, prompt + [55] + path + [77])
+        assert torch.allclose(after, expected, atol=1e-2, rtol=1e-3), accepted
+
+
+@pytest.mark.parametrize("drafter_name", ["none", "pld", "suffix", "hybrid", "aded"])
+def test_every_drafter_equals_llama_cpp_greedy(runner, reference_llm, drafter_name):
+    rng = np.random.default_rng(1)
+    for trial in range(3):
+        base = rng.integers(3, runner.vocab_size, 10).tolist()
+        prompt = base * 3 if trial % 2 else rng.integers(3, runner.vocab_size, 30).tolist()
+        reference = llama_greedy(reference_llm, prompt, 48)
+        result = decoder(runner, make_drafter(drafter_name)).generate(
+            prompt, GenerationConfig(max_new_tokens=48))
+        assert result.token_ids == reference
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_wide_random_trees_are_pruned_to_the_sequences_and_stay_greedy(runner, reference_llm, seed):
+    prompt = np.random.default_rng(seed).integers(3, runner.vocab_size, 25).tolist()
+    reference = llama_greedy(reference_llm, prompt, 30)
+    drafter = ScriptedDrafter(reference, len(prompt), seed, runner.vocab_size, paths=8)
+    for budget in (BudgetPolicy(enabled=False), BudgetPolicy()):
+        result = decoder(runner, drafter, budget).generate(
+            prompt, GenerationConfig(max_new_tokens=30, max_draft_nodes=24))
+        assert result.token_ids == reference
+
+
+def test_a_tree_wider_than_the_sequences_is_refused_not_half_run(runner):
+    seq = runner.new_sequence(64)
+    runner.prefill(seq, [5, 6, 7])
+    wide = DraftTree.from_paths([[t] for t in range(10, 16)])  # 6 leaves, 4 sequences
+    with pytest.raises(ValueError, match="leaves"):
+        runner.verify(seq, 8, wide)
+    narrowed = BudgetPolicy(enabled=False).choose(wide, runner.max_tree_leaves)
+    assert len(narrowed.leaves()) == 4
+    runner.verify(seq, 8, narrowed)  # the sequence is still usable
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(runner):
+    with pytest.raises(ValueError, match="context"):
+        decoder(runner, NoDrafter()).generate(list(range(5, 5 + N_CTX + 10)),
+                                              GenerationConfig(max_new_tokens=4))
+
+
+def test_generation_stops_at_the_context_limit(runner, reference_llm):
+    prompt = list(range(300, 300 + N_CTX - 20))
+    result = decoder(runner, make_drafter("pld")).generate(prompt, GenerationConfig(max_new_tokens=100))
+    assert result.finish_reason == "length" and len(result.token_ids) == 20
+
+
+def test_a_file_llama_cpp_cannot_load_is_a_clear_error(tmp_path):
+    import aded
+    from aded.models import ModelError
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ModelError):
+        aded.load(str(bad), backend="llama.cpp")
+
+
+def test_aded_api_on_a_runner(runner):
+    from aded.models import load_tokenizer
+
+    lm = Aded(runner, load_tokenizer("smollm2-135m-instruct"), drafter="suffix", budget="off")
+    assert lm.backend == "llama.cpp" and lm.model is None
+    out = lm.generate("Say hi", max_new_tokens=12)
+    assert out.token_ids and out.stats.steps >= 1
+
+
+# ---------------------------------------------------------------------------- sampling
+PROMPT = [10, 20, 30, 40]
+SAMPLING = Sampling(4.0, top_k=4)
+
+
+def _exact(runner, sampling):
+    seq = runner.new_sequence(16)
+    first = warp(runner.prefill(seq, PROMPT), sampling)
+    support = torch.nonzero(first).flatten().tolist()
+    joint = {}
+    for t1 in support:
+        second = warp(runner.prefill(runner.new_sequence(16), PROMPT + [t1]), sampling)
+        for t2 in torch.nonzero(second).flatten().tolist():
+            joint[(t1, t2)] = first[t1].item() * second[t2].item()
+    return joint
+
+
+class FixedTreeDrafter(Drafter):
+    name = "fixed"
+
+    def __init__(self, paths):
+        self.tree = DraftTree.from_paths(paths)
+
+    def propose(self, context_ids, max_nodes):
+        return self.tree
+
+
+@pytest.mark.parametrize("with_tree", [False, True], ids=["no-drafts", "tree"])
+def test_sampled_two_token_distribution_is_the_models(runner, with_tree):
+    expected = _exact(runner, SAMPLING)
+    firsts = sorted({a for a, _ in expected}, key=lambda a: -sum(p for (x, _), p in expected.items() if x == a))
+    seconds = sorted((p, b) for (a, b), p in expected.items() if a == firsts[0])[::-1]
+    paths = [[firsts[0], seconds[0][1]], [firsts[0], seconds[-1][1]], [firsts[1], 3], [firsts[-1]]]
+    drafter = FixedTreeDrafter(paths) if with_tree else NoDrafter()
+    dec = decoder(runner, drafter)
+    config = dict(max_new_tokens=2, do_sample=True, temperature=SAMPLING.temperature, top_k=SAMPLING.top_k)
+    runs = 1500
+    cells = sorted(expected)
+    index = {cell: i for i, cell in enumerate(cells)}
+    counts = np.zeros(len(cells))
+    for seed in range(runs):
+        ids = dec.generate(PROMPT, GenerationConfig(seed=seed, **config)).token_ids
+        assert tuple(ids) in index, "a token outside top-k was emitted"
+        counts[index[tuple(ids)]] += 1
+    wanted = np.array([expected[c] for c in cells]) * runs
+    big = wanted >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    want = np.append(wanted[big], wanted[~big].sum())
+    keep = want > 0
+    result = stats.chisquare(observed[keep], want[keep] * observed[keep].sum() / want[keep].sum())
+    assert result.pvalue > 1e-3, (observed, want)
