@@ -20,15 +20,17 @@ fi
 # The llama.cpp backend: llama-cpp-python compiles llama.cpp from source (no binary wheel reaches
 # this machine). The wheel is built once per machine and flag set into $ADED_WHEEL_CACHE, so a
 # later setup installs it in seconds. Portable AVX2 kernels: a native build enables AMX on Xeon
-# CPUs that have it, and llama.cpp's AMX path crashes inside some virtual machines.
+# CPUs that have it, and llama.cpp's AMX path crashes inside some virtual machines. Without
+# llamafile's sgemm, a batch of tokens computes each row exactly as one-token decoding does, which
+# makes verified drafts token-identical to llama.cpp's plain decoding (backends/llama_cpp.py).
 # ADED_SKIP_LLAMA=1 skips it (aded then runs on transformers only).
 LLAMA_VERSION=0.3.36
 LLAMA_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
--DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF \
+-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_LLAMAFILE=OFF \
+-DLLAMA_BUILD_TESTS=OFF \
 -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF"
-if [ "${ADED_SKIP_LLAMA:-0}" != "1" ] && ! .venv/bin/python -c \
-    "import sys, llama_cpp; sys.exit(llama_cpp.__version__ != '$LLAMA_VERSION')" 2>/dev/null; then
-  key=$(echo "$LLAMA_VERSION $LLAMA_FLAGS" | sha256sum | cut -c1-12)
+key=$(echo "$LLAMA_VERSION $LLAMA_FLAGS" | sha256sum | cut -c1-12)
+if [ "${ADED_SKIP_LLAMA:-0}" != "1" ] && [ "$(cat .venv/aded-llama-build 2>/dev/null)" != "$key" ]; then
   wheels="${ADED_WHEEL_CACHE:-$HOME/.cache/aded-wheels}/llama-cpp-python-$key"
   if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     echo "Building llama.cpp for the llama.cpp backend: about 11 minutes on 2 cores, once per machine."
@@ -51,7 +53,9 @@ if [ "${ADED_SKIP_LLAMA:-0}" != "1" ] && ! .venv/bin/python -c \
     rm -f "$log"
     mv "$wheels.partial" "$wheels"
   fi
-  .venv/bin/python -m pip install --quiet "$wheels"/llama_cpp_python-*.whl
+  .venv/bin/python -m pip install --quiet --force-reinstall --no-deps "$wheels"/llama_cpp_python-*.whl
+  .venv/bin/python -m pip install --quiet "$wheels"/llama_cpp_python-*.whl  # its dependencies
+  echo "$key" > .venv/aded-llama-build
 fi
 # The public ADED drafter, an optional peer for comparisons (binary wheel for CPython 3.11 x86_64).
 .venv/bin/python -m pip install --quiet "draftretriever==0.1.1" \

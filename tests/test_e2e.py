@@ -1,4 +1,5 @@
-"""End to end on the real default model: the CLI's tokens equal transformers' greedy generate."""
+"""End to end on the real default model, HF backend: the CLI's tokens equal transformers' greedy
+generate (tests/test_e2e_llama_cpp.py does the same for the llama.cpp backend)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ ADED = Path(sys.executable).with_name("aded")
 def default_lm():
     import aded
 
-    return aded.load(drafter="none", budget="typical")
+    return aded.load(drafter="none", budget="typical", backend="hf")
 
 
 def hf_greedy(lm, ids):
@@ -41,7 +42,7 @@ def hf_greedy(lm, ids):
 def test_cli_json_with_pld_equals_transformers_greedy(default_lm, prompt):
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     proc = subprocess.run(
-        [str(ADED), "generate", "--json", "--drafter", "pld", "--budget", "typical",
+        [str(ADED), "generate", "--json", "--backend", "hf", "--drafter", "pld", "--budget", "typical",
          "-n", str(MAX_NEW), prompt],
         capture_output=True, text=True, env=env, timeout=600,
     )

@@ -88,6 +88,20 @@ def test_runner_speaks_the_protocol(runner):
     assert 2 in runner.eos_token_ids  # <|im_end|>, where llama.cpp's own generation ends
 
 
+def test_default_runner_verifies_one_path_and_stays_greedy(tiny_path, reference_llm):
+    chain_runner = LlamaCppRunner(tiny_path, n_ctx=N_CTX, n_threads=1)
+    try:
+        assert chain_runner.max_tree_leaves == 1  # exactness on real models (see the runner's doc)
+        prompt = list(range(400, 420)) * 2
+        reference = llama_greedy(reference_llm, prompt, 40)
+        drafter = ScriptedDrafter(reference, len(prompt), 5, chain_runner.vocab_size, paths=5)
+        result = decoder(chain_runner, drafter).generate(prompt, GenerationConfig(max_new_tokens=40))
+        assert result.token_ids == reference
+        assert result.stats.mean_accepted_tokens > 1.0
+    finally:
+        chain_runner.close()
+
+
 def test_tree_sequences_give_each_leaf_a_path():
     tree = DraftTree.from_paths([[5, 6, 7], [5, 8], [9]])
     seqs, keep = tree_sequences(tree)

@@ -13,6 +13,19 @@ nothing is copied, rejected cells are freed.
 The context is set up as llama-cpp-python's `Llama(model_path=...)` sets up its own (flash
 attention off, f16 KV cache, the same batch sizes), so plain decoding through this runner is
 llama.cpp's own greedy decoding of the file.
+
+Exactness. A verification row must equal what one-token decoding computes, bit for bit: quantised
+models re-quantise activations before every matrix product, so a rounding-level difference grows
+to ~0.5 in the logits and flips near-ties. Two things guarantee it:
+- llama.cpp built without llamafile's sgemm (`GGML_LLAMAFILE=OFF`, as scripts/setup.sh does): its
+  batched kernels sum in another order than the one-row kernels; ggml's own kernels compute every
+  output element the same way whatever the batch size.
+- the accepted path sits in consecutive KV cells, as one-token decoding would have put it: the
+  attention sums run over cells in SIMD lanes, and a hole (a rejected sibling's cell) shifts them.
+  A chain keeps that by construction. A node on any branch but the first sees its context at other
+  cell offsets, so trees wider than one path (`max_leaves > 1`) are lossless only up to such
+  rounding, and the default verifies one path: the best-scoring chain of the drafter's tree, which
+  is also what pays on a CPU where each extra node costs ~60% of a step.
 """
 
 from __future__ import annotations
@@ -30,8 +43,8 @@ from aded.tree import DraftTree
 
 __all__ = ["LlamaCppRunner", "LlamaCppError", "llama_cpp_available", "tree_sequences"]
 
-#: most root-to-leaf paths per verification; the budget prunes wider trees to this
-DEFAULT_MAX_LEAVES = 16
+#: root-to-leaf paths per verification; the budget prunes wider trees to this (see "Exactness")
+DEFAULT_MAX_LEAVES = 1
 
 
 class LlamaCppError(RuntimeError):

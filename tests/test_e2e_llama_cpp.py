@@ -1,0 +1,85 @@
+"""End to end on the real default model, llama.cpp backend: the tokenizer speaks llama.cpp's ids,
+and every drafter's greedy output equals what llama-cpp-python's own `Llama.generate` gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+if os.environ.get("ADED_SKIP_LLAMA") == "1":
+    pytest.skip("ADED_SKIP_LLAMA=1: the llama.cpp backend is not installed", allow_module_level=True)
+
+import llama_cpp  # noqa: E402
+
+ADED = Path(sys.executable).with_name("aded")
+MAX_NEW = 48
+PROMPTS = [
+    "Repeat this list exactly, then add one more fruit: apple, banana, cherry, date, elderberry.",
+    "Fix the bug and return the whole function:\ndef area(r):\n    return 3.14 * r * 2\n",
+]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    import aded
+
+    lm = aded.load(drafter="none", budget="typical", backend="llama.cpp")
+    assert lm.backend == "llama.cpp"
+    return lm
+
+
+@pytest.fixture(scope="module")
+def reference(lm):
+    """llama-cpp-python as a user runs it, on the same file, context size and threads."""
+    runner = lm.runner
+    llm = llama_cpp.Llama(model_path=str(runner.path), n_ctx=runner.n_ctx, n_threads=runner.n_threads,
+                          n_threads_batch=runner.n_threads, verbose=False)
+
+    def greedy(ids: list[int]) -> list[int]:
+        llm.reset()
+        out: list[int] = []
+        for token in llm.generate(ids, temp=0.0, repeat_penalty=1.0):
+            out.append(int(token))
+            if token in runner.eos_token_ids or len(out) >= MAX_NEW:
+                break
+        return out
+
+    return greedy
+
+
+def test_tokenizer_gives_llama_cpp_ids_on_the_shipped_prompts(lm):
+    from aded.bench.questions import load_questions
+
+    questions = load_questions()
+    assert len(questions) >= 8
+    for question in questions:
+        messages = [{"role": "user", "content": question.turns[0]}]
+        text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert lm.prompt_ids(messages) == lm.runner.tokenize(text), question.id
+        plain = question.turns[0]
+        assert lm.tokenizer(plain)["input_ids"] == lm.runner.tokenize(plain, parse_special=False)
+
+
+@pytest.mark.parametrize("drafter", ["none", "pld", "suffix", "hybrid", "aded"])
+def test_every_drafter_equals_llama_cpp_greedy(lm, reference, drafter):
+    import aded
+
+    speculative = aded.Aded(lm.runner, lm.tokenizer, drafter=drafter, budget="off")
+    for prompt in PROMPTS:
+        ids = speculative.prompt_ids(prompt)
+        assert speculative.generate(ids, max_new_tokens=MAX_NEW).token_ids == reference(ids)
+
+
+def test_cli_picks_llama_cpp_for_the_default_model_and_matches_it(lm, reference):
+    proc = subprocess.run([str(ADED), "generate", "--json", "--drafter", "pld", "-n", str(MAX_NEW),
+                           PROMPTS[0]], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["token_ids"] == reference(data["prompt_token_ids"])
