@@ -75,11 +75,13 @@ class ReplayStats:
 
 
 def replay_one(drafter: Drafter, record: Recorded, max_nodes: int,
-               budget: BudgetPolicy | None = None) -> ReplayStats:
+               budget: BudgetPolicy | None = None, max_leaves: int | None = None) -> ReplayStats:
     """Replay one recorded output; the first output token comes from prefill, as in a real run.
 
-    Each tree goes through what the engine does to it before verification: nodes deeper than the
-    remaining token budget are dropped, then `budget` (if given) picks the subtree to verify.
+    Each tree goes through what the engine does to it before verification: the budget sizes the
+    request (and thins it while drafts do not pay), nodes deeper than the remaining token budget
+    are dropped, then `budget` picks the subtree to verify, at most `max_leaves` paths wide (the
+    runner's limit: 1 on llama.cpp).
     """
     stats = ReplayStats()
     output = [int(t) for t in record.output_token_ids]
@@ -93,9 +95,12 @@ def replay_one(drafter: Drafter, record: Recorded, max_nodes: int,
     pos = 1
     while pos < len(output):
         t0 = time.perf_counter()
-        tree = _within_depth(drafter.propose(context, max_nodes), max_new - pos - 1)
+        ask = budget.proposal_nodes(max_nodes) if budget is not None else max_nodes
+        tree = _within_depth(drafter.propose(context, ask), max_new - pos - 1)
         if budget is not None:
-            tree = budget.choose(tree)
+            tree = budget.choose(tree, max_leaves)
+        elif max_leaves is not None:
+            tree = tree.subtree(tree.within_leaves(range(len(tree)), max_leaves))
         t1 = time.perf_counter()
         remaining = output[pos:]
         path = tree.longest_match(remaining[:-1] if len(remaining) > 1 else [])
@@ -151,14 +156,15 @@ def _recorded_topk(tree, output: list[int], pos: int, k: int) -> np.ndarray:
 
 
 def replay(
-    drafter: Drafter, records: Iterable[Recorded], max_nodes: int, budget: BudgetPolicy | None = None
+    drafter: Drafter, records: Iterable[Recorded], max_nodes: int, budget: BudgetPolicy | None = None,
+    max_leaves: int | None = None,
 ) -> dict[str, ReplayStats]:
     """Stats per category and for "all", replaying records in order (drafters and the budget's
     calibration learn across records, as in a real run)."""
     by_category: dict[str, ReplayStats] = defaultdict(ReplayStats)
     overall = ReplayStats()
     for record in records:
-        one = replay_one(drafter, record, max_nodes, budget)
+        one = replay_one(drafter, record, max_nodes, budget, max_leaves)
         if record.category != "all":
             by_category[record.category].merge(one)
         overall.merge(one)

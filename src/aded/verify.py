@@ -47,8 +47,8 @@ class Acceptance:
 
 
 def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> Acceptance:
-    """`logits`: [1 + k, vocab] from verification (row 0 = after the root)."""
-    argmax = logits.argmax(dim=-1).tolist()  # [1 + k]
+    """`logits`: [1 + k, vocab] CPU float32 from verification (row 0 = after the root)."""
+    argmax = logits.numpy().argmax(axis=-1).tolist()  # [1 + k]; numpy: no thread pool to wake
     return _descend(tree, lambda row: argmax[row])
 
 

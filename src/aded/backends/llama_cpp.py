@@ -150,7 +150,9 @@ class LlamaCppRunner:
         params.n_batch = self.n_batch
         params.n_ubatch = self.n_batch
         params.n_seq_max = max_leaves
-        params.kv_unified = True  # one cell buffer shared by all sequences: seq_cp adds ids only
+        # trees: one cell buffer shared by all sequences, so seq_cp only adds ids; a chain needs
+        # one sequence, set up as Llama(...) sets up its own (a little faster)
+        params.kv_unified = max_leaves > 1
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads
         params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as Llama(...) by default
@@ -269,6 +271,7 @@ class LlamaCppRunner:
     def describe(self) -> dict[str, Any]:
         return {"backend": "llama.cpp", "llama_cpp_python": self._lib.__version__,
                 "threads": self.n_threads, "n_ctx": self.n_ctx, "n_batch": self.n_batch,
+                "max_tree_leaves": self.max_tree_leaves,
                 "file": self.path.name, "file_type": self.file_type()}
 
     # ------------------------------------------------------------------ llama.cpp specifics
@@ -317,11 +320,12 @@ class LlamaCppRunner:
         """[rows, vocab] float32 copies of the logits of these batch indices (-1: the last)."""
         indices = list(indices)
         out = np.empty((len(indices), self.vocab_size), dtype=np.float32)
+        row_bytes = out.strides[0]
         for row, i in enumerate(indices):
             ptr = self._lib.llama_get_logits_ith(self._ctx, i)
             if not ptr:
                 raise LlamaCppError(f"llama.cpp returned no logits for batch index {i}")
-            out[row] = np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))
+            ctypes.memmove(out.ctypes.data + row * row_bytes, ptr, row_bytes)
         return torch.from_numpy(out)
 
 

@@ -74,6 +74,7 @@ def simulate_results(results: dict[str, Any], drafters: Sequence[str],
     records = recorded_from_results(results)
     costs = _cost_model(results, budget)
     nodes = max_nodes if max_nodes is not None else results.get("config", {}).get("max_draft_nodes", 24)
+    max_leaves = results.get("machine", {}).get("max_tree_leaves")  # the recorded runner's width
     tokenizer = None
     summary: list[dict[str, Any]] = []
     for name in drafters:
@@ -85,7 +86,7 @@ def simulate_results(results: dict[str, Any], drafters: Sequence[str],
         drafter = cls(**options)
         policy = BudgetPolicy(costs) if costs is not None else None
         start = time.perf_counter()
-        stats = replay(drafter, records, nodes, policy)
+        stats = replay(drafter, records, nodes, policy, max_leaves)
         elapsed = time.perf_counter() - start
         plain = costs(0) if costs is not None else None
         for category in ["all", *[c for c in stats if c != "all"]]:
