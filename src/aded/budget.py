@@ -104,14 +104,19 @@ class BudgetPolicy:
 
     def step_cost(self, k: int) -> float:
         """t(k) in the prior's units, corrected by timings observed in this process."""
-        prior = self.cost(k)
+        return float(self.step_costs(k)[k])
+
+    def step_costs(self, max_k: int) -> np.ndarray:
+        """[max_k + 1] corrected t(0..max_k), computed at once (the budget asks every step)."""
+        ks = np.arange(max_k + 1)
+        prior = np.interp(ks, self.cost.sizes, self.cost.seconds)
         n = self._cost_ratio_n
-        if n.sum() == 0:
+        total = n.sum()
+        if total == 0:
             return prior
-        overall = self._cost_ratio_sum.sum() / n.sum()
-        bucket = _bucket(k)
-        ratio = (self._cost_ratio_sum[bucket] + 3.0 * overall) / (n[bucket] + 3.0)
-        return prior * ratio
+        overall = self._cost_ratio_sum.sum() / total
+        ratio = (self._cost_ratio_sum + 3.0 * overall) / (n + 3.0)  # per bucket
+        return prior * ratio[_BUCKET_OF[np.minimum(ks, len(_BUCKET_OF) - 1)]]
 
     def observe_cost(self, k: int, seconds: float) -> None:
         """One verification step of k nodes took `seconds`."""
@@ -141,12 +146,9 @@ class BudgetPolicy:
             return tree.subtree(tree.within_leaves(range(len(tree)), max_leaves))
         scores = self.calibrated(tree)
         order = tree.within_leaves(_best_first(tree, scores), max_leaves)
-        best_k, best_rate, expected = 0, 1.0 / self.step_cost(0), 0.0
-        for k, node in enumerate(order, start=1):
-            expected += scores[node]
-            rate = (1.0 + expected) / self.step_cost(k)
-            if rate > best_rate:
-                best_k, best_rate = k, rate
+        costs = self.step_costs(len(order))
+        rates = (1.0 + np.concatenate(([0.0], np.cumsum(scores[order])))) / costs  # k = 0..n
+        best_k = int(np.argmax(rates))  # the first of equal rates: the smallest tree
         if best_k == 0:
             # keep the estimates honest: a policy that never verifies never learns it was wrong
             self._idle_steps += 1
@@ -173,7 +175,11 @@ class BudgetPolicy:
 
 
 def _bucket(k: int) -> int:
-    return int(np.abs(COST_BUCKETS - k).argmin())
+    return int(_BUCKET_OF[min(k, len(_BUCKET_OF) - 1)])
+
+
+#: the nearest cost bucket of every k up to the largest bucket (ties to the smaller bucket)
+_BUCKET_OF = np.abs(COST_BUCKETS[None, :] - np.arange(COST_BUCKETS[-1] + 1)[:, None]).argmin(axis=1)
 
 
 def _best_first(tree: DraftTree, scores: np.ndarray) -> list[int]:
