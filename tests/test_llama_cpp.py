@@ -265,3 +265,36 @@ def test_sampled_two_token_distribution_is_the_models(runner, with_tree):
     keep = want > 0
     result = stats.chisquare(observed[keep], want[keep] * observed[keep].sum() / want[keep].sum())
     assert result.pvalue > 1e-3, (observed, want)
+
+
+# ---------------------------------------------------------------------------- choosing a backend
+def test_auto_takes_llama_cpp_for_gguf_and_hf_for_folders(tiny_path, tmp_path):
+    from aded.backends.select import choose_backend
+    from aded.models import ModelError
+
+    folder = tmp_path / "hf-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert choose_backend(str(tiny_path)) == "llama.cpp"
+    assert choose_backend("smollm2-135m-instruct") == "llama.cpp"
+    assert choose_backend(str(tiny_path), "hf") == "hf"
+    assert choose_backend(str(folder)) == "hf"
+    with pytest.raises(ModelError, match="GGUF"):
+        choose_backend(str(folder), "llama.cpp")
+    with pytest.raises(ModelError, match="unknown backend"):
+        choose_backend(str(tiny_path), "vulkan")
+
+
+def test_cli_generates_on_a_tiny_gguf(tiny_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    aded_cli = Path(sys.executable).with_name("aded")
+    proc = subprocess.run([str(aded_cli), "generate", "--json", "--model", str(tiny_path), "--backend", "llama.cpp",
+                           "--budget", "off", "-n", "12", "--no-chat", "abc abc abc"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert len(data["token_ids"]) == 12 and data["stats"]["steps"] >= 1
