@@ -298,3 +298,28 @@ def test_cli_generates_on_a_tiny_gguf(tiny_path):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert len(data["token_ids"]) == 12 and data["stats"]["steps"] >= 1
+
+
+def test_exact_chain_length_is_measured_and_respected(tiny_path, reference_llm, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADED_CACHE_DIR", str(tmp_path))
+    measured = LlamaCppRunner(tiny_path, n_ctx=N_CTX, n_threads=1)  # probes, then caches
+    try:
+        # F32 weights are not repacked: every batch row is computed as one-token decoding does
+        assert measured.max_tree_nodes is None
+        assert (tmp_path / "exact-chains.json").is_file()
+    finally:
+        measured.close()
+    capped = LlamaCppRunner(tiny_path, n_ctx=N_CTX, n_threads=1, max_nodes=2)
+    try:
+        prompt = list(range(500, 515)) * 3
+        reference = llama_greedy(reference_llm, prompt, 40)
+        drafter = ScriptedDrafter(reference, len(prompt), 9, capped.vocab_size, paths=3)
+        result = decoder(capped, drafter).generate(prompt, GenerationConfig(max_new_tokens=40))
+        assert result.token_ids == reference
+        assert max(result.stats.accepted_lengths) <= 3  # two nodes and the bonus token
+        seq = capped.new_sequence(32)
+        capped.prefill(seq, [5, 6, 7])
+        with pytest.raises(ValueError, match="exactly"):
+            capped.verify(seq, 8, DraftTree.chain([9, 10, 11]))
+    finally:
+        capped.close()

@@ -89,13 +89,20 @@ class BudgetPolicy:
     _verified_mean: float = 0.0  # decayed mean of nodes verified per step
     _idle_steps: int = 0
     _thinned: int = 0
+    # What drafting earned lately: tokens per second of the steps that drafted, over the plain
+    # decoding rate, drafting time included (a decayed mean; 1 = break-even). Below `min_gain`,
+    # drafting is thinned as above: on an engine where a node costs a third of a step, drafts that
+    # land about as often as they cost are a loss once drafting time counts.
+    gain_memory: float = 0.9
+    min_gain: float = 1.0
+    _gain: float = 1.5
 
     def proposal_nodes(self, max_nodes: int) -> int:
         """How many nodes to ask the drafter for this step (at most `max_nodes`); 0 while drafts
         keep failing (a drafter answers 0 cheaply, without drafting)."""
         if not self.enabled:
             return max_nodes
-        if self._idle_steps >= self.thin_after:
+        if self._idle_steps >= self.thin_after or self._gain < self.min_gain:
             self._thinned += 1
             if self._thinned < self.thin_every:
                 return 0
@@ -117,6 +124,13 @@ class BudgetPolicy:
         overall = self._cost_ratio_sum.sum() / total
         ratio = (self._cost_ratio_sum + 3.0 * overall) / (n + 3.0)  # per bucket
         return prior * ratio[_BUCKET_OF[np.minimum(ks, len(_BUCKET_OF) - 1)]]
+
+    def observe_step(self, drafted: bool, tokens: int, seconds: float) -> None:
+        """A whole step (drafting, verification, bookkeeping) emitted `tokens` in `seconds`."""
+        if not self.enabled or not drafted or seconds <= 0 or not self._cost_ratio_n.any():
+            return
+        ratio = tokens * self.step_cost(0) / seconds  # step_cost(0) is in seconds once observed
+        self._gain = self.gain_memory * self._gain + (1.0 - self.gain_memory) * ratio
 
     def observe_cost(self, k: int, seconds: float) -> None:
         """One verification step of k nodes took `seconds`."""
@@ -208,6 +222,8 @@ def measure_costs(runner, sizes=DEFAULT_SIZES, past_len: int = 256, repeats: int
     Sizes are interleaved in every round, so a slow moment of the machine hits all sizes alike,
     and each size's fastest round is kept (other load only ever adds time).
     """
+    if runner.max_tree_nodes is not None:  # sizes the runner cannot verify exactly never run
+        sizes = tuple(k for k in sizes if k <= runner.max_tree_nodes)
     rng = np.random.default_rng(0)
     vocab = min(runner.vocab_size, 30000)
     seq = runner.new_sequence(past_len + max(sizes) + 8)

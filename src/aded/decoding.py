@@ -148,6 +148,9 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
         generator = torch.Generator().manual_seed(seed)
     sampling = config.sampling() if config.do_sample else None
 
+    node_limit = config.max_draft_nodes  # the runner may verify fewer exactly
+    if runner.max_tree_nodes is not None:
+        node_limit = min(node_limit, runner.max_tree_nodes)
     stats = GenerationStats()
     generated: list[int] = []
     finish_reason = "length"
@@ -179,7 +182,8 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
                 break
 
             t0 = time.perf_counter()
-            tree = drafter.propose(context, budget.proposal_nodes(config.max_draft_nodes))
+            ask = budget.proposal_nodes(node_limit)
+            tree = drafter.propose(context, ask)
             tree = _fit(tree, max_new - len(generated), limit - len(context))
             tree = budget.choose(tree, runner.max_tree_leaves)
             t1 = time.perf_counter()
@@ -195,6 +199,7 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
             drafter.observe(StepFeedback(context, tree, acceptance.accepted_nodes,
                                          acceptance.accepted_ids, acceptance.bonus_id, topk))
             t3 = time.perf_counter()
+            budget.observe_step(ask > 0, len(acceptance.accepted_ids) + 1, t3 - t0)
             stats.draft_s += (t1 - t0) + (t3 - t2)
             stats.verify_s += t2 - t1
             stats.steps += 1

@@ -28,6 +28,7 @@ __all__ = [
     "load_tokenizer",
     "load_model",
     "tokenizer_dir",
+    "file_sha256",
     "install_alias",
 ]
 
@@ -166,7 +167,7 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
 
 
 # ---------------------------------------------------------------------------- GGUF conversion
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     """sha256 of a file, remembered by (path, size, mtime) so big files are hashed once."""
     stat = path.stat()
     memo_path = cache_dir() / "hashes.json"
@@ -188,7 +189,7 @@ def _file_sha256(path: Path) -> str:
 
 def converted_dir(gguf: Path) -> Path:
     """The cache folder for a GGUF file, converting it on first use."""
-    target = cache_dir() / "converted" / _file_sha256(gguf)[:24]
+    target = cache_dir() / "converted" / file_sha256(gguf)[:24]
     if (target / "aded-converted.json").is_file():
         return target
     import torch
@@ -211,7 +212,7 @@ def converted_dir(gguf: Path) -> Path:
         try:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-            meta = {"source": str(gguf), "source_sha256": _file_sha256(gguf), "format": 1}
+            meta = {"source": str(gguf), "source_sha256": file_sha256(gguf), "format": 1}
             (staging / "aded-converted.json").write_text(json.dumps(meta, indent=1))
             if target.exists():  # a half-written folder from an interrupted run
                 shutil.rmtree(target)
@@ -231,10 +232,10 @@ def local_dir(spec: str | os.PathLike) -> Path:
 def tokenizer_dir(gguf: Path) -> Path:
     """A cached folder with the tokenizer of a GGUF file alone (no weights converted): what the
     llama.cpp backend needs for text, chat templates and datastores."""
-    converted = cache_dir() / "converted" / _file_sha256(gguf)[:24]
+    converted = cache_dir() / "converted" / file_sha256(gguf)[:24]
     if (converted / "aded-converted.json").is_file():
         return converted
-    target = cache_dir() / "tokenizers" / _file_sha256(gguf)[:24]
+    target = cache_dir() / "tokenizers" / file_sha256(gguf)[:24]
     if (target / "aded-tokenizer.json").is_file():
         return target
     from transformers import AutoTokenizer
@@ -250,7 +251,7 @@ def tokenizer_dir(gguf: Path) -> Path:
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
         try:
             tokenizer.save_pretrained(staging)
-            meta = {"source": str(gguf), "source_sha256": _file_sha256(gguf), "format": 1}
+            meta = {"source": str(gguf), "source_sha256": file_sha256(gguf), "format": 1}
             (staging / "aded-tokenizer.json").write_text(json.dumps(meta, indent=1))
             if target.exists():
                 shutil.rmtree(target)

@@ -108,7 +108,9 @@ def replay_one(drafter: Drafter, record: Recorded, max_nodes: int,
         bonus = remaining[len(accepted)]
         if budget is not None:
             budget.observe(tree, tuple(path))
-            stats.verify_cost_s += budget.cost(len(tree))
+            step_cost = budget.cost(len(tree))
+            budget.observe_cost(len(tree), step_cost)
+            stats.verify_cost_s += step_cost
         t2 = time.perf_counter()
         topk = None
         if drafter.wants_topk:
@@ -123,7 +125,10 @@ def replay_one(drafter: Drafter, record: Recorded, max_nodes: int,
                 model_topk=topk,
             )
         )
-        stats.draft_s += (t1 - t0) + (time.perf_counter() - t2)
+        drafting = (t1 - t0) + (time.perf_counter() - t2)
+        stats.draft_s += drafting
+        if budget is not None:
+            budget.observe_step(ask > 0, len(accepted) + 1, step_cost + drafting)
         context.extend(accepted)
         context.append(bonus)
         pos += len(accepted) + 1

@@ -37,6 +37,8 @@ class Runner(Protocol):
     max_positions: int
     #: most root-to-leaf paths one verification may carry (None: any tree)
     max_tree_leaves: int | None
+    #: most draft nodes one verification may carry (None: any number; 0: plain decoding only)
+    max_tree_nodes: int | None
     #: token ids that end generation as the model's own plain decoding stops on them
     eos_token_ids: tuple[int, ...]
 

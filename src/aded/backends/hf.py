@@ -112,6 +112,7 @@ class HFRunner:
 
     backend = "hf"
     max_tree_leaves = None  # a 4D mask expresses any tree
+    max_tree_nodes = None
 
     def __init__(self, model) -> None:
         self.model = model

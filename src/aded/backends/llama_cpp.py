@@ -26,6 +26,12 @@ to ~0.5 in the logits and flips near-ties. Two things guarantee it:
   cell offsets, so trees wider than one path (`max_leaves > 1`) are lossless only up to such
   rounding, and the default verifies one path: the best-scoring chain of the drafter's tree, which
   is also what pays on a CPU where each extra node costs ~60% of a step.
+Some weight types are repacked for this CPU at load (Q4_0, Q4_K, IQ4_NL on AVX2), and their
+products run four activation rows at a time through another kernel than one row, so only batches
+of up to three rows match one-token decoding. Which batch sizes are exact is not guessed from types:
+the runner measures it when it loads (a chain verified in one batch against the same tokens decoded
+one at a time, compared bit for bit) and limits verified chains to the longest exact one
+(`max_tree_nodes`; 0 means plain decoding only).
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ __all__ = ["LlamaCppRunner", "LlamaCppError", "llama_cpp_available", "tree_seque
 
 #: root-to-leaf paths per verification; the budget prunes wider trees to this (see "Exactness")
 DEFAULT_MAX_LEAVES = 1
+#: chain length probed for exact batch verification when a runner loads
+PROBE_NODES = 32
 
 
 class LlamaCppError(RuntimeError):
@@ -109,7 +117,10 @@ class LlamaCppRunner:
     backend = "llama.cpp"
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, n_threads: int | None = None,
-                 n_batch: int = 512, max_leaves: int = DEFAULT_MAX_LEAVES) -> None:
+                 n_batch: int = 512, max_leaves: int = DEFAULT_MAX_LEAVES,
+                 max_nodes: int | None = -1) -> None:
+        """`max_nodes`: the most draft nodes one verification may carry; -1 (the default) measures
+        the longest chain llama.cpp verifies exactly on this file and machine, None allows any."""
         try:
             import llama_cpp
         except ImportError as exc:
@@ -132,6 +143,8 @@ class LlamaCppRunner:
                                 "or a damaged file")
         try:
             self._setup(n_ctx, n_batch, max_leaves)
+            self.max_tree_nodes: int | None = None
+            self.max_tree_nodes = self._cached_exact_chain_nodes() if max_nodes == -1 else max_nodes
         except BaseException:
             self.close()
             raise
@@ -167,6 +180,53 @@ class LlamaCppRunner:
         self._memory = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(self.n_batch, 0, self.max_tree_leaves)
         self.eos_token_ids = self._end_of_generation_ids()
+
+    def _cached_exact_chain_nodes(self) -> int | None:
+        """`_exact_chain_nodes`, remembered per file, build and settings (a second or more)."""
+        import json
+
+        from aded.fileio import write_atomic
+        from aded.models import cache_dir, file_sha256
+
+        key = f"{file_sha256(self.path)[:24]}|{self.cost_identity()}|probe={PROBE_NODES}|v1"
+        path = cache_dir() / "exact-chains.json"
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if not isinstance(known, dict):
+            known = {}
+        if key in known and (known[key] is None or isinstance(known[key], int)):
+            return known[key]
+        known[key] = self._exact_chain_nodes()
+        write_atomic(path, json.dumps(known, indent=0))
+        return known[key]
+
+    def _exact_chain_nodes(self, probe: int = PROBE_NODES) -> int | None:
+        """The longest chain whose verification rows equal one-token decoding bit for bit (None:
+        every chain up to `probe` nodes was exact, so no limit)."""
+        rng = np.random.default_rng(0)
+        vocab = min(self.vocab_size, 30000)
+        past = rng.integers(100, vocab, 48).tolist()
+        chain = rng.integers(100, vocab, probe).tolist()
+        seq = self.new_sequence(0)
+        self.prefill(seq, past)
+        single = []
+        for token in [7, *chain]:  # one token at a time, as plain decoding runs
+            single.append(self.verify(seq, token, DraftTree.empty())[0])
+            self.commit(seq, ())
+
+        def exact(k: int) -> bool:
+            self.rewind(seq, len(past))
+            rows = self.verify(seq, 7, DraftTree.chain(chain[:k]))
+            return all(torch.equal(rows[i], single[i]) for i in range(k + 1))
+
+        if exact(probe):
+            return None
+        k = 0
+        while k < probe and exact(k + 1):
+            k += 1
+        return k
 
     def _end_of_generation_ids(self) -> tuple[int, ...]:
         """Every token llama.cpp treats as end of generation (EOS, EOT and the like)."""
@@ -220,6 +280,9 @@ class LlamaCppRunner:
     def verify(self, seq: LlamaSequence, root_id: int, tree: DraftTree) -> torch.Tensor:
         k = len(tree)
         past = seq.past_len
+        if self.max_tree_nodes is not None and k > self.max_tree_nodes:
+            raise ValueError(f"a tree of {k} nodes exceeds the {self.max_tree_nodes} this runner "
+                             "verifies exactly")
         if k + 1 > self.n_batch:
             raise ValueError(f"a tree of {k} nodes exceeds the batch of {self.n_batch} tokens")
         if past + k + 1 > self.n_ctx:
@@ -260,9 +323,10 @@ class LlamaCppRunner:
         seq.step_keep, seq.step_width = None, 1
 
     def rewind(self, seq: LlamaSequence, length: int) -> None:
-        if length < seq.past_len:
-            self._lib.llama_memory_seq_rm(self._memory, 0, length, -1)
-            seq.past_len = length
+        """Forget positions from `length` on, committed or left by an uncommitted verification."""
+        self._lib.llama_memory_seq_rm(self._memory, -1, length, -1)
+        seq.past_len = min(seq.past_len, length)
+        seq.step_keep, seq.step_width = None, 1
 
     def cost_identity(self) -> str:
         return (f"llama.cpp|{self._lib.__version__}|threads={self.n_threads}|n_batch={self.n_batch}"
@@ -271,7 +335,7 @@ class LlamaCppRunner:
     def describe(self) -> dict[str, Any]:
         return {"backend": "llama.cpp", "llama_cpp_python": self._lib.__version__,
                 "threads": self.n_threads, "n_ctx": self.n_ctx, "n_batch": self.n_batch,
-                "max_tree_leaves": self.max_tree_leaves,
+                "max_tree_leaves": self.max_tree_leaves, "max_tree_nodes": self.max_tree_nodes,
                 "file": self.path.name, "file_type": self.file_type()}
 
     # ------------------------------------------------------------------ llama.cpp specifics

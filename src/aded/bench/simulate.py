@@ -75,6 +75,9 @@ def simulate_results(results: dict[str, Any], drafters: Sequence[str],
     costs = _cost_model(results, budget)
     nodes = max_nodes if max_nodes is not None else results.get("config", {}).get("max_draft_nodes", 24)
     max_leaves = results.get("machine", {}).get("max_tree_leaves")  # the recorded runner's width
+    runner_nodes = results.get("machine", {}).get("max_tree_nodes")  # and its exact chain length
+    if runner_nodes is not None:
+        nodes = min(nodes, runner_nodes)
     tokenizer = None
     summary: list[dict[str, Any]] = []
     for name in drafters:
