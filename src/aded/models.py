@@ -208,19 +208,25 @@ def converted_dir(gguf: Path) -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
-        try:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            meta = {"source": str(gguf), "source_sha256": file_sha256(gguf), "format": 1}
-            (staging / "aded-converted.json").write_text(json.dumps(meta, indent=1))
-            if target.exists():  # a half-written folder from an interrupted run
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        _publish(target, gguf, "aded-converted.json", model, tokenizer)
     return target
+
+
+def _publish(target: Path, gguf: Path, marker: str, *parts) -> None:
+    """Save `parts` (save_pretrained objects) into a staging folder, then rename it to `target`:
+    a crash leaves no half-written cache folder, and `marker` says the folder is complete."""
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        for part in parts:
+            part.save_pretrained(staging)
+        meta = {"source": str(gguf), "source_sha256": file_sha256(gguf), "format": 1}
+        (staging / marker).write_text(json.dumps(meta, indent=1))
+        if target.exists():  # a half-written folder from an interrupted run
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def local_dir(spec: str | os.PathLike) -> Path:
@@ -248,17 +254,7 @@ def tokenizer_dir(gguf: Path) -> Path:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         except Exception as exc:  # transformers raises many kinds on a file it cannot read
             raise ModelError(f"cannot read a tokenizer from {gguf}: {type(exc).__name__}: {exc}") from exc
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
-        try:
-            tokenizer.save_pretrained(staging)
-            meta = {"source": str(gguf), "source_sha256": file_sha256(gguf), "format": 1}
-            (staging / "aded-tokenizer.json").write_text(json.dumps(meta, indent=1))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        _publish(target, gguf, "aded-tokenizer.json", tokenizer)
     return target
 
 
