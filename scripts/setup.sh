@@ -33,7 +33,7 @@ key=$(echo "$LLAMA_VERSION $LLAMA_FLAGS" | sha256sum | cut -c1-12)
 if [ "${ADED_SKIP_LLAMA:-0}" != "1" ] && [ "$(cat .venv/aded-llama-build 2>/dev/null)" != "$key" ]; then
   wheels="${ADED_WHEEL_CACHE:-$HOME/.cache/aded-wheels}/llama-cpp-python-$key"
   if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-    echo "Building llama.cpp for the llama.cpp backend: about 11 minutes on 2 cores, once per machine."
+    echo "Building llama.cpp for the llama.cpp backend: 4 to 11 minutes on 2 cores, once per machine."
     log=$(mktemp)
     rm -rf "$wheels.partial"
     CMAKE_ARGS="$LLAMA_FLAGS" .venv/bin/python -m pip wheel --no-deps --no-cache-dir -v \
