@@ -256,8 +256,8 @@ class LlamaCppRunner:
 
     # ------------------------------------------------------------------ the protocol
     def new_sequence(self, capacity: int) -> LlamaSequence:
-        if capacity > self.n_ctx:
-            capacity = self.n_ctx  # the loop limits itself to max_positions
+        """The context's cells are allocated once (`n_ctx`); a new sequence empties them, so only
+        one sequence of a runner is live at a time (the previous one is void)."""
         self._lib.llama_memory_clear(self._memory, True)
         return LlamaSequence()
 
