@@ -85,6 +85,19 @@ def tiny_tokenizer():
     return tokenizer
 
 
+def import_llama_cpp():
+    """llama_cpp for the llama.cpp backend's tests. The setup script builds it, so a missing one is
+    an import error that fails the run. The one deliberate exception is `ADED_SKIP_LLAMA=1`, the
+    setup's documented switch for machines that cannot build llama.cpp: there the backend is absent
+    by choice, and its tests skip (module-level, with that reason) instead of failing. CI never sets it."""
+    if os.environ.get("ADED_SKIP_LLAMA") == "1":
+        pytest.skip("ADED_SKIP_LLAMA=1: setup skipped the llama.cpp backend on purpose",
+                    allow_module_level=True)
+    import llama_cpp
+
+    return llama_cpp
+
+
 @pytest.fixture(scope="session")
 def tiny_lm():
     """An `Aded` over a tiny Llama whose vocabulary matches `tiny_tokenizer`."""

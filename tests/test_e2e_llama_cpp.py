@@ -4,19 +4,16 @@ and every drafter's greedy output equals what llama-cpp-python's own `Llama.gene
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import import_llama_cpp
+
 pytestmark = pytest.mark.e2e
-
-if os.environ.get("ADED_SKIP_LLAMA") == "1":
-    pytest.skip("ADED_SKIP_LLAMA=1: the llama.cpp backend is not installed", allow_module_level=True)
-
-import llama_cpp  # noqa: E402
+llama_cpp = import_llama_cpp()  # fails when missing; skips only under ADED_SKIP_LLAMA=1
 
 ADED = Path(sys.executable).with_name("aded")
 MAX_NEW = 48

@@ -3,17 +3,15 @@ sequence ids, every drafter equal to llama.cpp's own greedy decoding, exact samp
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-if os.environ.get("ADED_SKIP_LLAMA") == "1":  # the setup script was told to skip the backend
-    pytest.skip("ADED_SKIP_LLAMA=1: the llama.cpp backend is not installed", allow_module_level=True)
+from conftest import import_llama_cpp
 
-import llama_cpp  # noqa: E402  (the setup script installs it: a missing one fails loudly)
+llama_cpp = import_llama_cpp()  # fails when missing; skips only under ADED_SKIP_LLAMA=1
 
 from aded.api import Aded  # noqa: E402
 from aded.backends.base import Runner  # noqa: E402

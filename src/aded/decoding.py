@@ -19,7 +19,7 @@ from aded.drafters.base import Drafter, StepFeedback
 from aded.tree import DraftTree
 from aded.verify import Acceptance, Sampling, accept_greedy, accept_sampled
 
-__all__ = ["GenerationConfig", "GenerationStats", "GenerationResult", "SpeculativeDecoder"]
+__all__ = ["GenerationConfig", "GenerationStats", "GenerationResult", "SpeculativeDecoder", "fit_tree"]
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
             t0 = time.perf_counter()
             ask = budget.proposal_nodes(node_limit)
             tree = drafter.propose(context, ask)
-            tree = _fit(tree, max_new - len(generated), limit - len(context))
+            tree = fit_tree(tree, max_new - len(generated), limit - len(context))
             tree = budget.choose(tree, runner.max_tree_leaves)
             t1 = time.perf_counter()
             logits = runner.verify(seq, context[-1], tree)  # [1 + k, vocab]
@@ -229,7 +229,7 @@ def _finished(generated: list[int], start: int, max_new: int, eos: frozenset[int
     return None, None
 
 
-def _fit(tree: DraftTree, remaining: int, room: int) -> DraftTree:
+def fit_tree(tree: DraftTree, remaining: int, room: int) -> DraftTree:
     """Drop nodes that could never be emitted (deeper than the token budget or the context
     allows) and nodes beyond the positions left (a runner may store every node, not only a path)."""
     max_depth = min(remaining - 1, room - 1)

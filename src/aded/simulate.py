@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from aded.budget import BudgetPolicy
+from aded.decoding import fit_tree
 from aded.drafters.base import Drafter, StepFeedback
 from aded.tree import DraftTree
 
@@ -84,6 +85,7 @@ def replay_one(drafter: Drafter, record: Recorded, max_nodes: int,
     runner's limit: 1 on llama.cpp).
     """
     stats = ReplayStats()
+    policy = budget if budget is not None else BudgetPolicy(enabled=False)  # width limit only
     output = [int(t) for t in record.output_token_ids]
     if not output:
         return stats
@@ -95,22 +97,19 @@ def replay_one(drafter: Drafter, record: Recorded, max_nodes: int,
     pos = 1
     while pos < len(output):
         t0 = time.perf_counter()
-        ask = budget.proposal_nodes(max_nodes) if budget is not None else max_nodes
-        tree = _within_depth(drafter.propose(context, ask), max_new - pos - 1)
-        if budget is not None:
-            tree = budget.choose(tree, max_leaves)
-        elif max_leaves is not None:
-            tree = tree.subtree(tree.within_leaves(range(len(tree)), max_leaves))
+        ask = policy.proposal_nodes(max_nodes)
+        # the loop's trimming rule; a recorded run already fitted its context, so no room limit
+        tree = fit_tree(drafter.propose(context, ask), max_new - pos, room=1 << 30)
+        tree = policy.choose(tree, max_leaves)
         t1 = time.perf_counter()
         remaining = output[pos:]
         path = tree.longest_match(remaining[:-1] if len(remaining) > 1 else [])
         accepted = [int(tree.token_ids[i]) for i in path]
         bonus = remaining[len(accepted)]
-        if budget is not None:
-            budget.observe(tree, tuple(path))
-            step_cost = budget.cost(len(tree))
-            budget.observe_cost(len(tree), step_cost)
-            stats.verify_cost_s += step_cost
+        step_cost = budget.cost(len(tree)) if budget is not None else 0.0
+        policy.observe(tree, tuple(path))
+        policy.observe_cost(len(tree), step_cost)
+        stats.verify_cost_s += step_cost
         t2 = time.perf_counter()
         topk = None
         if drafter.wants_topk:
@@ -127,8 +126,7 @@ def replay_one(drafter: Drafter, record: Recorded, max_nodes: int,
         )
         drafting = (t1 - t0) + (time.perf_counter() - t2)
         stats.draft_s += drafting
-        if budget is not None:
-            budget.observe_step(ask > 0, len(accepted) + 1, step_cost + drafting)
+        policy.observe_step(ask > 0, len(accepted) + 1, step_cost + drafting)
         context.extend(accepted)
         context.append(bonus)
         pos += len(accepted) + 1
@@ -139,12 +137,6 @@ def replay_one(drafter: Drafter, record: Recorded, max_nodes: int,
     drafter.end()
     return stats
 
-
-def _within_depth(tree: DraftTree, max_depth: int) -> DraftTree:
-    """The engine's rule (decoding._fit): nodes deeper than what may still be emitted are dropped."""
-    if len(tree) == 0 or tree.max_depth <= max_depth:
-        return tree
-    return tree.subtree([i for i in range(len(tree)) if tree.depths[i] <= max_depth])
 
 
 def _recorded_topk(tree, output: list[int], pos: int, k: int) -> np.ndarray:

@@ -16,16 +16,27 @@ sampling and the drafters' feedback then never touch device memory or engine buf
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from aded.tree import DraftTree
 
-__all__ = ["Runner", "BACKENDS"]
+__all__ = ["Runner", "BACKENDS", "physical_cores"]
 
 #: the engines a model can run on; "auto" picks llama.cpp for GGUF files when it is installed
 BACKENDS = ("auto", "hf", "llama.cpp")
+
+
+def physical_cores() -> int:
+    """CPU cores without hyper-threads: the default thread count of both engines."""
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
 
 
 @runtime_checkable

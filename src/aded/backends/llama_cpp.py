@@ -45,6 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from aded.backends.base import physical_cores
 from aded.tree import DraftTree
 
 __all__ = ["LlamaCppRunner", "LlamaCppError", "llama_cpp_available", "tree_sequences"]
@@ -134,7 +135,7 @@ class LlamaCppRunner:
             raise LlamaCppError(f"{self.path} is not a file")
         if not 1 <= max_leaves <= 256:
             raise ValueError(f"max_leaves must be in [1, 256], got {max_leaves}")
-        self.n_threads = int(n_threads or _physical_cores())
+        self.n_threads = int(n_threads or physical_cores())
         self._model = self._ctx = self._batch = None
         model_params = llama_cpp.llama_model_default_params()
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
@@ -289,7 +290,7 @@ class LlamaCppRunner:
             raise ValueError(f"{past} cached positions and {k + 1} new exceed the context of {self.n_ctx}")
         tokens = [int(root_id), *tree.token_ids.tolist()]
         self._check_ids(tokens)
-        positions = [past, *(past + int(d) for d in tree.depths.tolist())]
+        positions = (tree.position_offsets + past).tolist()
         if tree.is_chain:
             node_seqs, keep, width = None, None, 1
         else:
@@ -391,12 +392,3 @@ class LlamaCppRunner:
                 raise LlamaCppError(f"llama.cpp returned no logits for batch index {i}")
             ctypes.memmove(out.ctypes.data + row * row_bytes, ptr, row_bytes)
         return torch.from_numpy(out)
-
-
-def _physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1

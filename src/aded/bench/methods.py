@@ -137,11 +137,11 @@ class LlamaCppGenerate(Method):
             from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
             # its draft path breaks on prompts longer than n_batch unless the batch holds them
-            options = {"draft_model": LlamaPromptLookupDecoding(num_pred_tokens=prompt_lookup),
-                       "n_batch": runner.n_ctx, "n_ubatch": runner.n_ctx}
+            options = {"draft_model": LlamaPromptLookupDecoding(num_pred_tokens=prompt_lookup)}
+        batch = runner.n_ctx if prompt_lookup else runner.n_batch
         self.llm = Llama(model_path=str(runner.path), n_ctx=runner.n_ctx, n_threads=runner.n_threads,
-                         n_threads_batch=runner.n_threads, seed=sampling.seed, verbose=False,
-                         **{"n_batch": runner.n_batch, "n_ubatch": runner.n_batch, **options})
+                         n_threads_batch=runner.n_threads, n_batch=batch, n_ubatch=batch,
+                         seed=sampling.seed, verbose=False, **options)
         self._evals: list[int] = []
         self._produced = 0
         plain_eval = self.llm.eval
@@ -185,7 +185,7 @@ class LlamaCppGenerate(Method):
             tokens.close()
         end = time.perf_counter()
         # evals after the prompt's: each is one decoding step, emitting what came before the next
-        marks = [m for m in self._evals[1:]] + [len(output)]
+        marks = self._evals[1:] + [len(output)]
         steps = [b - a for a, b in zip(marks, marks[1:]) if b > a]
         first_at = first_at if first_at is not None else end
         return TurnResult(output, first_at - start, end - first_at, steps, 1 if output else 0)
@@ -331,9 +331,9 @@ def build_methods(names: Sequence[str], tokenizer, runner, sampling: Sampling,
     out = MethodSet()
     for name in ordered:
         try:
-            if name in ("hf", "hf-pld"):
+            if name in PEERS["hf"]:
                 out.methods.append(HFGenerate(name, runner.model, sampling, 10 if name == peer else None))
-            elif name in ("llama.cpp", "llama.cpp-pld"):
+            elif name in PEERS["llama.cpp"]:
                 out.methods.append(LlamaCppGenerate(name, runner, sampling, 10 if name == peer else None))
             else:
                 drafter = _drafter(name, tokenizer)

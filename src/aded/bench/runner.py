@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Sequence
 
+from aded.backends.base import physical_cores
 from aded.bench.methods import Method, MethodSet, Sampling, TurnResult, baseline_of, build_methods
 from aded.bench.questions import Question
 
@@ -48,15 +49,6 @@ class BenchConfig:
 
 
 # ---------------------------------------------------------------------------- machine and prompts
-def physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
-
-
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
