@@ -11,8 +11,8 @@ import pytest
 from aded.drafters import make_drafter
 from aded.drafters.aded import AdedDrafter, Calibrator
 from aded.drafters.base import StepFeedback
-from aded.representative import Representative
-from aded.simulate import Recorded, replay
+from aded.drafters.representative import Representative
+from aded.replay import Recorded, replay
 from aded.store.build import NgramCounter
 from aded.store.datastore import Datastore, TokenizerIdentity
 

@@ -10,7 +10,7 @@ import pytest
 from aded.drafters import DRAFTERS, make_drafter
 from aded.drafters.base import Drafter, StepFeedback
 from aded.drafters.hybrid import HybridDrafter, default_sources
-from aded.simulate import Recorded, replay
+from aded.replay import Recorded, replay
 from aded.tree import DraftTree
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aded.representative import LEVELS, Representative, RepresentativeConfig
+from aded.drafters.representative import LEVELS, Representative, RepresentativeConfig
 from aded.store.build import NgramCounter
 from aded.store.datastore import Datastore, DatastoreError, TokenizerIdentity
 

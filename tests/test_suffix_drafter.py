@@ -8,7 +8,7 @@ import pytest
 from aded.drafters import make_drafter
 from aded.drafters.base import StepFeedback
 from aded.drafters.suffix import SuffixDrafter
-from aded.simulate import Recorded, replay
+from aded.replay import Recorded, replay
 
 
 def depth_of(tree) -> int:

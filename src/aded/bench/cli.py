@@ -65,7 +65,7 @@ def _run(model, questions, methods, backend, max_new_tokens, limit, temperature,
 
     from aded.backends.select import choose_backend, load_runner
     from aded.bench.methods import method_names
-    from aded.bench.progress import BenchProgress
+    from aded.progress import BenchProgress
     from aded.bench.questions import load_questions
     from aded.bench.report import render_report, write_outputs
     from aded.bench.runner import BenchConfig, physical_cores, run_bench
@@ -129,7 +129,7 @@ def simulate_command(
 ) -> None:
     """Replay a benchmark's recorded outputs through drafters, without the model (seconds, not minutes)."""
     from aded.bench.report import load_results
-    from aded.bench.simulate import render_simulation, simulate_results
+    from aded.replay import render_simulation, simulate_results
     from aded.models import load_tokenizer
 
     results = load_results(recorded)

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from aded.drafters.base import Drafter, StepFeedback
-from aded.representative import NUM_LEVELS, Representative, RepresentativeConfig
+from aded.drafters.representative import NUM_LEVELS, Representative, RepresentativeConfig
 from aded.store.datastore import Datastore, TokenizerIdentity, tokenizer_identity
 from aded.tree import DraftTree, TreeBuilder
 

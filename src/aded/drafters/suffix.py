@@ -1,6 +1,6 @@
 """SuffixDecoding drafts: grow a tree below the longest matched suffix of the context.
 
-Two suffix indexes (`aded.suffix_tree.SuffixIndex`): one per request over its prompt and output so
+Two suffix indexes (`aded.drafters.suffix_index.SuffixIndex`): one per request over its prompt and output so
 far, one global over earlier requests' outputs (bounded, oldest evicted). For each, the longest
 suffix of the context (up to `max_depth` tokens) is matched, and a tree is grown best-first below
 it by the empirical continuation probability `count(child) / count(parent)`; a path's probability
@@ -27,7 +27,7 @@ import numpy as np
 
 from aded.drafters.base import Drafter, StepFeedback
 from aded.drafters.calibration import EdgeCalibrator, bucket, judged_edges
-from aded.suffix_tree import Match, SuffixIndex
+from aded.drafters.suffix_index import Match, SuffixIndex
 from aded.tree import DraftTree, TreeBuilder
 
 __all__ = ["SuffixDrafter", "Proposal", "merge_proposals"]

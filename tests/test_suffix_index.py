@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aded.suffix_tree import SuffixIndex
+from aded.drafters.suffix_index import SuffixIndex
 
 tokens = st.lists(st.integers(0, 3), min_size=0, max_size=60)
 

@@ -9,11 +9,11 @@ import pytest
 from aded.backends.hf import HFRunner
 from aded.bench.questions import Question
 from aded.bench.runner import BenchConfig, run_bench
-from aded.bench.simulate import recorded_from_results, simulate_results
+from aded.replay import recorded_from_results, simulate_results
 from aded.budget import BudgetPolicy, CostModel
 from aded.decoding import GenerationConfig, SpeculativeDecoder
 from aded.drafters import make_drafter
-from aded.simulate import Recorded, replay
+from aded.replay import Recorded, replay
 from conftest import hf_greedy, tiny_llama
 from test_bench_smoke import QUESTIONS, tiny_char_tokenizer
 
