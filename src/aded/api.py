@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from aded.budget import BudgetPolicy, CostModel, load_or_measure_costs
-from aded.decoding import GenerationConfig, GenerationResult, GenerationStats, SpeculativeDecoder
+from aded.decoding import GenerationConfig, GenerationResult, GenerationStats, SpeculativeDecoder, sampling_fields
 from aded.drafters import DEFAULT_DRAFTER, Drafter, make_drafter
 from aded.models import DEFAULT_MODEL
 
@@ -134,9 +134,8 @@ class Aded:
 
     # ------------------------------------------------------------------ generation
     def generation_config(self, **kwargs: Any) -> GenerationConfig:
-        if kwargs.get("temperature") == 0:  # OpenAI convention: temperature 0 means greedy
-            kwargs["do_sample"] = False
-            kwargs["temperature"] = 1.0
+        if kwargs.get("temperature") == 0:
+            kwargs.update(sampling_fields(0))
         return GenerationConfig(**{k: v for k, v in kwargs.items() if v is not None})
 
     def generate(self, prompt: str | Messages | Sequence[int], *, stop: Sequence[str] = (),

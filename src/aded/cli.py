@@ -69,12 +69,13 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
 
 
 def _generation_options(max_new_tokens, temperature, top_p, top_k, seed, max_draft_nodes) -> dict:
+    from aded.decoding import sampling_fields
+
     if temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {temperature}")
     return {
         "max_new_tokens": max_new_tokens,
-        "do_sample": temperature > 0,
-        "temperature": temperature if temperature > 0 else 1.0,
+        **sampling_fields(temperature),
         "top_p": top_p,
         "top_k": top_k,
         "seed": seed,

@@ -19,7 +19,16 @@ from aded.drafters.base import Drafter, StepFeedback
 from aded.tree import DraftTree
 from aded.verify import Acceptance, Sampling, accept_greedy, accept_sampled
 
-__all__ = ["GenerationConfig", "GenerationStats", "GenerationResult", "SpeculativeDecoder", "fit_tree"]
+__all__ = ["GenerationConfig", "GenerationStats", "GenerationResult", "SpeculativeDecoder", "fit_tree",
+           "sampling_fields"]
+
+
+def sampling_fields(temperature: float) -> dict[str, bool | float]:
+    """`do_sample` and `temperature` for a user's temperature, decided here for every surface (API,
+    CLI, server, benchmark): OpenAI's convention, 0 means greedy; above 0 samples at it."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    return {"do_sample": temperature > 0, "temperature": temperature if temperature > 0 else 1.0}
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from aded.decoding import sampling_fields
 from aded.server.engine import Engine, GenerationRequest, Job, RequestError
 from aded.server.metrics import Metrics
 from aded.server.schemas import (AdedStats, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
@@ -131,8 +132,8 @@ class _Server:
                                param="max_tokens", code="context_length_exceeded")
         max_tokens = request.max_tokens or min(self.config.default_max_tokens, room)
         temperature = 1.0 if request.temperature is None else request.temperature
-        generation = {"max_new_tokens": max_tokens, "temperature": temperature,
-                      "do_sample": temperature > 0, "top_p": request.top_p, "top_k": request.top_k,
+        generation = {"max_new_tokens": max_tokens, **sampling_fields(temperature),
+                      "top_p": request.top_p, "top_k": request.top_k,
                       "seed": request.seed, "max_draft_nodes": self.config.max_draft_nodes}
         try:
             self.lm.generation_config(**dict(generation))  # validates the combination
