@@ -12,6 +12,7 @@ from aded.drafters import make_drafter
 from aded.drafters.aded import AdedDrafter, Calibrator
 from aded.drafters.base import StepFeedback
 from aded.drafters.representative import Representative
+from aded.drafters.state_file import StateError, StateFile
 from aded.replay import Recorded, replay
 from aded.store.build import NgramCounter
 from aded.store.datastore import Datastore, TokenizerIdentity
@@ -158,13 +159,26 @@ def test_calibrator_learns_acceptance_rates():
 def test_save_and_restore_learned_state(tmp_path):
     drafter = AdedDrafter(seed=1)
     replay(drafter, synthetic_requests(0, 3), 8)
-    with pytest.raises(ValueError, match="tokenizer"):
-        drafter.save(tmp_path / "x.aded")
-    drafter.identity = IDENTITY
-    drafter.save(tmp_path / "learned.aded")
-    restored = AdedDrafter(store_from([0, 1, 2]), learned=tmp_path / "learned.aded")
-    assert restored.rep.learned == drafter.rep.learned
+    path = tmp_path / "learned.aded"
+    StateFile(path, "aded", IDENTITY).save(drafter.state_dict())
+    restored = AdedDrafter(store_from([0, 1, 2]), learned=path)
+    mine, theirs = restored.rep.learned.to_arrays(), drafter.rep.learned.to_arrays()
+    assert len(theirs["learned_tri_keys"]) and all(np.allclose(mine[k], theirs[k]) for k in theirs)
     assert np.array_equal(restored.calibrator.tried, drafter.calibrator.tried)
+    StateFile(path, "aded", TokenizerIdentity("other", 9, "different")).save(drafter.state_dict())
+    with pytest.raises(StateError, match="tokenizer"):
+        AdedDrafter(store_from([0, 1, 2]), learned=path)
+    with pytest.raises(ValueError, match="calib_tried"):
+        AdedDrafter().load_state_dict({k: v for k, v in drafter.state_dict().items() if k != "calib_tried"})
+
+
+def test_siblings_share_what_they_learn():
+    template = AdedDrafter(seed=1)
+    first, second = template.spawn(), template.spawn()
+    replay(first, synthetic_requests(0, 3), 8)
+    assert second.rep.learned is template.rep.learned and len(template.rep.learned.tri)
+    assert second.calibrator is first.calibrator
+    assert second.rep.history == []  # the request layer stays per sibling
 
 
 class WordTokenizer:

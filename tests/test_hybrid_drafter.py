@@ -110,10 +110,19 @@ def test_learned_state_round_trips_as_plain_arrays():
     records = [Recorded(rng.integers(0, 20, 60).tolist(), rng.integers(0, 20, 100).tolist()) for _ in range(3)]
     drafter = HybridDrafter(["pld", "suffix"])
     replay(drafter, records, 8)
-    state = drafter.state_arrays()
+    state = drafter.state_dict()
     assert {"hybrid/calibration", "suffix/tokens", "suffix/calibration"} <= set(state)
     assert all(isinstance(v, np.ndarray) and v.dtype != object for v in state.values())
     restored = HybridDrafter(["pld", "suffix"])
-    restored.load_state_arrays(state)
+    restored.load_state_dict(state)
     probe = Recorded(records[0].prompt_token_ids, records[1].output_token_ids)
     assert replay(restored, [probe], 8)["all"].accepted_lengths == replay(drafter, [probe], 8)["all"].accepted_lengths
+
+
+def test_foreign_state_is_refused_and_siblings_share_learning():
+    drafter = HybridDrafter(["pld", "suffix"])
+    with pytest.raises(ValueError, match="no source"):
+        drafter.load_state_dict({"aded/learned_tri_keys": np.zeros((0, 3), dtype=np.int64)})
+    sibling = drafter.spawn()
+    assert sibling.sources[1].global_index is drafter.sources[1].global_index
+    assert sibling.calibrator is drafter.calibrator and sibling.sources is not drafter.sources

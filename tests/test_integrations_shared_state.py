@@ -88,7 +88,7 @@ def test_decay_fades_old_counts_and_drops_the_smallest():
     core = SharedStateCore(decay=0.5)
     core.exchange(table([1, 2, 3]).to_arrays(), 0)
     core.exchange(table([4, 5, 6]).to_arrays(), 1)
-    assert core.table.tri == {(1, 2): {3: 0.5}, (4, 5): {6: 1.0}}
+    assert core.table.followers((1, 2)) == {3: 0.5} and core.table.followers((4, 5)) == {6: 1.0}
     with pytest.raises(ValueError):
         SharedStateCore(decay=0.0)
 
@@ -99,8 +99,9 @@ def test_save_and_restore(tmp_path):
     core.exchange(table([1, 2, 3, 4]).to_arrays(), 0)
     core.save()
     restored = SharedStateCore(path=str(path))
-    assert restored.table.tri == core.table.tri and restored.version > core.version
+    assert restored.table.to_arrays()["learned_tri_counts"].tolist() == core.table.to_arrays()["learned_tri_counts"].tolist()
+    assert restored.version > core.version
     np.testing.assert_array_equal(restored.snapshot()["learned_tri_keys"], core.snapshot()["learned_tri_keys"])
     (tmp_path / "other").write_bytes(b"not a datastore")
-    with pytest.raises(Exception, match="not an aded datastore|truncated"):
+    with pytest.raises(Exception, match="not a readable state file"):
         SharedStateCore(path=str(tmp_path / "other"))

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aded.drafters.counts import CountTable
 from aded.drafters.representative import LEVELS, Representative, RepresentativeConfig
 from aded.store.build import NgramCounter
 from aded.store.datastore import Datastore, DatastoreError, TokenizerIdentity
@@ -89,14 +90,14 @@ def test_learning_across_requests_with_decay():
     rep.begin([])
     top = rep.candidates([1, 2])
     assert top[0].token == 3 and LEVELS[top[0].level] == "learned"
-    assert rep.learned_followers((1, 2)) == pytest.approx({3: 1.0})  # 2 occurrences, decayed once by 0.5
-    assert rep.learned_followers(2) == pytest.approx({3: 1.0})
-    assert (8, 9) not in rep.learned and (9, 9) in rep.learned  # only what the model said
+    assert rep.learned.followers((1, 2)) == pytest.approx({3: 1.0})  # 2 occurrences, decayed once by 0.5
+    assert rep.learned.followers(2) == pytest.approx({3: 1.0})
+    assert (8, 9) not in rep.learned.tri and (9, 9) in rep.learned.tri  # only what the model said
     for _ in range(3):
         rep.end()
-    assert rep.learned_followers((1, 2)) == pytest.approx({3: 0.125})
+    assert rep.learned.followers((1, 2)) == pytest.approx({3: 0.125})
     rep.compact()  # 0.125 < min_count: dropped
-    assert rep.learned == {} and rep.learned_bigram == {}
+    assert rep.learned.tri == {} and rep.learned.bi == {}
 
 
 @settings(max_examples=15, deadline=None)
@@ -109,9 +110,9 @@ def test_learned_memory_is_bounded(requests):
         rep.sync([0] + output)
         rep.add_model_topk(output[-2:], list(range(6)))
         rep.end()
-        assert len(rep.learned) <= 1.25 * 7 and len(rep.learned_bigram) <= 1.25 * 7
+        assert len(rep.learned.tri) <= 1.25 * 7 and len(rep.learned.bi) <= 1.25 * 7
         if rep._pending == 0:  # just compacted (every 3 requests, or earlier when overfull)
-            assert len(rep.learned) <= 7 and all(len(f) <= 2 for f in rep.learned.values())
+            assert len(rep.learned.tri) <= 7 and all(len(f) <= 2 for f in rep.learned.tri.values())
 
 
 def test_deterministic():
@@ -135,22 +136,26 @@ def test_sync_restarts_on_a_different_context():
     assert rep.history == [5, 6]
 
 
-def test_learned_state_round_trip(tmp_path):
+def test_learned_counts_round_trip_as_arrays():
     rep = Representative()
     rep.begin([0])
     rep.sync([0, 1, 2, 3, 1, 2, 3])
     rep.end()
-    path = tmp_path / "learned.aded"
-    rep.save_learned(path, IDENTITY, {"extra": np.arange(3)})
     other = Representative()
-    arrays = other.load_learned(path, IDENTITY)
-    rep.compact()
-    assert other.learned == rep.learned and other.learned_bigram == rep.learned_bigram
-    assert arrays["extra"].tolist() == [0, 1, 2]
-    with pytest.raises(DatastoreError, match="learned for tokenizer"):
-        other.load_learned(path, TokenizerIdentity("u", V, "different"))
-    with pytest.raises(DatastoreError, match="not an n-gram datastore"):
-        Datastore.load(path)
+    other.learned.load_arrays(rep.learned.to_arrays())
+    for context in [(1, 2), (2, 3), 2, 3]:
+        assert other.learned.followers(context) == pytest.approx(rep.learned.followers(context))
+    assert other.candidates([1, 2]) == rep.candidates([1, 2])
+
+
+def test_shared_learned_table_is_one_object():
+    shared = CountTable()
+    first, second = Representative(learned=shared), Representative(learned=shared)
+    first.begin([0])
+    first.sync([0, 4, 5, 6, 4, 5, 6])
+    first.end()
+    second.begin([0])
+    assert second.candidates([4, 5])[0].token == 6  # learned by the first, read by the second
 
 
 def test_config_is_checked():

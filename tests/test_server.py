@@ -295,13 +295,13 @@ def _state_arrays(path: Path) -> dict:
 
 
 def test_learned_state_round_trips_for_every_learning_drafter(tmp_path):
-    """hybrid (with its aded source through the adapter), suffix and aded: export, write, read,
-    import into a fresh drafter, export again: the same arrays; pld persists nothing."""
+    """hybrid (with an aded source), suffix and aded: state_dict, write, read, load into a fresh
+    drafter, state_dict again: the same arrays; pld learns nothing and refuses foreign arrays."""
     import numpy as np
 
     from aded.drafters import make_drafter
     from aded.drafters.aded import AdedDrafter
-    from aded.server.state import StateFile, export_state, import_state, persisted_parts
+    from aded.server.state import StateFile
     from aded.store.datastore import TokenizerIdentity
 
     def build(name):
@@ -312,19 +312,55 @@ def test_learned_state_round_trips_for_every_learning_drafter(tmp_path):
     identity = TokenizerIdentity("toy", 16, "f" * 64)
     for name in ("hybrid", "suffix", "aded"):
         drafter = build(name)
+        assert drafter.learns
         for seq in ([1, 2, 3, 4, 5, 1, 2, 3, 4, 5], [7, 8, 9, 7, 8, 9, 7, 8]):
             drafter.begin(seq[:3])
             drafter.propose(seq, 8)
             drafter.end()
-        arrays = export_state(drafter)
+        arrays = drafter.state_dict()
         file = StateFile(tmp_path / f"{name}.npz", name, identity)
         file.save(arrays)
         fresh = build(name)
-        import_state(fresh, file.read()[1])
-        again = export_state(fresh)
+        fresh.load_state_dict(file.read()[1])
+        again = fresh.state_dict()
         assert sorted(again) == sorted(arrays)
         assert all(np.array_equal(arrays[k], again[k]) for k in arrays), name
-    assert persisted_parts(make_drafter("pld")) == []
+    pld = make_drafter("pld")
+    assert not pld.learns and pld.state_dict() == {}
+    with pytest.raises(ValueError, match="learns nothing"):
+        pld.load_state_dict({"tokens": np.zeros(3)})
+
+
+def test_server_state_loads_into_the_vllm_proposer_and_back(tiny_dir):
+    """What the server learned drafts in the vLLM proposer, and what the proposer saves loads
+    back into the server: one learned-state format for both."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from aded.integrations.vllm import AdedProposer
+
+    state = tiny_dir.parent / "to-vllm.npz"
+    state.unlink(missing_ok=True)
+    with Server(tiny_dir, "--state", str(state)) as running:  # the suffix drafter
+        running.client.completions.create(model=MODEL, prompt="teach me", max_tokens=40, temperature=0)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir))
+    output = _state_arrays(state)["tokens"].tolist()  # what the server generated
+    proposer = AdedProposer(drafter="suffix", k=4, tokenizer=tokenizer, state=str(state))
+    assert np.array_equal(proposer.template.state_dict()["tokens"], _state_arrays(state)["tokens"])
+    context = [3, 4, *output[:12]]  # an unseen prompt, then the start of what the server produced
+    ids = np.zeros((1, 64), dtype=np.int64)
+    ids[0, : len(context)] = context
+    draft = proposer.propose([[context[-1]]], [len(context)], ids)[0]
+    assert draft and draft == output[12 : 12 + len(draft)]  # drafted from the server's learning
+    longer = context + draft + [7]  # vLLM accepted the draft and sampled token 7 after it
+    ids[0, : len(longer)] = longer
+    proposer.propose([[7]], [len(longer)], ids)
+    back = tiny_dir.parent / "from-vllm.npz"
+    proposer.finish_all()  # the row's request ends: its output is learned
+    proposer.save_state(back)
+    with Server(tiny_dir, "--state", str(back)) as running:
+        assert "loaded learned state" in running.health()["state"]
+    assert _state_arrays(back)["lengths"].size == _state_arrays(state)["lengths"].size + 1
 
 
 def test_state_is_saved_at_shutdown_and_reloaded(tiny_dir, tmp_path):

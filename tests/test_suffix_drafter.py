@@ -71,7 +71,7 @@ def test_global_index_serves_a_later_request_and_round_trips():
     assert tree.path_tokens(len(tree) - 1)[:2] == [54, 55] and set(tree.sources) == {"suffix-global"}
 
     restored = SuffixDrafter()
-    restored.load_state_arrays(drafter.state_arrays())
+    restored.load_state_dict(drafter.state_dict())
     restored.begin([7, 8])
     again = restored.propose(context, 8)
     assert again.token_ids.tolist() == tree.token_ids.tolist()

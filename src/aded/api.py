@@ -97,7 +97,7 @@ class Aded:
         self.tokenizer = tokenizer
         self.model_id = model_id
         if isinstance(drafter, str):
-            drafter = make_drafter(drafter, **_drafter_context(drafter, tokenizer, drafter_options))
+            drafter = make_drafter(drafter, tokenizer, **drafter_options)
         self.drafter = drafter
         policies = {
             "measured": lambda: BudgetPolicy(load_or_measure_costs(self.runner, model_id)),
@@ -232,13 +232,3 @@ def eos_token_ids(runner, tokenizer) -> list[int]:
     if tokenizer is not None and isinstance(tokenizer.eos_token_id, int):
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
-
-
-def _drafter_context(name: str, tokenizer, options: dict[str, Any]) -> dict[str, Any]:
-    """Drafters that need the tokenizer (to find or check a datastore) declare `needs_tokenizer`."""
-    from aded.drafters import drafter_class
-
-    cls = drafter_class(name)
-    if getattr(cls, "needs_tokenizer", False) and "tokenizer" not in options:
-        return {**options, "tokenizer": tokenizer}
-    return options

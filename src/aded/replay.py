@@ -226,7 +226,7 @@ def simulate_results(results: dict[str, Any], drafters: Sequence[str],
     or "off" (every proposed node counts; no speedup prediction).
     """
     from aded.budget import BudgetPolicy
-    from aded.drafters import DRAFTERS, drafter_class
+    from aded.drafters import DRAFTERS, drafter_class, make_drafter
 
     unknown = [d for d in drafters if d not in DRAFTERS]
     if unknown:
@@ -241,12 +241,9 @@ def simulate_results(results: dict[str, Any], drafters: Sequence[str],
     tokenizer = None
     summary: list[dict[str, Any]] = []
     for name in drafters:
-        cls = drafter_class(name)
-        options: dict[str, Any] = {}
-        if getattr(cls, "needs_tokenizer", False) and tokenizer_loader is not None:
-            tokenizer = tokenizer if tokenizer is not None else tokenizer_loader()
-            options["tokenizer"] = tokenizer
-        drafter = cls(**options)
+        if drafter_class(name).needs_tokenizer and tokenizer is None and tokenizer_loader is not None:
+            tokenizer = tokenizer_loader()
+        drafter = make_drafter(name, tokenizer)
         policy = BudgetPolicy(costs) if costs is not None else None
         start = time.perf_counter()
         stats = replay(drafter, records, nodes, policy, max_leaves)

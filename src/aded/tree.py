@@ -247,9 +247,6 @@ class TreeBuilder:
     def full(self) -> bool:
         return self.max_nodes is not None and len(self._tokens) >= self.max_nodes
 
-    def child(self, parent: int, token: int) -> int | None:
-        return self._index.get((parent, int(token)))
-
     def add(self, parent: int, token: int, score: float = 0.0, source: str | None = None) -> int | None:
         """Add one node under `parent` (or find it); None when the budget is spent."""
         key = (parent, int(token))

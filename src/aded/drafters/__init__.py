@@ -43,6 +43,11 @@ def drafter_class(name: str) -> type[Drafter]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def make_drafter(name: str, **options: Any) -> Drafter:
-    """Build a drafter by name; `options` go to its constructor."""
-    return drafter_class(name)(**options)
+def make_drafter(name: str, tokenizer: Any = None, **options: Any) -> Drafter:
+    """Build a drafter by name; `options` go to its constructor, and so does `tokenizer` when the
+    drafter takes one (`needs_tokenizer`: to find or check its datastore), so every caller can
+    simply pass the model's tokenizer."""
+    cls = drafter_class(name)
+    if cls.needs_tokenizer and tokenizer is not None:
+        options["tokenizer"] = tokenizer
+    return cls(**options)

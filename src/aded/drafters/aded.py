@@ -18,16 +18,18 @@ every node's score is that probability, so the engine can prune the tree by expe
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
 import zlib
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from aded.drafters.base import Drafter, StepFeedback
+from aded.drafters.calibration import bucket
+from aded.drafters.counts import CountTable
 from aded.drafters.representative import NUM_LEVELS, Representative, RepresentativeConfig
 from aded.store.datastore import Datastore, TokenizerIdentity, tokenizer_identity
 from aded.tree import DraftTree, TreeBuilder
@@ -63,10 +65,10 @@ class Calibrator:
 
     @staticmethod
     def cell(level: int, supported: bool, raw: float) -> tuple[int, int, int]:
-        return level, int(supported), _bin(raw)
+        return level, int(supported), bucket(raw, _BIN_EDGES)
 
     def __call__(self, level: int, supported: bool, raw: float) -> float:
-        cell = (level, int(supported), _bin(raw))
+        cell = self.cell(level, supported, raw)
         stats = self._memo.get(cell)
         if stats is None:  # (accepted, tried, mean raw) as floats: numpy scalar reads are slow
             tried = float(self.tried[cell])
@@ -79,17 +81,17 @@ class Calibrator:
         return min(max(rate + (raw - mean_raw) * 0.5, 1e-4), 0.999)
 
     def depth_factor(self, depth: int) -> float:
-        return self._factors[_depth_bucket(depth)]
+        return self._factors[bucket(depth, _DEPTH_EDGES)]
 
     def update(self, level: int, supported: bool, raw: float, accepted: bool, depth: int = 1,
                predicted: float | None = None) -> None:
         """One tested edge; `predicted` is the probability the draft used before the depth factor."""
-        bucket = _depth_bucket(depth)
+        b = bucket(depth, _DEPTH_EDGES)
         predicted = self(level, supported, raw) if predicted is None else predicted
-        self.depth_accepted[bucket] = self.depth_accepted[bucket] * self.decay + float(accepted)
-        self.depth_predicted[bucket] = self.depth_predicted[bucket] * self.decay + predicted
-        ratio = (self.depth_accepted[bucket] + _DEPTH_PRIOR) / (self.depth_predicted[bucket] + _DEPTH_PRIOR)
-        self._factors[bucket] = float(min(max(ratio, 0.3), 1.2))
+        self.depth_accepted[b] = self.depth_accepted[b] * self.decay + float(accepted)
+        self.depth_predicted[b] = self.depth_predicted[b] * self.decay + predicted
+        ratio = (self.depth_accepted[b] + _DEPTH_PRIOR) / (self.depth_predicted[b] + _DEPTH_PRIOR)
+        self._factors[b] = float(min(max(ratio, 0.3), 1.2))
         cell = self.cell(level, supported, raw)
         self.accepted[cell] = self.accepted[cell] * self.decay + float(accepted)
         self.tried[cell] = self.tried[cell] * self.decay + 1.0
@@ -97,34 +99,26 @@ class Calibrator:
         self._memo.pop(cell, None)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"calib_accepted": self.accepted, "calib_tried": self.tried, "calib_raw_sum": self._raw_sum,
-                "calib_depth_accepted": self.depth_accepted, "calib_depth_predicted": self.depth_predicted}  # fmt: skip
+        """The learned cells, copied."""
+        arrays = {"calib_accepted": self.accepted, "calib_tried": self.tried, "calib_raw_sum": self._raw_sum,
+                  "calib_depth_accepted": self.depth_accepted, "calib_depth_predicted": self.depth_predicted}  # fmt: skip
+        return {key: np.array(value, dtype=np.float64, copy=True) for key, value in arrays.items()}
 
-    def load(self, arrays: dict[str, np.ndarray]) -> None:
-        if "calib_tried" in arrays and arrays["calib_tried"].shape == self.tried.shape:
-            self.accepted = np.array(arrays["calib_accepted"], dtype=np.float64)
-            self.tried = np.array(arrays["calib_tried"], dtype=np.float64)
-            self._raw_sum = np.array(arrays["calib_raw_sum"], dtype=np.float64)
-            self._memo.clear()
-        if "calib_depth_accepted" in arrays and arrays["calib_depth_accepted"].shape == self.depth_accepted.shape:
-            self.depth_accepted = np.array(arrays["calib_depth_accepted"], dtype=np.float64)
-            self.depth_predicted = np.array(arrays["calib_depth_predicted"], dtype=np.float64)
-            ratios = (self.depth_accepted + _DEPTH_PRIOR) / (self.depth_predicted + _DEPTH_PRIOR)
-            self._factors = np.clip(ratios, 0.3, 1.2).tolist()
-
-
-def _depth_bucket(depth: int) -> int:
-    for index, edge in enumerate(_DEPTH_EDGES):
-        if depth < edge:
-            return index
-    return len(_DEPTH_EDGES)
-
-
-def _bin(raw: float) -> int:
-    for index, edge in enumerate(_BIN_EDGES):
-        if raw < edge:
-            return index
-    return len(_BIN_EDGES)
+    def load(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Replace the learned cells by `arrays()` output; ValueError when they do not fit."""
+        loaded = {}
+        for key, like in self.arrays().items():
+            if key not in arrays:
+                raise ValueError(f"calibration array {key!r} is missing")
+            value = np.array(arrays[key], dtype=np.float64)
+            if value.shape != like.shape:
+                raise ValueError(f"calibration array {key!r} has shape {value.shape}, expected {like.shape}")
+            loaded[key] = value
+        self.accepted, self.tried, self._raw_sum = loaded["calib_accepted"], loaded["calib_tried"], loaded["calib_raw_sum"]
+        self.depth_accepted, self.depth_predicted = loaded["calib_depth_accepted"], loaded["calib_depth_predicted"]
+        ratios = (self.depth_accepted + _DEPTH_PRIOR) / (self.depth_predicted + _DEPTH_PRIOR)
+        self._factors = np.clip(ratios, 0.3, 1.2).tolist()
+        self._memo.clear()
 
 
 class _Node:
@@ -144,11 +138,13 @@ class AdedDrafter(Drafter):
 
     `datastore`: a datastore file (or an open `Datastore`); None uses the default datastore of
     `tokenizer` when one is given, else drafts from the request and learned layers only.
-    `learned`: a file of learned state to start from (see `save`). `learn=False` freezes the
-    cross-request layer and the calibration (for measuring what adaptivity adds).
+    `learned`: a learned-state file to start from (`aded.drafters.state_file`, e.g. a server's
+    `--state` file). `learn=False` freezes the cross-request layer and the calibration (for
+    measuring what adaptivity adds).
     """
 
     name = "aded"
+    learns = True
     needs_tokenizer = True  # to find (or build) and check its datastore
 
     def __init__(
@@ -192,26 +188,48 @@ class AdedDrafter(Drafter):
         self.wants_topk = topk
         self.seed = seed
         self.learn = learn
+        self._shared_counts = False  # True: the counts are someone else's to learn (`use_shared_counts`)
         # path tokens -> (level, supported, raw p, calibrated p before the depth factor)
         self._proposed: dict[tuple[int, ...], tuple] = {}
         if learned is not None:
-            self.calibrator.load(self.rep.load_learned(learned, self.identity))
+            from aded.drafters.state_file import StateFile
+
+            self.load_state_dict(StateFile(learned, self.name, self.identity).read()[1])
 
     # ------------------------------------------------------------------ lifecycle
     def begin(self, prompt_ids: Sequence[int]) -> None:
         self.rep.begin(prompt_ids)
 
     def end(self) -> None:
-        if self.learn:
+        if self.learn and not self._shared_counts:
             self.rep.end()
         else:
             self.rep.begin(())
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the learned state (cross-request counts and calibration) atomically."""
-        if self.identity is None:
-            raise ValueError("saving learned state needs a tokenizer or a datastore to name the vocabulary")
-        self.rep.save_learned(Path(path), self.identity, self.calibrator.arrays())
+    # ------------------------------------------------------------------ learned state
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The learned tri-/bigram counts and the acceptance calibration."""
+        return {**self.rep.learned.to_arrays(), **self.calibrator.arrays()}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(f"aded state needs arrays {sorted(expected)}, got {sorted(state)}")
+        CountTable(self.rep.learned.bounds).load_arrays(dict(state))  # checked before anything changes
+        self.calibrator.load(state)
+        self.rep.learned.load_arrays(dict(state))
+
+    def spawn(self) -> "AdedDrafter":
+        """A sibling with its own request layer, sharing the learned counts and the calibration."""
+        sibling = copy.copy(self)
+        sibling.rep = Representative(self.rep.datastore, self.rep.config, learned=self.rep.learned)
+        sibling._proposed = {}
+        return sibling
+
+    def use_shared_counts(self, table: CountTable) -> bool:
+        self.rep.learned = table
+        self._shared_counts = True
+        return True
 
     # ------------------------------------------------------------------ drafting
     def propose(self, context_ids: Sequence[int], max_nodes: int) -> DraftTree:

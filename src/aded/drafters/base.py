@@ -12,17 +12,28 @@ Lifecycle of one request (one `generate` call):
 Drafters propose token ids only; they never touch model tensors. An empty tree is a normal answer
 (the step then decodes one token, as plain decoding would). State that should outlive a request
 (learned statistics) lives in the drafter object; per-request state is reset by `begin`.
+
+What every surface (API, server, benchmark, vLLM proposer, replicas' shared state) needs to know of
+a drafter is here too, so none of them looks inside one: whether it `learns` across requests, what
+it needs at construction (`needs_tokenizer`), its learned state as plain named arrays
+(`state_dict` / `load_state_dict`, saved in the one format of `aded.drafters.state_file`), a sibling
+for a concurrent request that shares what it learns (`spawn`), and whether it can draft from
+tri-gram counts kept elsewhere (`use_shared_counts`).
 """
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from aded.tree import DraftTree
+
+if TYPE_CHECKING:
+    from aded.drafters.counts import CountTable
 
 __all__ = ["Drafter", "StepFeedback", "NoDrafter"]
 
@@ -45,10 +56,6 @@ class StepFeedback:
     bonus_id: int  # the model's own token after the accepted path
     model_topk: np.ndarray | None = None  # [1 + len(tree), wants_topk] int64
 
-    @property
-    def num_emitted(self) -> int:
-        return len(self.accepted_ids) + 1
-
 
 class Drafter(ABC):
     """Base class and protocol. Subclasses override `propose` and, if they learn, `observe`."""
@@ -56,6 +63,10 @@ class Drafter(ABC):
     name: str = "base"
     #: how many of the model's top next tokens per verified node `observe` should receive (0 = none)
     wants_topk: int = 0
+    #: whether it keeps what requests teach it (its `state_dict` is then worth saving and sharing)
+    learns: bool = False
+    #: whether its constructor takes `tokenizer=` (to find or check a datastore)
+    needs_tokenizer: bool = False
 
     def begin(self, prompt_ids: Sequence[int]) -> None:
         """A new request starts with these prompt tokens (per-request state is reset here)."""
@@ -73,6 +84,32 @@ class Drafter(ABC):
 
     def end(self) -> None:
         """The request finished; fold what it taught into long-lived state if the drafter learns."""
+
+    # ------------------------------------------------------------------ learned state
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """What it learned across requests as named plain arrays (copies; call between requests)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replace what it learned by `state_dict()` arrays; ValueError when they do not fit."""
+        if state:
+            raise ValueError(f"the {self.name} drafter learns nothing, but got arrays {sorted(state)}")
+
+    def spawn(self) -> "Drafter":
+        """A drafter for a concurrent request (a batch row) that shares this one's learned state.
+
+        The default copies the object (attributes shared) and starts a fresh request on the copy;
+        a drafter whose per-request state sits inside a shared object overrides it.
+        """
+        sibling = copy.copy(self)
+        sibling.begin(())
+        return sibling
+
+    def use_shared_counts(self, table: "CountTable") -> bool:
+        """Draft from `table`, cross-request tri-gram counts kept by someone else (the replicas'
+        shared state, which records outputs itself), instead of learning counts; False when this
+        drafter has no such layer."""
+        return False
 
 
 class NoDrafter(Drafter):

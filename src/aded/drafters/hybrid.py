@@ -21,13 +21,15 @@ nodes that were verified, with the accepted path and bonus as seen from its tree
 
 from __future__ import annotations
 
+import copy
 import heapq
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from aded.drafters.base import Drafter, StepFeedback
 from aded.drafters.calibration import EdgeCalibrator, bucket, judged_edges
+from aded.drafters.counts import CountTable
 from aded.tree import DraftTree, TreeBuilder
 
 __all__ = ["HybridDrafter", "default_sources"]
@@ -57,6 +59,7 @@ class HybridDrafter(Drafter):
 
     name = "hybrid"
     needs_tokenizer = True  # passed on to the aded source, to find and check its datastore
+    learns = True  # its calibration, and its sources' state
 
     def __init__(
         self,
@@ -154,22 +157,35 @@ class HybridDrafter(Drafter):
         return {path: (tuple(sorted(labels)), best) for path, (labels, best) in merged.items()}
 
     # ------------------------------------------------------------------ learned state
-    def state_arrays(self) -> dict[str, np.ndarray]:
-        """Plain arrays of what the hybrid and its sources learned, keyed `source/name`."""
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Its calibration and each learning source's state, keyed `source/name`."""
         state = {"hybrid/calibration": np.array(self.calibrator.to_json())}
         for source in self.sources:
-            if hasattr(source, "state_arrays"):
-                state.update({f"{source.name}/{k}": v for k, v in source.state_arrays().items()})
+            state.update({f"{source.name}/{k}": v for k, v in source.state_dict().items()})
         return state
 
-    def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:
-        if "hybrid/calibration" in state:
-            self.calibrator.load_json(str(state["hybrid/calibration"]))
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        names = {"hybrid", *(s.name for s in self.sources)}
+        foreign = sorted(k for k in state if k.split("/", 1)[0] not in names)
+        if foreign:
+            raise ValueError(f"hybrid state has arrays of no source of this hybrid: {foreign}")
         for source in self.sources:
             prefix = f"{source.name}/"
             mine = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            if mine and hasattr(source, "load_state_arrays"):
-                source.load_state_arrays(mine)
+            if mine or source.learns:
+                source.load_state_dict(mine)
+        if "hybrid/calibration" in state:
+            self.calibrator.load_json(str(state["hybrid/calibration"]))
+
+    def spawn(self) -> "HybridDrafter":
+        """A sibling whose sources are siblings of these; the calibration is shared."""
+        sibling = copy.copy(self)
+        sibling.sources = [source.spawn() for source in self.sources]
+        sibling._last, sibling._cells = [], {}
+        return sibling
+
+    def use_shared_counts(self, table: CountTable) -> bool:
+        return any([source.use_shared_counts(table) for source in self.sources])
 
     # ------------------------------------------------------------------ feedback
     def observe(self, feedback: StepFeedback) -> None:
@@ -199,14 +215,8 @@ def _restrict(
     feedback: StepFeedback,
 ) -> StepFeedback:
     """The step as one source saw it: its verified nodes, its accepted path, the next token."""
-    keep = [i for i, path in enumerate(_paths(tree)) if path in verified]
-    new_index = {old: new for new, old in enumerate(keep)}
-    sub = DraftTree(
-        tree.token_ids[keep],
-        np.array([new_index.get(int(tree.parents[i]), -1) for i in keep], dtype=np.int64),
-        scores=tree.scores[keep] if tree.scores is not None else None,
-        sources=tuple(tree.sources[i] for i in keep) if tree.sources is not None else None,
-    )
+    # verified nodes are parent-closed (the engine verifies subtrees), so this is a tree
+    sub = tree.subtree([i for i, path in enumerate(_paths(tree)) if path in verified])
     path = sub.longest_match(committed[:-1])
     topk = None
     if source.wants_topk and feedback.model_topk is not None:

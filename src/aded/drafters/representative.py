@@ -12,29 +12,26 @@ levels below it, PPM style: p = (n(c) + beta * p_below(c)) / (N + beta)):
     level 5  bigram back-off               request, learned and corpus one-token contexts
 
 Every layer keeps counts, so it can be merged, decayed and saved; probabilities are derived at
-query time. Learned state is bounded: at each request's end its counts decay by `decay` (lazily,
-through one global scale, so a request's end costs what it adds, not the table's size); every
-`compact_every` requests, or when the table passes 1.25 x `max_contexts`, entries below
-`min_count` go and at most `max_contexts` contexts x `max_successors` successors remain.
+query time. The learned layer is a `CountTable` (aded.drafters.counts), bounded: at each request's
+end its counts decay by `decay`; every `compact_every` requests, or when the table passes 1.25 x
+`max_contexts`, entries below `min_count` go and at most `max_contexts` contexts x
+`max_successors` successors remain.
 Nothing here is random: the same calls in the same order give the same answers.
 """
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-import numpy as np
-
-from aded.store.datastore import Datastore, DatastoreError, TokenizerIdentity, read_arrays, write_arrays
+from aded.drafters.counts import Bounds, CountTable, Counts
+from aded.store.datastore import Datastore
 
 __all__ = ["RepresentativeConfig", "Candidate", "Representative", "LEVELS", "NUM_LEVELS"]
 
 LEVELS = ("request-long", "request-3", "request-2", "learned", "corpus", "bigram")
 NUM_LEVELS = len(LEVELS)
-Counts = dict[int, float]
 
 
 @dataclass(frozen=True)
@@ -74,13 +71,13 @@ class Candidate:
 class Representative:
     """Layered counts behind `candidates(tail)`; `begin/commit/add_model_topk/reject/end` feed it."""
 
-    def __init__(self, datastore: Datastore | None = None, config: RepresentativeConfig = RepresentativeConfig()) -> None:  # fmt: skip
+    def __init__(self, datastore: Datastore | None = None, config: RepresentativeConfig = RepresentativeConfig(),
+                 learned: CountTable | None = None) -> None:  # fmt: skip
         self.config = config
         self.datastore = datastore
-        # stored counts are true counts x `_scale`: decaying everything is one division
-        self.learned: dict[tuple[int, int], Counts] = {}  # (a, b) -> {c: count x scale}
-        self.learned_bigram: dict[int, Counts] = {}  # b -> {c: count x scale}
-        self._scale = 1.0
+        #: what earlier requests taught; may be shared with other representatives (`learned=`)
+        self.learned = learned if learned is not None else CountTable(
+            Bounds(config.max_contexts, config.max_successors, config.min_count))
         self._pending = 0  # requests folded since the last compaction
         self._corpus_cache: dict[tuple[int, ...], tuple[Counts, float]] = {}
         self.begin(())
@@ -137,30 +134,23 @@ class Representative:
 
     def end(self) -> None:
         """Fold the request's output tri-grams and model evidence into the learned layer, decay, cap."""
-        output, scale = self.history[max(self._output_start - 2, 0) :], self._scale
+        output, learned = self.history[max(self._output_start - 2, 0) :], self.learned
         for a, b, c in zip(output, output[1:], output[2:]):
-            _bump(self.learned, (a, b), c, scale)
-            _bump(self.learned_bigram, b, c, scale)
+            learned.add((a, b), c)
+            learned.add(b, c)
         for context, followers in self._evidence.items():
             for c, weight in followers.items():
-                _bump(self.learned, context, c, weight * scale)
-        self._scale /= self.config.decay
+                learned.add(context, c, weight)
+        learned.decay(self.config.decay)
         self._pending += 1
-        overfull = len(self.learned) > 1.25 * self.config.max_contexts  # slack: compaction is O(table)
-        if self._pending >= self.config.compact_every or overfull or self._scale > 1e12:
+        if self._pending >= self.config.compact_every or learned.overfull:
             self.compact()
         self.begin(())
 
     def compact(self) -> None:
-        """Apply the pending decay, drop small entries, enforce the caps (deterministic order)."""
-        self.learned = _compacted(self.learned, self._scale, self.config)
-        self.learned_bigram = _compacted(self.learned_bigram, self._scale, self.config)
-        self._scale, self._pending = 1.0, 0
-
-    def learned_followers(self, context: tuple[int, int] | int) -> Counts:
-        """True learned counts after a two-token context (or, for an int, a one-token one)."""
-        table = self.learned_bigram if isinstance(context, int) else self.learned
-        return {c: w / self._scale for c, w in table.get(context, {}).items()}
+        """Apply the learned layer's pending decay and enforce its bounds."""
+        self.learned.compact()
+        self._pending = 0
 
     # ------------------------------------------------------------------ queries
     def candidates(self, tail: Sequence[int], limit: int = 8) -> list[Candidate]:
@@ -173,11 +163,11 @@ class Representative:
         if len(tail) >= 2:
             pair = tail[-2:]
             chain.append((2, _merged(self._request[2].get(pair), self._evidence.get(pair)), cfg.beta_request, None))
-            chain.append((3, _scaled(self.learned.get(pair), 1.0 / self._scale), cfg.beta_learned, None))
+            chain.append((3, self.learned.followers(pair), cfg.beta_learned, None))
             corpus, total = self._corpus(pair)
             chain.append((4, corpus, cfg.beta_corpus, total))
         if tail:
-            bigram = _merged(self._request[1].get(tail[-1:]), _scaled(self.learned_bigram.get(tail[-1]), 1.0 / self._scale))
+            bigram = _merged(self._request[1].get(tail[-1:]), self.learned.followers(tail[-1]))
             chain.append((5, bigram, cfg.beta_learned, None))
             corpus, total = self._corpus(tail[-1:])
             chain.append((5, corpus, cfg.beta_corpus, total))
@@ -212,81 +202,12 @@ class Representative:
             self._corpus_cache[context] = hit
         return hit
 
-    # ------------------------------------------------------------------ learned state
-    def export_learned(self) -> dict[str, np.ndarray]:
-        """Learned tri-grams and bigrams as arrays: keys [n, 3] / [m, 2] int64, counts [n] / [m] float64."""
-        self.compact()
-        tri = [(a, b, c, w) for (a, b), followers in self.learned.items() for c, w in followers.items()]
-        bi = [(b, c, w) for b, followers in self.learned_bigram.items() for c, w in followers.items()]
-        tri_array = np.asarray(tri, dtype=np.float64).reshape(-1, 4)
-        bi_array = np.asarray(bi, dtype=np.float64).reshape(-1, 3)
-        return {
-            "learned_tri_keys": tri_array[:, :3].astype(np.int64), "learned_tri_counts": tri_array[:, 3],
-            "learned_bi_keys": bi_array[:, :2].astype(np.int64), "learned_bi_counts": bi_array[:, 2],
-        }  # fmt: skip
-
-    def import_learned(self, arrays: dict[str, np.ndarray]) -> None:
-        """Add exported learned counts to this representative's (then cap as usual)."""
-        for (a, b, c), w in zip(np.asarray(arrays["learned_tri_keys"]).tolist(), np.asarray(arrays["learned_tri_counts"]).tolist()):
-            _bump(self.learned, (a, b), c, w * self._scale)
-        for (b, c), w in zip(np.asarray(arrays["learned_bi_keys"]).tolist(), np.asarray(arrays["learned_bi_counts"]).tolist()):
-            _bump(self.learned_bigram, b, c, w * self._scale)
-        self.compact()
-
-    def save_learned(self, path: str | os.PathLike, tokenizer: TokenizerIdentity, extra: dict[str, np.ndarray] | None = None) -> None:
-        """Write the learned state atomically to a file of the datastore format (kind aded-learned)."""
-        meta = {"kind": "aded-learned", "tokenizer": tokenizer.to_json(), "params": asdict(self.config), "stats": {"contexts": len(self.learned)}}
-        write_arrays(path, {**self.export_learned(), **(extra or {})}, meta)
-
-    def load_learned(self, path: str | os.PathLike, expect: TokenizerIdentity | None = None) -> dict[str, np.ndarray]:
-        """Restore learned state saved by `save_learned`; returns all its arrays (for extras)."""
-        meta, arrays = read_arrays(path)
-        if meta.get("kind") != "aded-learned":
-            raise DatastoreError(f"{path}: holds {meta.get('kind')!r}, not learned drafter state")
-        found = TokenizerIdentity.from_json(meta["tokenizer"])
-        if expect is not None and found.vocab_hash != expect.vocab_hash:
-            raise DatastoreError(f"{path}: learned for tokenizer {found.name!r}, not for {expect.name!r}")
-        self.import_learned(arrays)
-        return arrays
-
-    @property
-    def num_learned_entries(self) -> int:
-        return sum(len(f) for f in self.learned.values()) + sum(len(f) for f in self.learned_bigram.values())
-
-
-def _bump(table: dict, context, token: int, weight: float) -> None:
-    followers = table.get(context)
-    if followers is None:
-        followers = table[context] = {}
-    followers[token] = followers.get(token, 0.0) + weight
-
-
-def _compacted(table: dict, scale: float, config: RepresentativeConfig) -> dict:
-    """True counts (stored / scale) without small entries, the strongest successors and contexts."""
-    kept = {}
-    for context, followers in table.items():
-        items = [(c, w / scale) for c, w in followers.items() if w / scale >= config.min_count]
-        if len(items) > config.max_successors:
-            items = sorted(items, key=lambda item: (-item[1], item[0]))[: config.max_successors]
-        if items:
-            kept[context] = dict(items)
-    if len(kept) > config.max_contexts:
-        ranked = sorted(kept.items(), key=lambda item: -sum(item[1].values()))  # stable: ties keep order
-        kept = dict(ranked[: config.max_contexts])
-    return kept
-
 
 def _top(counts: Counts, limit: int) -> Counts:
     """The `limit` largest counts (all of them when there are few)."""
     if len(counts) <= 2 * limit:
         return counts
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit])
-
-
-def _scaled(counts: Counts | None, factor: float) -> Counts | None:
-    if not counts or factor == 1.0:
-        return counts
-    return {c: w * factor for c, w in counts.items()}
 
 
 def _merged(first: Counts | None, second: Counts | None) -> Counts | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -42,6 +42,7 @@ Proposal = tuple[tuple[int, ...], float, tuple, str]
 
 class SuffixDrafter(Drafter):
     name = "suffix"
+    learns = True  # the global index over earlier outputs, and the calibration
 
     def __init__(
         self,
@@ -170,13 +171,15 @@ class SuffixDrafter(Drafter):
         return nodes
 
     # ------------------------------------------------------------------ learned state
-    def state_arrays(self) -> dict[str, np.ndarray]:
-        """What this process learned as plain arrays: the global index and the calibration."""
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The global index over earlier outputs and the calibration."""
         state = self.global_index.state_arrays()
         state["calibration"] = np.array(self.calibrator.to_json())
         return state
 
-    def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replaces the global index object: load before spawning siblings that share it."""
+        state = dict(state)
         index = SuffixIndex.from_state_arrays(state)
         index.max_occurrences = self.max_occurrences
         self.global_index = index

@@ -13,123 +13,26 @@ The view the drafters read is rebuilt off to the side and swapped in by one assi
 proposal never sees half a snapshot. Calls are asynchronous (a Ray call returns at once; `poll`
 only collects finished ones), and any transport failure keeps the delta queued and the local view
 in use: a dead store slows learning down, never drafting. Everything is bounded (`max_contexts`,
-`max_successors`, decay at every merge) and the store saves and restores itself in the datastore
-file format. The core (`CountTable`, `SharedStateCore`, `SharedStateClient`) has no Ray in it.
+`max_successors`, decay at every merge) and the store saves and restores itself in the learned-state
+file format (`aded.drafters.state_file`). The core (`CountTable`, `SharedStateCore`, `SharedStateClient`) has no Ray in it.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from aded.store.datastore import DatastoreError, read_arrays, write_arrays
+from aded.drafters.counts import Bounds, CountTable
 
 __all__ = ["CountTable", "InlineTransport", "RayTransport", "SharedStateClient", "SharedStateCore", "TransportError"]
-
-Counts = dict[int, float]
 
 
 class TransportError(RuntimeError):
     """The shared store could not be reached or answered with an error."""
-
-
-@dataclass(frozen=True)
-class Bounds:
-    max_contexts: int = 200_000  # two-token contexts kept (smallest totals go first)
-    max_successors: int = 8  # successors kept per context
-    min_count: float = 0.05  # entries below this are dropped at compaction
-
-    def __post_init__(self) -> None:
-        if self.max_contexts < 1 or self.max_successors < 1:
-            raise ValueError(f"max_contexts and max_successors must be >= 1, got {self.max_contexts}, {self.max_successors}")
-
-
-class CountTable:
-    """Tri-gram and bigram counts in the layout `Representative.learned` uses (scale 1)."""
-
-    def __init__(self, bounds: Bounds = Bounds()) -> None:
-        self.bounds = bounds
-        self.tri: dict[tuple[int, int], Counts] = {}
-        self.bi: dict[int, Counts] = {}
-
-    def __len__(self) -> int:
-        return len(self.tri)
-
-    @property
-    def num_entries(self) -> int:
-        return sum(map(len, self.tri.values())) + sum(map(len, self.bi.values()))
-
-    def add_sequence(self, token_ids: Sequence[int], weight: float = 1.0) -> None:
-        """Count the sequence's tri-grams and bigrams (what `Representative.end` folds in)."""
-        tokens = [int(t) for t in token_ids]
-        for a, b, c in zip(tokens, tokens[1:], tokens[2:]):
-            _bump(self.tri, (a, b), c, weight)
-        for b, c in itertools.pairwise(tokens):
-            _bump(self.bi, b, c, weight)
-        self._cap_if_overfull()
-
-    def merge(self, other: CountTable, scale: float = 1.0) -> None:
-        """Add `other`'s counts (times `scale`) to these, then enforce the bounds if overfull."""
-        for context, followers in other.tri.items():
-            for c, w in followers.items():
-                _bump(self.tri, context, c, w * scale)
-        for b, followers in other.bi.items():
-            for c, w in followers.items():
-                _bump(self.bi, b, c, w * scale)
-        self._cap_if_overfull()
-
-    def decay(self, factor: float) -> None:
-        if not 0.0 < factor <= 1.0:
-            raise ValueError(f"decay factor must lie in (0, 1], got {factor}")
-        if factor < 1.0:
-            for table in (self.tri, self.bi):
-                for followers in table.values():
-                    for c in followers:
-                        followers[c] *= factor
-            self.compact()
-
-    def compact(self) -> None:
-        """Drop small entries, keep the top successors and the contexts of largest total (deterministic)."""
-        self.tri = _compacted(self.tri, self.bounds)
-        self.bi = _compacted(self.bi, self.bounds)
-
-    def _cap_if_overfull(self) -> None:
-        # slack of 25%: compaction is O(table), so it runs once per quarter of growth, not per call
-        if len(self.tri) > 1.25 * self.bounds.max_contexts or len(self.bi) > 1.25 * self.bounds.max_contexts:
-            self.compact()
-
-    def copy(self) -> CountTable:
-        table = CountTable(self.bounds)
-        table.merge(self)
-        return table
-
-    # ------------------------------------------------------------------ plain arrays (transport, files)
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Keys [n, 3] / [m, 2] int64 and counts float64: `Representative.export_learned`'s layout."""
-        tri = [(a, b, c, w) for (a, b), f in self.tri.items() for c, w in f.items()]
-        bi = [(b, c, w) for b, f in self.bi.items() for c, w in f.items()]
-        tri_array = np.asarray(tri, dtype=np.float64).reshape(-1, 4)
-        bi_array = np.asarray(bi, dtype=np.float64).reshape(-1, 3)
-        return {
-            "learned_tri_keys": tri_array[:, :3].astype(np.int64), "learned_tri_counts": tri_array[:, 3].copy(),
-            "learned_bi_keys": bi_array[:, :2].astype(np.int64), "learned_bi_counts": bi_array[:, 2].copy(),
-        }  # fmt: skip
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], bounds: Bounds = Bounds()) -> CountTable:
-        table = cls(bounds)
-        for (a, b, c), w in zip(np.asarray(arrays["learned_tri_keys"]).tolist(), np.asarray(arrays["learned_tri_counts"]).tolist()):
-            _bump(table.tri, (a, b), c, w)
-        for (b, c), w in zip(np.asarray(arrays["learned_bi_keys"]).tolist(), np.asarray(arrays["learned_bi_counts"]).tolist()):
-            _bump(table.bi, b, c, w)
-        table._cap_if_overfull()
-        return table
 
 
 class SharedStateCore:
@@ -169,21 +72,25 @@ class SharedStateCore:
         return {"version": self.version, "contexts": len(self.table), "entries": self.table.num_entries}
 
     def save(self, path: str | None = None) -> str:
-        """Write the counts atomically (datastore file format, kind aded-shared-state)."""
+        """Write the counts atomically, in the learned-state file format (kind `shared-counts`)."""
         target = path or self.path
         if target is None:
             raise ValueError("no path to save the shared state to")
-        meta = {"kind": "aded-shared-state", "version": self.version}
-        write_arrays(target, self.table.to_arrays(), meta)
+        _state_file(target).save(self.table.to_arrays(), meta={"version": self.version})
         return str(target)
 
     def restore(self, path: str) -> None:
-        meta, arrays = read_arrays(path)
-        if meta.get("kind") != "aded-shared-state":
-            raise DatastoreError(f"{path}: holds {meta.get('kind')!r}, not aded shared state")
+        header, arrays = _state_file(path).read()
         self.table = CountTable.from_arrays(arrays, self.table.bounds)
-        self.version = int(meta.get("version", 0)) + 1  # a restored store is newer than any replica's view
+        # a restored store is newer than any replica's view
+        self.version = int(header.get("meta", {}).get("version", 0)) + 1
         self._snapshot = None
+
+
+def _state_file(path: str):
+    from aded.drafters.state_file import StateFile
+
+    return StateFile(path, "shared-counts", None)  # token ids of whatever model the replicas serve
 
 
 class Transport(Protocol):
@@ -294,7 +201,7 @@ class SharedStateClient:
         self.failures += 1
         sent.merge(self._outbox)
         self._outbox = sent
-        self._outbox._cap_if_overfull()
+        self._outbox.compact_if_overfull()
         self._next_try = self.clock() + min(self.interval_s * 2 ** min(self.failures, 6), 300.0)
 
 
@@ -330,23 +237,3 @@ class RayTransport:
             return ray.get(ready[0]) if ready else None
         except ray.exceptions.RayError as error:
             raise TransportError(str(error)) from error
-
-
-def _bump(table: dict, context, token: int, weight: float) -> None:
-    followers = table.get(context)
-    if followers is None:
-        followers = table[context] = {}
-    followers[token] = followers.get(token, 0.0) + weight
-
-
-def _compacted(table: dict, bounds: Bounds) -> dict:
-    kept = []
-    for context, followers in table.items():
-        top = sorted(((w, c) for c, w in followers.items() if w >= bounds.min_count), key=lambda x: (-x[0], x[1]))
-        if top:
-            top = top[: bounds.max_successors]
-            kept.append((sum(w for w, _ in top), context, {c: w for w, c in top}))
-    if len(kept) > bounds.max_contexts:
-        kept.sort(key=lambda x: (-x[0], x[1]))
-        kept = kept[: bounds.max_contexts]
-    return {context: followers for _, context, followers in kept}

