@@ -12,13 +12,13 @@ def scored(paths, scores):
 def test_unlikely_drafts_are_not_worth_verifying_on_a_cpu():
     policy = BudgetPolicy(CostModel.typical_cpu())
     tree = scored([[1, 2, 3]], [0.05, 0.02, 0.01])
-    assert len(policy.choose(tree)) == 0
+    assert len(policy.plan_step(tree)) == 0
 
 
 def test_likely_drafts_are_kept_best_first_and_parent_closed():
     policy = BudgetPolicy(CostModel.typical_cpu())
     tree = scored([[1, 2, 3], [4, 5]], [0.9, 0.8, 0.7, 0.3, 0.29])
-    chosen = policy.choose(tree)
+    chosen = policy.plan_step(tree)
     assert chosen.token_ids.tolist()[:3] == [1, 2, 3]
     for i, parent in enumerate(chosen.parents.tolist()):
         assert parent < i
@@ -27,7 +27,7 @@ def test_likely_drafts_are_kept_best_first_and_parent_closed():
 def test_flat_cost_keeps_every_useful_node():
     policy = BudgetPolicy(CostModel.flat())
     tree = scored([[1, 2], [3]], [0.5, 0.4, 0.1])
-    assert len(policy.choose(tree)) == 3
+    assert len(policy.plan_step(tree)) == 3
 
 
 def test_calibration_learns_that_a_drafter_is_overconfident_and_forgives_later():
@@ -36,17 +36,17 @@ def test_calibration_learns_that_a_drafter_is_overconfident_and_forgives_later()
     for _ in range(40):
         policy.observe(tree, ())  # never accepted
     assert policy.calibrated(tree).max() < 0.1
-    assert len(policy.choose(tree)) == 0
+    assert len(policy.plan_step(tree)) == 0
     empty = DraftTree.empty()
     for _ in range(200):
         policy.observe(empty, ())  # evidence fades: the drafter gets another chance
-    assert len(policy.choose(tree)) > 0
+    assert len(policy.plan_step(tree)) > 0
 
 
 def test_disabled_policy_verifies_everything():
     policy = BudgetPolicy(enabled=False)
     tree = scored([[1, 2, 3]], [0.0, 0.0, 0.0])
-    assert policy.choose(tree) is tree
+    assert policy.plan_step(tree) is tree
 
 
 def test_cost_model_interpolates():
@@ -59,18 +59,18 @@ def test_observed_step_times_correct_a_wrong_cost_curve():
     wrong = CostModel((0, 1, 8, 16), (0.1, 0.3, 0.3, 0.4))
     policy = BudgetPolicy(wrong)
     tree = scored([[1, 2, 3]], [0.5, 0.4, 0.3])
-    assert len(policy.choose(tree)) == 0
+    assert len(policy.plan_step(tree)) == 0
     for _ in range(30):
         policy.observe_cost(0, 0.1)
         policy.observe_cost(3, 0.12)
     assert policy.step_cost(3) < 1.5 * policy.step_cost(0)
-    assert len(policy.choose(tree)) == 3
+    assert len(policy.plan_step(tree)) == 3
 
 
 def test_a_policy_that_verifies_nothing_explores_now_and_then():
     policy = BudgetPolicy(CostModel((0, 1, 8), (0.1, 1.0, 1.0)), explore_every=8)
     tree = scored([[1, 2, 3]], [0.5, 0.4, 0.3])
-    sizes = [len(policy.choose(tree)) for _ in range(16)]
+    sizes = [len(policy.plan_step(tree)) for _ in range(16)]
     assert sizes.count(0) == 14 and sizes[7] == sizes[15] == 3
 
 
@@ -83,11 +83,11 @@ def test_drafting_is_thinned_while_drafts_are_not_worth_verifying_and_resumes_wh
         nodes = policy.proposal_nodes(24)
         asked.append(nodes)
         if nodes:
-            assert len(policy.choose(hopeless)) == 0
+            assert len(policy.plan_step(hopeless)) == 0
     assert asked[:4] == [8] * 4  # a few failures are tolerated as they are (min_proposal asked)
     assert asked[4:] == [0, 0, 8] * 3  # then the drafter is asked every third step only
     policy.cost = CostModel.flat()  # drafts become worth verifying: drafting resumes at once
-    assert len(policy.choose(hopeless)) == 3
+    assert len(policy.plan_step(hopeless)) == 3
     assert [policy.proposal_nodes(24) for _ in range(3)] == [8] * 3
     assert BudgetPolicy(enabled=False).proposal_nodes(24) == 24
 
@@ -100,6 +100,6 @@ def test_the_ask_follows_what_the_budget_verifies():
         ask = policy.proposal_nodes(64)
         asks.append(ask)
         tree = scored([list(range(1, ask + 1))], [0.99] * ask)
-        assert len(policy.choose(tree)) == ask
+        assert len(policy.plan_step(tree)) == ask
     assert asks == sorted(asks) and asks[-1] == 64
     assert policy.proposal_nodes(6) == 6  # never above the caller's limit

@@ -176,7 +176,7 @@ def test_a_tree_wider_than_the_sequences_is_refused_not_half_run(runner):
     wide = DraftTree.from_paths([[t] for t in range(10, 16)])  # 6 leaves, 4 sequences
     with pytest.raises(ValueError, match="leaves"):
         runner.verify(seq, 8, wide)
-    narrowed = BudgetPolicy(enabled=False).choose(wide, runner.max_tree_leaves)
+    narrowed = BudgetPolicy(enabled=False).plan_step(wide, runner.max_tree_leaves)
     assert len(narrowed.leaves()) == 4
     runner.verify(seq, 8, narrowed)  # the sequence is still usable
 

@@ -151,9 +151,10 @@ class BudgetPolicy:
                 scores[i] = scores[parent]
         return scores
 
-    def choose(self, tree: DraftTree, max_leaves: int | None = None) -> DraftTree:
-        """The subtree worth verifying on this machine (possibly empty), with at most
-        `max_leaves` root-to-leaf paths (a runner's limit; None: any width)."""
+    def plan_step(self, tree: DraftTree, max_leaves: int | None = None) -> DraftTree:
+        """The subtree worth verifying this step on this machine (possibly empty), with at most
+        `max_leaves` root-to-leaf paths (a runner's limit; None: any width). It plans a step: it
+        counts steps that verified nothing (to explore now and then) and the sizes it chose."""
         if len(tree) == 0:
             return tree
         if not self.enabled:

@@ -194,7 +194,7 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
             ask = budget.proposal_nodes(node_limit)
             tree = drafter.propose(context, ask)
             tree = fit_tree(tree, max_new - len(generated), limit - len(context))
-            tree = budget.choose(tree, runner.max_tree_leaves)
+            tree = budget.plan_step(tree, runner.max_tree_leaves)
             t1 = time.perf_counter()
             logits = runner.verify(seq, context[-1], tree)  # [1 + k, vocab]
             acceptance = _accept(tree, logits, sampling, generator)

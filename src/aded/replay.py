@@ -110,7 +110,7 @@ def replay_one(drafter: Drafter, record: Recorded, max_nodes: int,
         ask = policy.proposal_nodes(max_nodes)
         # the loop's trimming rule; a recorded run already fitted its context, so no room limit
         tree = fit_tree(drafter.propose(context, ask), max_new - pos, room=1 << 30)
-        tree = policy.choose(tree, max_leaves)
+        tree = policy.plan_step(tree, max_leaves)
         t1 = time.perf_counter()
         remaining = output[pos:]
         path = tree.longest_match(remaining[:-1] if len(remaining) > 1 else [])

@@ -143,6 +143,8 @@ def _swap(module: torch.nn.Module, make: Callable[[torch.nn.Linear], torch.nn.Mo
     if type(module) is torch.nn.Linear:
         return make(module)
     clone = copy.copy(module)  # shares _parameters and _buffers; only the children are new
+    # torch keeps children in `_modules` (what `named_children` reads); replacing that dict on the
+    # shallow copy is how the copy gets new children without the original losing its own
     clone._modules = {name: None if child is None else _swap(child, make)
-                      for name, child in module._modules.items()}
+                      for name, child in module.named_children()}
     return clone

@@ -36,20 +36,16 @@ def to_ngram_format(tree: DraftTree, root_id: int, draft_token_num: int) -> tupl
         raise ValueError(f"draft_token_num must be at least 1, got {draft_token_num}")
     kept = tree.subtree(range(min(len(tree), draft_token_num - 1)))
     order = sorted(range(len(kept)), key=lambda i: (int(kept.depths[i]), i))  # breadth first, stable
-    slot = {node: position + 1 for position, node in enumerate(order)}  # tree node -> row of the layout
-    n = draft_token_num
+    row = {node: position for position, node in enumerate(order)}  # tree node -> node of the layout
+    layout = DraftTree(kept.token_ids[order], [row[p] if p >= 0 else -1 for p in kept.parents[order].tolist()])
+    n, m = draft_token_num, len(layout)
     tokens = np.full(n, PAD_TOKEN, dtype=np.int64)  # [n]
-    parents = np.zeros(n, dtype=np.int64)  # [n] row of each row's parent; padding hangs off the root
-    tokens[0], parents[0] = int(root_id), -1
-    for node in order:
-        parent = int(kept.parents[node])
-        tokens[slot[node]] = int(kept.token_ids[node])
-        parents[slot[node]] = slot[parent] if parent >= 0 else 0
+    tokens[0], tokens[1 : m + 1] = int(root_id), layout.token_ids
     mask = np.zeros((n, n), dtype=np.uint8)  # [n, n]
-    for row in range(n):  # parents precede children in the layout, so one pass suffices
-        if parents[row] >= 0:
-            mask[row] = mask[parents[row]]
-        mask[row, row] = 1
+    mask[: m + 1, : m + 1] = layout.verify_mask  # (root, nodes): each row sees the root and its ancestors
+    pads = np.arange(m + 1, n)  # padding hangs off the root
+    mask[pads, 0] = 1
+    mask[pads, pads] = 1
     return tokens, mask
 
 
