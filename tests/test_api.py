@@ -2,7 +2,9 @@
 
 import pytest
 
-from conftest import hf_greedy
+from conftest import hf_greedy, tiny_tokenizer
+from offline_tokenizers import CountingTokenizer, ids_of, offline_tokenizer
+from scripted import ScriptDrafter, ScriptedRunner
 
 
 def test_generate_equals_greedy_and_stream_concatenates_to_the_text(tiny_lm):
@@ -33,6 +35,84 @@ def test_stop_string_cuts_text_and_tokens(tiny_lm):
     assert completion.finish_reason == "stop"
     assert completion.token_ids == full.token_ids[: len(completion.token_ids)]
     assert stop in tiny_lm.tokenizer.decode(completion.token_ids)
+
+
+def scripted_lm(tokenizer, script: list[int], depth: int):
+    """An `Aded` whose output is `script`, committed `depth` + 1 tokens a step (prompt: [1])."""
+    from aded.api import Aded
+
+    return Aded(ScriptedRunner(script, len(tokenizer)), tokenizer, ScriptDrafter(script, 1, depth),
+                budget="off")
+
+
+def test_a_stop_string_before_an_eos_in_the_same_step_cuts_the_text_there():
+    tokenizer = tiny_tokenizer()
+    script = ids_of(tokenizer, "ok STOP then") + [tokenizer.eos_token_id] + ids_of(tokenizer, "more")
+    stream = scripted_lm(tokenizer, script, depth=64).stream([1], stop=["STOP"], max_new_tokens=40)
+    assert "".join(stream) == stream.completion.text == "ok "
+    assert stream.completion.token_ids == ids_of(tokenizer, "ok STOP")
+    assert stream.completion.finish_reason == "stop" and stream.completion.stats.steps == 1
+
+
+def test_an_eos_before_a_stop_string_in_the_same_step_ends_the_text_there():
+    tokenizer = tiny_tokenizer()
+    script = ids_of(tokenizer, "ok") + [tokenizer.eos_token_id] + ids_of(tokenizer, "STOP more")
+    stream = scripted_lm(tokenizer, script, depth=64).stream([1], stop=["STOP"], max_new_tokens=40)
+    assert "".join(stream) == stream.completion.text == "ok"
+    assert stream.completion.token_ids == ids_of(tokenizer, "ok") + [tokenizer.eos_token_id]
+    assert stream.completion.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("depth", [0, 64])
+def test_a_stop_string_in_text_still_held_back_ends_the_text(depth):
+    """Byte tokens release text only when their run ends; an EOS may come first."""
+    tokenizer = offline_tokenizer("sentencepiece")
+    script = ids_of(tokenizer, "hi 😀") + [tokenizer.eos_token_id] + ids_of(tokenizer, "more")
+    stream = scripted_lm(tokenizer, script, depth).stream([1], stop=["😀"], max_new_tokens=40)
+    assert "".join(stream) == stream.completion.text == "hi "
+    assert stream.completion.token_ids == ids_of(tokenizer, "hi 😀")
+    assert stream.completion.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("depth", [0, 1, 4, 64])
+def test_stop_strings_end_the_text_as_plain_decoding_would_whatever_the_steps(depth):
+    """"bc" is complete one token before "abcd" is: the text ends there, however many tokens the
+    step that brought them committed."""
+    tokenizer = tiny_tokenizer()
+    script = ids_of(tokenizer, "xabcdy and more")
+    stream = scripted_lm(tokenizer, script, depth).stream([1], stop=["abcd", "bc"], max_new_tokens=40)
+    assert "".join(stream) == stream.completion.text == "xa"
+    assert stream.completion.token_ids == ids_of(tokenizer, "xabc")
+
+
+@pytest.mark.parametrize("name", ["byte-level", "sentencepiece"])
+@pytest.mark.parametrize("depth", [0, 3])
+def test_streamed_text_is_the_full_decode_cut_at_the_stop_string(name, depth):
+    tokenizer = offline_tokenizer(name)
+    full = "naïve café, 世界 😀 ok. " * 4 + "END here"
+    script = ids_of(tokenizer, full)
+    lm = scripted_lm(tokenizer, script, depth)
+    stream = lm.stream([1], max_new_tokens=len(script))
+    assert "".join(stream) == stream.completion.text == tokenizer.decode(script) == full
+    stream = lm.stream([1], stop=["END", "😀 ok. " * 5], max_new_tokens=len(script))
+    assert "".join(stream) == stream.completion.text == full[: full.index("END")]
+    ids = stream.completion.token_ids
+    assert ids == script[: len(ids)] and "END" in tokenizer.decode(ids) and "END" not in tokenizer.decode(ids[:-1])
+
+
+def test_streaming_decodes_each_token_a_bounded_number_of_times():
+    """Work, not time: a 2,000-token stream with a stop string to watch for decodes O(n) ids in all
+    (re-decoding the whole output every step would decode O(n^2))."""
+    tokenizer = offline_tokenizer("byte-level")
+    counting = CountingTokenizer(tokenizer)
+    text = "".join(f"Line {i}: naïve café, 世界 😀 and some plain words.\n" for i in range(400))
+    script = ids_of(tokenizer, text)[:2000]
+    assert len(script) == 2000
+    stream = scripted_lm(counting, script, depth=3).stream([1], stop=["never said"], max_new_tokens=2000)
+    streamed = "".join(stream)
+    assert stream.completion.stats.generated_tokens == 2000
+    assert counting.decoded_ids <= 8 * len(script)  # the completion's one full decode included
+    assert streamed == stream.completion.text == tokenizer.decode(script, skip_special_tokens=True)
 
 
 def test_temperature_zero_means_greedy(tiny_lm):

@@ -15,6 +15,7 @@ from aded.drafters.base import Drafter
 from aded.tree import DraftTree, TreeBuilder
 from aded.verify import accept_greedy
 from conftest import hf_greedy
+from scripted import ScriptDrafter, ScriptedRunner
 
 
 class ScriptedDrafter(Drafter):
@@ -104,6 +105,40 @@ def test_eos_inside_an_accepted_path_ends_generation(tiny_model):
         prompt, GenerationConfig(max_new_tokens=30, max_draft_nodes=32))
     assert result.token_ids == expected
     assert result.finish_reason == "stop"
+
+
+def scripted_generate(script: list[int], eos: int, stop_token: int, max_new_tokens: int = 30):
+    """Generate `script` in two steps (the prefill's token, then all the rest at once) with a stop
+    check that ends generation at `stop_token`; returns the result and the ids the check saw."""
+    seen: list[int] = []
+
+    def stop_check(new_ids: list[int]) -> int | None:
+        seen.extend(new_ids)
+        return len(seen) - len(new_ids) + new_ids.index(stop_token) + 1 if stop_token in new_ids else None
+
+    decoder = SpeculativeDecoder(ScriptedRunner(script, vocab_size=16), ScriptDrafter(script, 1, depth=64),
+                                 [eos], BudgetPolicy(enabled=False))
+    result = decoder.generate([3], GenerationConfig(max_new_tokens=max_new_tokens), stop_check)
+    return result, seen
+
+
+def test_a_stop_string_before_an_eos_in_the_same_step_ends_generation_there():
+    result, seen = scripted_generate([5, 6, 7, 8, 9, 2, 10, 11], eos=2, stop_token=7)
+    assert result.stats.steps == 1 and result.stats.accepted_lengths == [2]
+    assert result.token_ids == [5, 6, 7] and result.finish_reason == "stop"
+    assert seen == [5, 6, 7, 8, 9, 2]  # each id once, up to the EOS
+
+
+def test_an_eos_before_a_stop_string_in_the_same_step_ends_generation_there():
+    result, seen = scripted_generate([5, 6, 2, 7, 8, 9], eos=2, stop_token=7)
+    assert result.token_ids == [5, 6, 2] and result.finish_reason == "stop"
+    assert seen == [5, 6, 2]  # the stop check never sees past the EOS
+
+
+def test_the_token_limit_bounds_what_the_stop_check_sees():
+    result, seen = scripted_generate([5, 6, 8, 9, 7, 4], eos=2, stop_token=7, max_new_tokens=4)
+    assert result.token_ids == [5, 6, 8, 9] and result.finish_reason == "length"
+    assert seen == [5, 6, 8, 9]
 
 
 def test_kv_cache_equals_plain_prefill_after_many_steps(tiny_model):

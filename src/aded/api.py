@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 
 from aded.budget import BudgetPolicy, CostModel, load_or_measure_costs
 from aded.decoding import GenerationConfig, GenerationResult, GenerationStats, SpeculativeDecoder, sampling_fields
+from aded.detokenize import IncrementalDetokenizer, StopFinder
 from aded.drafters import DEFAULT_DRAFTER, Drafter, make_drafter
 from aded.models import DEFAULT_MODEL
 
@@ -160,8 +161,12 @@ class Aded:
 
 
 class TextStream:
-    """Decodes committed tokens to text as they arrive, holding back what may still change: an
-    incomplete UTF-8 character, or the start of a stop string."""
+    """Text pieces of a generation as its steps commit tokens, and `.completion` at the end.
+
+    Each token is decoded a bounded number of times, in a short window (detokenize.py), so a whole
+    stream costs time linear in its length. A piece is held back while it may still change: an incomplete UTF-8
+    character, or text that may begin a stop string.
+    """
 
     def __init__(self, lm: Aded, prompt_ids: list[int], config: GenerationConfig,
                  stop: tuple[str, ...]) -> None:
@@ -169,8 +174,13 @@ class TextStream:
         self.prompt_ids = prompt_ids
         self.stop = stop
         self.completion: Completion | None = None
-        self._text_cut: int | None = None
-        self._ids = lm.decoder.stream(prompt_ids, config, self._stop_check if stop else None)
+        self._detokenizer = IncrementalDetokenizer(lm.tokenizer)
+        self._stops = StopFinder(stop) if stop else None
+        self._num_ids = 0  # ids decoded
+        self._pending = ""  # decoded text not yielded yet
+        self._sent = 0  # characters yielded
+        self._text_cut: int | None = None  # where the first stop string starts
+        self._ids = lm.decoder.stream(prompt_ids, config, self._take)
         self._pieces = self._run()
 
     def __iter__(self) -> Iterator[str]:
@@ -183,45 +193,35 @@ class TextStream:
         self._ids.close()
         self._pieces.close()
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.lm.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _stop_check(self, generated: list[int]) -> int | None:
-        """Tokens to keep: the fewest whose text contains the first stop string that appeared."""
-        text = self._decode(generated)
-        hits = [(text.find(s), len(s)) for s in self.stop if s in text]
-        if not hits:
-            return None
-        start, length = min(hits)
-        self._text_cut = start
-        for n in range(1, len(generated) + 1):
-            if len(self._decode(generated[:n])) >= start + length:
-                return n
-        return len(generated)
+    def _take(self, new_ids: list[int]) -> int | None:
+        """The loop's per-step hook: decode the step's ids; if a stop string appeared, the number of
+        ids that first contain it (those after it in the step are never decoded)."""
+        for token_id in new_ids:
+            self._num_ids += 1
+            piece = self._detokenizer.push(token_id)
+            self._pending += piece
+            if self._stops is not None:  # held text counts: these ids may be the last ones
+                start = self._stops.find(piece, self._detokenizer.held_text)
+                if start is not None:
+                    self._text_cut = start
+                    return self._num_ids
+        return None
 
     def _run(self) -> Iterator[str]:
-        generated: list[int] = []
-        sent = 0
-        holdback = max((len(s) for s in self.stop), default=1) - 1
-        for new_ids in self._ids:
-            generated.extend(new_ids)
-            text = self._decode(generated)
-            if self._text_cut is not None:
-                text = text[: self._text_cut]
-                ready = len(text)
+        holdback = self._stops.holdback if self._stops is not None else 0
+        for _ in self._ids:  # `_take` has decoded the step's ids
+            if self._text_cut is not None:  # the rest of the text may still be held
+                ready = min(self._text_cut - self._sent, len(self._pending))
             else:
-                ready = len(text) - holdback
-                if text.endswith("\ufffd"):
-                    ready = min(ready, len(text) - 1)
-            if ready > sent:
-                yield text[sent:ready]
-                sent = ready
+                ready = len(self._pending) - holdback
+            if ready > 0:
+                yield self._pending[:ready]
+                self._pending = self._pending[ready:]
+                self._sent += ready
         result: GenerationResult = self._ids.result
-        text = self._decode(result.token_ids)
-        if self._text_cut is not None:
-            text = text[: self._text_cut]
-        if len(text) > sent:
-            yield text[sent:]
+        text = self.lm.tokenizer.decode(result.token_ids, skip_special_tokens=True)[: self._text_cut]
+        if len(text) > self._sent:
+            yield text[self._sent:]
         self.completion = Completion(text, result.token_ids, self.prompt_ids, result.finish_reason,
                                      result.stats)
 

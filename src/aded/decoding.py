@@ -92,7 +92,9 @@ class GenerationResult:
 
 
 StopCheck = Callable[[list[int]], int | None]
-"""Given all generated ids, the length to cut them to if a stop string appeared, else None."""
+"""Called once per step, before the step's tokens are yielded, with the ids it adds (cut after an
+EOS or at the token limit), so that every generated id is seen once and in order. Returns how many
+of all generated ids to keep if a stop string appeared, else None."""
 
 
 class SpeculativeDecoder:
@@ -225,14 +227,21 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
 
 def _finished(generated: list[int], start: int, max_new: int, eos: frozenset[int],
               stop_check: StopCheck | None) -> tuple[int | None, str | None]:
-    """(length to cut `generated` to, finish reason) after a step appended `generated[start:]`."""
-    for position in range(start, min(len(generated), max_new)):
-        if generated[position] in eos:
-            return position + 1, "stop"
+    """(length to cut `generated` to, finish reason) after a step appended `generated[start:]`.
+
+    The first to occur ends generation: an EOS, a stop string or the token limit. A step may commit
+    both a stop string and an EOS, so the stop check sees the step's ids up to the EOS.
+    """
+    end = min(len(generated), max_new)
+    eos_end = next((i + 1 for i in range(start, end) if generated[i] in eos), None)
+    if eos_end is not None:
+        end = eos_end
     if stop_check is not None:
-        cut = stop_check(generated[:max_new])
+        cut = stop_check(generated[start:end])
         if cut is not None:
             return cut, "stop"
+    if eos_end is not None:
+        return eos_end, "stop"
     if len(generated) >= max_new:
         return max_new, "length"
     return None, None
