@@ -199,3 +199,14 @@ def test_the_modules_import_neither_vllm_nor_ray():
     code = "import sys, aded.integrations.vllm, aded.integrations.shared_state, aded.integrations.sglang; print(sorted(m for m in ('vllm', 'ray') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_rows_of_one_proposer_share_what_their_drafter_learns():
+    proposer = AdedProposer(config(k=4), drafter="aded")
+    pattern = [500, 501, 502, 503, 504, 505, 506, 507]
+    engine = FakeEngine(proposer)
+    engine.load([([1, 2, 3], pattern * 3)])
+    engine.run()
+    proposer.finish_all()  # the row's request ends: its sibling folds it into the shared counts
+    drafts = proposer.propose([[501]], np.array([5]), np.array([[7, 8, 9, 500, 501]]))
+    assert drafts[0][:3] == [502, 503, 504]
