@@ -33,14 +33,12 @@ def run_demo(model: str, drafter: str, max_new_tokens: int, dtype: str,
     """(rows, baseline name): the backend's own plain greedy decoding (the benchmark's baseline
     method: transformers' `generate` or llama.cpp's) against aded, same prompt ids."""
     from aded.api import load
-    from aded.bench.methods import Sampling, build_methods
+    from aded.bench.methods import DecodeSettings, build_methods
     from aded.progress import console
 
     lm = load(model, drafter=drafter, dtype=dtype, backend=backend)
-    eos = tuple(lm.decoder.eos_token_ids)
-    sampling = Sampling(max_new_tokens, eos, lm.tokenizer.pad_token_id or 0)
-    built = build_methods([], lm.tokenizer, lm.runner, sampling, make_budget=None)
-    baseline = built.methods[0]
+    settings = DecodeSettings.for_model(lm.runner, lm.tokenizer, max_new_tokens)
+    baseline = build_methods([], lm.tokenizer, lm.runner, settings, make_budget=None).methods[0]
     rows = []
     for task, prompt in DEMO_PROMPTS.items():
         ids = lm.prompt_ids(prompt)
