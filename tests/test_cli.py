@@ -54,6 +54,15 @@ def test_prompt_from_stdin_and_file_agree(model_dir, tmp_path):
     assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
 
 
+def test_prompt_file_dash_reads_stdin(model_dir):
+    positional = run("generate", "--json", "--model", model_dir, "--budget", "off", "-n", 8, "-", stdin="hello there")
+    option = run("generate", "--json", "--model", model_dir, "--budget", "off", "-n", 8, "--prompt-file", "-",
+                 stdin="hello there")
+    assert positional.returncode == option.returncode == 0, positional.stderr + option.stderr
+    assert json.loads(option.stdout)["prompt_token_ids"] == json.loads(positional.stdout)["prompt_token_ids"]
+    assert json.loads(option.stdout)["token_ids"] == json.loads(positional.stdout)["token_ids"]
+
+
 def test_chat_streams_replies_turn_after_turn(model_dir):
     proc = run("chat", "--model", model_dir, "--budget", "off", "-n", 6, stdin="hi\nmore\n\n")
     assert proc.returncode == 0, proc.stderr

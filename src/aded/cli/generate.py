@@ -18,11 +18,12 @@ __all__ = ["generate", "chat"]
 STDIN = "-"
 
 
-def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
+def _read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
+    """The prompt from PROMPT or --prompt-file; `-` in either place means stdin, as in most tools."""
     if prompt_file is not None:
         if prompt is not None:
             raise ValueError("give a PROMPT or --prompt-file, not both")
-        return prompt_file.read_text()
+        return sys.stdin.read() if prompt_file == STDIN else Path(prompt_file).read_text()
     if prompt is None:
         raise ValueError("no prompt: give PROMPT, --prompt-file FILE, or - to read stdin")
     return sys.stdin.read() if prompt == STDIN else prompt
@@ -69,7 +70,9 @@ def _load(model, drafter, dtype, budget, backend, threads, datastore):
 @friendly
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="The prompt, or - to read it from stdin."),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", "-f", exists=True, dir_okay=False),
+    # checked as a file, but passed on as str: typer lets `-` through only when the value stays a str
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", "-f", exists=True, dir_okay=False,
+                                               allow_dash=True, path_type=str),
     model: str = ModelOpt,
     drafter: str = DrafterOpt,
     max_new_tokens: int = MaxNewOpt,
