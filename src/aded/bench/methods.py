@@ -209,12 +209,14 @@ class LlamaCppGenerate(Method):
 
 
 def hf_generation_config(settings: DecodeSettings, prompt_lookup: int | None = None):
-    """transformers' `GenerationConfig` for `settings`, naming every field that shapes the output.
+    """transformers' `GenerationConfig` for `settings`, naming the fields that shape the output.
 
     transformers 5 fills the fields a passed config leaves unset from the model's generation_config
     (e.g. Qwen's repetition_penalty 1.05, top_k 20), then from its own defaults (top_k 50); either
-    would make the baseline decode something other than aded. So the processors are named off, and
-    a sampled run names every warper too, with aded's meaning (top_k 0 = off).
+    would make the baseline decode something other than aded. So the penalties, n-gram bans and
+    minimum length are named off, and a sampled run names every warper too, with aded's meaning
+    (top_k 0 = off). Fields whose only "off" is unset (forced or banned tokens) cannot be named;
+    causal chat models do not set them.
     """
     from transformers import GenerationConfig
 
