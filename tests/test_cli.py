@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,12 @@ def model_dir(tmp_path_factory):
 
 
 def run(*args, stdin=None):
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+           "ADED_CACHE_DIR": str(Path(__file__).parent / ".cache-tests")}
+    if "PYTHONPATH" in os.environ:  # a checkout run against another install's console script
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return subprocess.run([str(ADED), *map(str, args)], input=stdin, capture_output=True,
-                          text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                                       "ADED_CACHE_DIR": str(Path(__file__).parent / ".cache-tests")})
+                          text=True, timeout=300, env=env)
 
 
 def test_generate_json_equals_greedy(model_dir):
@@ -38,6 +42,7 @@ def test_generate_json_equals_greedy(model_dir):
     data = json.loads(proc.stdout)
     assert data["prompt_token_ids"] == lm.prompt_ids("abcabcabc")
     assert data["token_ids"] == hf_greedy(lm.model, data["prompt_token_ids"], 20)
+    assert "Warning" not in proc.stderr  # e.g. transformers' FutureWarning on a deprecated argument
 
 
 def test_prompt_from_stdin_and_file_agree(model_dir, tmp_path):
@@ -47,6 +52,15 @@ def test_prompt_from_stdin_and_file_agree(model_dir, tmp_path):
     b = run("generate", "--json", "--model", model_dir, "--budget", "off", "-n", 8, "-f", prompt_file)
     assert a.returncode == b.returncode == 0, a.stderr + b.stderr
     assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
+
+
+def test_prompt_file_dash_reads_stdin(model_dir):
+    positional = run("generate", "--json", "--model", model_dir, "--budget", "off", "-n", 8, "-", stdin="hello there")
+    option = run("generate", "--json", "--model", model_dir, "--budget", "off", "-n", 8, "--prompt-file", "-",
+                 stdin="hello there")
+    assert positional.returncode == option.returncode == 0, positional.stderr + option.stderr
+    assert json.loads(option.stdout)["prompt_token_ids"] == json.loads(positional.stdout)["prompt_token_ids"]
+    assert json.loads(option.stdout)["token_ids"] == json.loads(positional.stdout)["token_ids"]
 
 
 def test_chat_streams_replies_turn_after_turn(model_dir):

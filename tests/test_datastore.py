@@ -222,7 +222,7 @@ def test_build_datastore_end_to_end(tmp_path):
 def test_cli_info(tmp_path):
     from typer.testing import CliRunner
 
-    from aded.cli_datastore import datastore_app
+    from aded.cli.datastore import datastore_app
 
     path, _ = small_store(tmp_path)
     result = CliRunner().invoke(datastore_app, ["info", str(path)])

@@ -14,6 +14,7 @@ mask is silently mis-read by eager attention).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +134,7 @@ class HFRunner:
         self._decoder, self._head = self._split_head(model)
         if self._decoder is not None:  # a view of it, with kernels for few rows; `model` is untouched
             self._decoder = fast_linears(self._decoder)
+        self._cache_arg = _cache_argument(self._decoder if self._decoder is not None else model)
 
     @staticmethod
     def _split_head(model):
@@ -161,11 +163,11 @@ class HFRunner:
 
     def _forward(self, seq: HFSequence, last_only: bool = False, **inputs) -> torch.Tensor:
         """Logits [rows, vocab] float32 for the given inputs, extending `seq`'s cache."""
+        inputs[self._cache_arg] = seq.cache
         if self._decoder is None:
-            out = self.model(**inputs, past_key_values=seq.cache, use_cache=True,
-                             logits_to_keep=1 if last_only else 0)
+            out = self.model(**inputs, use_cache=True, logits_to_keep=1 if last_only else 0)
             return out.logits[0].float().cpu()
-        hidden = self._decoder(**inputs, past_key_values=seq.cache, use_cache=True).last_hidden_state[0]
+        hidden = self._decoder(**inputs, use_cache=True).last_hidden_state[0]
         if last_only:
             hidden = hidden[-1:]
         return self._head(hidden).float().cpu()  # [rows, vocab]; .cpu() also synchronises
@@ -229,6 +231,14 @@ class HFRunner:
         return {"backend": "hf", "threads": torch.get_num_threads(), "torch": torch.__version__,
                 "transformers": transformers.__version__, "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+def _cache_argument(module) -> str:
+    """The keyword `module.forward` takes the KV cache under: `cache` in the transformers versions
+    that renamed it (where `past_key_values` still works but warns on every call), else
+    `past_key_values`. Read from the signature, so each model gets the name it declares."""
+    parameters = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _configured_eos(model) -> tuple[int, ...]:

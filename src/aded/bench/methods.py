@@ -1,7 +1,8 @@
 """The methods a benchmark compares, behind one call: `run(prompt_ids, baseline_ids) -> TurnResult`.
 
 - `hf`, `hf-pld` (HF backend): transformers' own `model.generate` (greedy or sampled; `hf-pld` adds
-  prompt lookup with `prompt_lookup_num_tokens=10`). Their prefill is the time to the first
+  prompt lookup with `prompt_lookup_num_tokens=10`), every field that shapes the output set
+  explicitly, so neither the model's generation_config nor transformers' defaults (top_k=50) leak in. Their prefill is the time to the first
   generated token, read from a streamer inside the same `generate` call, so nothing is subtracted
   or timed twice.
 - `llama.cpp`, `llama.cpp-pld` (llama.cpp backend): llama-cpp-python's `Llama(model_path=...)`
@@ -27,11 +28,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from aded.decoding import sampling_fields
 from aded.drafters import DRAFTERS, drafter_class
 from aded.drafters.base import Drafter
 from aded.tree import DraftTree
 
-__all__ = ["TurnResult", "Method", "HFGenerate", "LlamaCppGenerate", "AdedMethod", "OracleDrafter",
+__all__ = ["DecodeSettings", "TurnResult", "Method", "HFGenerate", "hf_generation_config", "LlamaCppGenerate", "AdedMethod", "OracleDrafter",
            "build_methods", "method_names", "baseline_of", "PEERS"]
 
 #: per backend, its plain decoding (the baseline, first) and its own prompt lookup
@@ -84,17 +86,32 @@ class Method(ABC):
 
 
 @dataclass(frozen=True)
-class Sampling:
+class DecodeSettings:
     """What every method shares about decoding: the same length limit, stop tokens and sampling."""
 
     max_new_tokens: int
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0
+    top_k: int = 0  # 0 = off
     top_p: float = 1.0
     seed: int = 0
     max_draft_nodes: int = 24
+
+    @classmethod
+    def for_model(cls, runner, tokenizer, max_new_tokens: int, **fields) -> "DecodeSettings":
+        """Settings with the model's stop tokens (as `aded.load` finds them) and a pad id, so the
+        benchmark and `aded demo` build their methods alike."""
+        from aded.api import eos_token_ids
+
+        eos = tuple(eos_token_ids(runner, tokenizer))
+        pad = tokenizer.pad_token_id
+        pad_id = int(pad) if pad is not None else (min(eos) if eos else 0)
+        return cls(max_new_tokens, eos, pad_id, **fields)
+
+    @property
+    def greedy(self) -> bool:
+        return not sampling_fields(self.temperature)["do_sample"]
 
 
 class _TimingStreamer:
@@ -127,11 +144,11 @@ class LlamaCppGenerate(Method):
     its context size and threads; each turn starts from an empty cache (`reset`), so the prompt is
     processed as aded's runner processes it. Steps are counted as `llama_decode` calls (`eval`)."""
 
-    def __init__(self, name: str, runner, sampling: Sampling, prompt_lookup: int | None = None) -> None:
+    def __init__(self, name: str, runner, settings: DecodeSettings, prompt_lookup: int | None = None) -> None:
         from llama_cpp import Llama
 
         self.name = name
-        self.sampling = sampling
+        self.settings = settings
         options: dict[str, Any] = {}
         if prompt_lookup:
             from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
@@ -141,7 +158,7 @@ class LlamaCppGenerate(Method):
         batch = runner.n_ctx if prompt_lookup else runner.n_batch
         self.llm = Llama(model_path=str(runner.path), n_ctx=runner.n_ctx, n_threads=runner.n_threads,
                          n_threads_batch=runner.n_threads, n_batch=batch, n_ubatch=batch,
-                         seed=sampling.seed, verbose=False, **options)
+                         seed=settings.seed, verbose=False, **options)
         self._evals: list[int] = []
         self._produced = 0
         plain_eval = self.llm.eval
@@ -153,16 +170,16 @@ class LlamaCppGenerate(Method):
         self.llm.eval = counted_eval
 
     def warm_up(self, prompt_ids: list[int]) -> None:
-        saved = self.sampling
-        self.sampling = replace(saved, max_new_tokens=min(8, saved.max_new_tokens))
+        saved = self.settings
+        self.settings = replace(saved, max_new_tokens=min(8, saved.max_new_tokens))
         try:
             self.run(prompt_ids, None)
         finally:
-            self.sampling = saved
+            self.settings = saved
 
     def run(self, prompt_ids: list[int], baseline_ids: list[int] | None) -> TurnResult:
-        s = self.sampling
-        greedy = s.temperature <= 0
+        s = self.settings
+        greedy = s.greedy
         eos = set(s.eos_token_ids)
         self.llm.reset()
         self._evals.clear()
@@ -191,28 +208,39 @@ class LlamaCppGenerate(Method):
         return TurnResult(output, first_at - start, end - first_at, steps, 1 if output else 0)
 
 
+def hf_generation_config(settings: DecodeSettings, prompt_lookup: int | None = None):
+    """transformers' `GenerationConfig` for `settings`, naming the fields that shape the output.
+
+    transformers 5 fills the fields a passed config leaves unset from the model's generation_config
+    (e.g. Qwen's repetition_penalty 1.05, top_k 20), then from its own defaults (top_k 50); either
+    would make the baseline decode something other than aded. So the penalties, n-gram bans and
+    minimum length are named off, and a sampled run names every warper too, with aded's meaning
+    (top_k 0 = off). Fields whose only "off" is unset (forced or banned tokens) cannot be named;
+    causal chat models do not set them.
+    """
+    from transformers import GenerationConfig
+
+    fields: dict[str, Any] = {**sampling_fields(settings.temperature), "num_beams": 1,
+                              "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0}
+    if not settings.greedy:  # warpers: transformers warns when they are named for greedy decoding
+        fields.update(top_k=settings.top_k, top_p=settings.top_p, min_p=0.0, typical_p=1.0,
+                      epsilon_cutoff=0.0, eta_cutoff=0.0)
+    if prompt_lookup:
+        fields["prompt_lookup_num_tokens"] = prompt_lookup
+    return GenerationConfig(max_new_tokens=settings.max_new_tokens,
+                            eos_token_id=list(settings.eos_token_ids) or None,
+                            pad_token_id=settings.pad_token_id, **fields)
+
+
 class HFGenerate(Method):
-    """transformers' `generate` as users call it, with a clean generation config (no model defaults
-    such as repetition penalties, which would make greedy outputs incomparable)."""
+    """transformers' `generate` as users call it, with `hf_generation_config`: no model defaults
+    (such as repetition penalties, which would make greedy outputs incomparable)."""
 
-    def __init__(self, name: str, model, sampling: Sampling, prompt_lookup: int | None = None) -> None:
-        from transformers import GenerationConfig
-
+    def __init__(self, name: str, model, settings: DecodeSettings, prompt_lookup: int | None = None) -> None:
         self.name = name
         self.model = model
-        self.sampling = sampling
-        options: dict[str, Any] = {"do_sample": False}
-        if sampling.temperature > 0:
-            options = {"do_sample": True, "temperature": sampling.temperature,
-                       "top_k": sampling.top_k or None, "top_p": sampling.top_p}
-        if prompt_lookup:
-            options["prompt_lookup_num_tokens"] = prompt_lookup
-        self.config = GenerationConfig(
-            max_new_tokens=sampling.max_new_tokens,
-            eos_token_id=list(sampling.eos_token_ids) or None,
-            pad_token_id=sampling.pad_token_id,
-            **options,
-        )
+        self.settings = settings
+        self.config = hf_generation_config(settings, prompt_lookup)
 
     def warm_up(self, prompt_ids: list[int]) -> None:
         saved = self.config.max_new_tokens
@@ -228,7 +256,7 @@ class HFGenerate(Method):
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)  # [1, n]
         streamer = _TimingStreamer()
         if self.config.do_sample:
-            torch.manual_seed(self.sampling.seed)
+            torch.manual_seed(self.settings.seed)
         with torch.inference_mode():
             start = time.perf_counter()
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
@@ -243,21 +271,19 @@ class HFGenerate(Method):
 class AdedMethod(Method):
     """One aded drafter on the shared runner, with its own budget policy over the shared costs."""
 
-    def __init__(self, name: str, runner, drafter: Drafter, sampling: Sampling, budget) -> None:
+    def __init__(self, name: str, runner, drafter: Drafter, settings: DecodeSettings, budget) -> None:
         from aded.decoding import GenerationConfig, SpeculativeDecoder
 
         self.name = name
         self.drafter = drafter
-        self.decoder = SpeculativeDecoder(runner, drafter, sampling.eos_token_ids, budget)
-        greedy = sampling.temperature <= 0
+        self.decoder = SpeculativeDecoder(runner, drafter, settings.eos_token_ids, budget)
         self.config = GenerationConfig(
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=not greedy,
-            temperature=1.0 if greedy else sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            seed=sampling.seed,
-            max_draft_nodes=sampling.max_draft_nodes,
+            max_new_tokens=settings.max_new_tokens,
+            **sampling_fields(settings.temperature),
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            seed=settings.seed,
+            max_draft_nodes=settings.max_draft_nodes,
         )
 
     def run(self, prompt_ids: list[int], baseline_ids: list[int] | None) -> TurnResult:
@@ -315,7 +341,7 @@ def _drafter(name: str, tokenizer) -> Drafter:
     return cls(**options)
 
 
-def build_methods(names: Sequence[str], tokenizer, runner, sampling: Sampling,
+def build_methods(names: Sequence[str], tokenizer, runner, settings: DecodeSettings,
                   make_budget) -> MethodSet:
     """The methods in `names` (the runner's baseline first), each fresh; unavailable ones skipped.
 
@@ -332,12 +358,12 @@ def build_methods(names: Sequence[str], tokenizer, runner, sampling: Sampling,
     for name in ordered:
         try:
             if name in PEERS["hf"]:
-                out.methods.append(HFGenerate(name, runner.model, sampling, 10 if name == peer else None))
+                out.methods.append(HFGenerate(name, runner.model, settings, 10 if name == peer else None))
             elif name in PEERS["llama.cpp"]:
-                out.methods.append(LlamaCppGenerate(name, runner, sampling, 10 if name == peer else None))
+                out.methods.append(LlamaCppGenerate(name, runner, settings, 10 if name == peer else None))
             else:
                 drafter = _drafter(name, tokenizer)
-                out.methods.append(AdedMethod(name, runner, drafter, sampling, make_budget()))
+                out.methods.append(AdedMethod(name, runner, drafter, settings, make_budget()))
         except (ImportError, RuntimeError, ValueError, OSError) as exc:
             if name == baseline:
                 raise

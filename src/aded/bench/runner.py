@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Sequence
 
 from aded.backends.base import physical_cores
-from aded.bench.methods import Method, MethodSet, Sampling, TurnResult, baseline_of, build_methods
+from aded.bench.methods import DecodeSettings, Method, MethodSet, TurnResult, baseline_of, build_methods
 from aded.bench.questions import Question
+from aded.decoding import sampling_fields
 
 __all__ = ["BenchConfig", "run_bench", "machine_info", "physical_cores"]
 
@@ -42,8 +43,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        sampling_fields(self.temperature)  # the one place that checks it
         if self.budget not in ("measured", "fresh", "typical", "off"):
             raise ValueError(f"budget must be measured, fresh, typical or off, got {self.budget!r}")
 
@@ -92,11 +92,6 @@ class PromptBuilder:
 
     def answer(self, output_ids: list[int]) -> str:
         return self.tokenizer.decode(output_ids, skip_special_tokens=True)
-
-
-def _pad_id(tokenizer, eos: Sequence[int]) -> int:
-    pad = tokenizer.pad_token_id
-    return int(pad) if pad is not None else (min(eos) if eos else 0)
 
 
 # ---------------------------------------------------------------------------- rows
@@ -216,7 +211,6 @@ def run_bench(model, tokenizer, questions: Sequence[Question], methods: Sequence
     `progress` is a `BenchProgress`-like object (or None for silence). Ctrl-C stops after the
     questions already done, which are returned with `config.interrupted` set.
     """
-    from aded.api import eos_token_ids
     from aded.backends.base import Runner
     from aded.backends.hf import HFRunner
     from aded.bench.report import summarize
@@ -225,14 +219,15 @@ def run_bench(model, tokenizer, questions: Sequence[Question], methods: Sequence
         raise ValueError("no questions to run")
     runner = model if isinstance(model, Runner) else HFRunner(model)
     baseline = baseline_of(runner.backend)
-    eos = tuple(eos_token_ids(runner, tokenizer))
-    sampling = Sampling(config.max_new_tokens, eos, _pad_id(tokenizer, eos), config.temperature,
-                        config.top_k, config.top_p, config.seed, config.max_draft_nodes)
+    settings = DecodeSettings.for_model(runner, tokenizer, config.max_new_tokens,
+                                        temperature=config.temperature, top_k=config.top_k,
+                                        top_p=config.top_p, seed=config.seed,
+                                        max_draft_nodes=config.max_draft_nodes)
     if model_id is None:
         model_id = f"{model_name}:{runner.describe().get('dtype', 'gguf')}"
     make_budget, cost_model = _budget_factory(runner, model_id, config.budget)
-    built = build_methods(methods, tokenizer, runner, sampling, make_budget)
-    session = _Session(runner, PromptBuilder(tokenizer), built, config, progress, baseline)
+    built = build_methods(methods, tokenizer, runner, settings, make_budget)
+    session = _Session(runner, PromptBuilder(tokenizer), built, config, settings.greedy, progress, baseline)
     if config.warmup:
         _warm_up(built.methods, session.prompts.ids([{"role": "user", "content": questions[0].turns[0]}]))
 
@@ -255,7 +250,7 @@ def run_bench(model, tokenizer, questions: Sequence[Question], methods: Sequence
         "machine": machine_info(runner),
         "config": {**asdict(config), "methods": [m.name for m in built.methods],
                    "backend": runner.backend, "baseline": baseline,
-                   "chat_template": session.prompts.chat, "eos_token_ids": list(eos),
+                   "chat_template": session.prompts.chat, "eos_token_ids": list(settings.eos_token_ids),
                    "cost_model": cost_model, "timing": TIMING_NOTE,
                    "questions": done, "interrupted": interrupted},
         "skipped": [{"method": k, "reason": v} for k, v in built.skipped.items()],
@@ -270,8 +265,9 @@ class _Session:
     stopped."""
 
     def __init__(self, runner, prompts: PromptBuilder, built: MethodSet, config: BenchConfig,
-                 progress, baseline: str) -> None:
+                 greedy: bool, progress, baseline: str) -> None:
         self.runner = runner
+        self.greedy = greedy
         self.baseline = baseline
         self.prompts = prompts
         self.built = built
@@ -301,7 +297,6 @@ class _Session:
 
     def _turn(self, index: int, question: Question, order: list[Method], rows: dict[str, _Row],
               prompt_ids: list[int]) -> list[int]:
-        greedy = self.config.temperature <= 0
         baseline: list[int] = []
         for method in order:
             if method not in self.active:
@@ -319,7 +314,7 @@ class _Session:
                 continue
             if method.name == self.baseline:
                 baseline = result.output_ids
-            rows[method.name].add(result, prompt_ids, baseline, greedy)
+            rows[method.name].add(result, prompt_ids, baseline, self.greedy)
             if self.progress is not None:
                 self.progress.record(method.name, result)
         return baseline

@@ -1,10 +1,19 @@
 """`aded demo`: one command that shows what aded does on this machine.
 
 Runs the backend's own plain greedy decoding (transformers' `generate`, or llama.cpp's for a GGUF
-file), then aded with the chosen drafter, on the same prompt ids in the same process, and prints their speeds side by side and whether the tokens are identical.
+file), then aded with the chosen drafter, on the same prompt ids in the same process, and prints
+their speeds side by side and whether the tokens are identical. The baseline is the benchmark's
+baseline method with the benchmark's settings (`DecodeSettings.for_model`), so the two agree.
 """
 
 from __future__ import annotations
+
+import typer
+
+from aded.cli.common import BackendOpt, DtypeOpt, ModelOpt, friendly
+from aded.drafters import DEFAULT_DRAFTER
+
+__all__ = ["demo", "run_demo", "print_demo", "DEMO_PROMPTS"]
 
 
 DEMO_PROMPTS = {
@@ -28,19 +37,30 @@ DEMO_PROMPTS = {
 }
 
 
-def run_demo(model: str, drafter: str, max_new_tokens: int, dtype: str,
-             backend: str = "auto") -> tuple[list[dict], str]:
-    """(rows, baseline name): the backend's own plain greedy decoding (the benchmark's baseline
-    method: transformers' `generate` or llama.cpp's) against aded, same prompt ids."""
+@friendly
+def demo(
+    model: str = ModelOpt,
+    drafter: str = typer.Option(DEFAULT_DRAFTER, "--drafter", "-d", help="Draft source to show."),
+    max_new_tokens: int = typer.Option(160, "--max-new-tokens", "-n", min=1),
+    dtype: str = DtypeOpt,
+    backend: str = BackendOpt,
+) -> None:
+    """Plain decoding against aded on two prompts: speed side by side, identical tokens."""
     from aded.api import load
-    from aded.bench.methods import Sampling, build_methods
-    from aded.progress import console
 
     lm = load(model, drafter=drafter, dtype=dtype, backend=backend)
-    eos = tuple(lm.decoder.eos_token_ids)
-    sampling = Sampling(max_new_tokens, eos, lm.tokenizer.pad_token_id or 0)
-    built = build_methods([], lm.tokenizer, lm.runner, sampling, make_budget=None)
-    baseline = built.methods[0]
+    rows, baseline = run_demo(lm, max_new_tokens)
+    print_demo(rows, drafter, baseline)
+
+
+def run_demo(lm, max_new_tokens: int) -> tuple[list[dict], str]:
+    """(rows, baseline name): the backend's own plain greedy decoding (the benchmark's baseline
+    method: transformers' `generate` or llama.cpp's) against the loaded `Aded`, same prompt ids."""
+    from aded.bench.methods import DecodeSettings, build_methods
+    from aded.progress import console
+
+    settings = DecodeSettings.for_model(lm.runner, lm.tokenizer, max_new_tokens)
+    baseline = build_methods([], lm.tokenizer, lm.runner, settings, make_budget=None).methods[0]
     rows = []
     for task, prompt in DEMO_PROMPTS.items():
         ids = lm.prompt_ids(prompt)

@@ -1,4 +1,4 @@
-"""The typer surface of `aded bench` (run, `compare`) and `aded simulate`; the work lives beside it."""
+"""`aded bench` (run, `compare`) and `aded simulate`; the work lives in `aded.bench` and `aded.replay`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from aded.models import DEFAULT_MODEL
+from aded.cli.common import ModelOpt, NodesOpt, friendly, split_list
 
 __all__ = ["bench_app", "simulate_command"]
 
@@ -21,21 +21,10 @@ bench_app = typer.Typer(
 )
 
 
-def _friendly(func, *args, **kwargs):
-    """Expected failures as one `error:` line and exit code 2, as everywhere in `aded`."""
-    from aded.cli import friendly
-
-    return friendly(func)(*args, **kwargs)
-
-
-def _split(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 @bench_app.callback()
 def bench(
     ctx: typer.Context,
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face folder, or .gguf file."),
+    model: str = ModelOpt,
     questions: list[Path] = typer.Option([], "--questions", "-q", dir_okay=False,
                                          help="A question file (JSON Lines; repeatable). Default: the shipped mixed set."),
     methods: str = typer.Option("all", "--methods", help="Comma-separated methods, or all: the backend's plain decoding and "
@@ -47,7 +36,7 @@ def bench(
     out: Optional[Path] = typer.Option(None, "--out", "-o", file_okay=False, help="Output folder (default: bench-results/<timestamp>)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: physical cores)."),
-    max_draft_nodes: int = typer.Option(24, "--max-draft-nodes", min=0, max=1024, help="Largest draft tree per step."),
+    max_draft_nodes: int = NodesOpt,
     budget: str = typer.Option("measured", "--budget", help="measured (cached t(k)), fresh (time t(k) now), typical, or off: how aded methods size trees."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling."),
     warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="Run every code path once before timing."),
@@ -55,7 +44,7 @@ def bench(
     """Run the benchmark (the default action); `aded bench compare A B` compares two runs."""
     if ctx.invoked_subcommand is not None:
         return
-    _friendly(_run, model, questions, methods, backend, max_new_tokens, limit, temperature, out, dtype,
+    friendly(_run)(model, questions, methods, backend, max_new_tokens, limit, temperature, out, dtype,
               threads, max_draft_nodes, budget, seed, warmup)
 
 
@@ -65,14 +54,13 @@ def _run(model, questions, methods, backend, max_new_tokens, limit, temperature,
 
     from aded.backends.select import choose_backend, load_runner
     from aded.bench.methods import method_names
-    from aded.progress import BenchProgress
     from aded.bench.questions import load_questions
     from aded.bench.report import render_report, write_outputs
     from aded.bench.runner import BenchConfig, physical_cores, run_bench
-    from aded.progress import console, status
+    from aded.progress import BenchProgress, console, status
 
     known = method_names(choose_backend(model, backend))
-    names = known if methods.strip() == "all" else _split(methods)
+    names = known if methods.strip() == "all" else split_list(methods)
     unknown = [n for n in names if n not in known]
     if unknown:  # before the model loads: a typo should cost nothing
         raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(known)}")
@@ -105,7 +93,7 @@ def compare_command(
     as_json: bool = typer.Option(False, "--json", help="Print the comparison rows as JSON."),
 ) -> None:
     """Print the difference between two benchmark runs, per method."""
-    _friendly(_compare, a, b, category, as_json)
+    friendly(_compare)(a, b, category, as_json)
 
 
 def _compare(a: Path, b: Path, category: str, as_json: bool) -> None:
@@ -118,6 +106,7 @@ def _compare(a: Path, b: Path, category: str, as_json: bool) -> None:
     typer.echo(render_compare(rows, str(a), str(b), None if category == "*" else category), nl=False)
 
 
+@friendly
 def simulate_command(
     recorded: Path = typer.Option(..., "--recorded", "-r", help="results.json of an `aded bench` run (or its folder)."),
     drafters: str = typer.Option("pld,suffix", "--drafters", "-d", help="Comma-separated drafter names."),
@@ -134,7 +123,7 @@ def simulate_command(
 
     results = load_results(recorded)
     source = model or results.get("model")
-    summary = simulate_results(results, _split(drafters),
+    summary = simulate_results(results, split_list(drafters),
                                (lambda: load_tokenizer(source)) if source else None,
                                budget=budget, max_nodes=max_draft_nodes)
     if as_json:

@@ -12,14 +12,15 @@ from typing import Optional
 
 import typer
 
+from aded.cli.common import ModelOpt, NodesOpt, friendly
 from aded.drafters import DEFAULT_DRAFTER
-from aded.models import DEFAULT_MODEL
 
 __all__ = ["serve_command"]
 
 
+@friendly
 def serve_command(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face folder, or .gguf file."),
+    model: str = ModelOpt,
     drafter: str = typer.Option(DEFAULT_DRAFTER, "--drafter", "-d", help="Draft source: none, pld, suffix, hybrid, aded, ..."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port to listen on."),
@@ -35,7 +36,7 @@ def serve_command(
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests queued or running before 429."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1024, help="Largest request body."),
     max_tokens: int = typer.Option(256, "--default-max-tokens", min=1, help="max_tokens when a request gives none."),
-    max_draft_nodes: int = typer.Option(24, "--max-draft-nodes", min=0, max=1024, help="Largest draft tree per step."),
+    max_draft_nodes: int = NodesOpt,
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, ...)."""

