@@ -89,6 +89,8 @@ class SlotLayer(DynamicLayer):
         self._refresh()
 
     def reset(self) -> None:
+        """transformers' `Cache.reset()` calls this on every layer: without it the base would drop
+        the tensors but keep `length`, so the cache would claim positions it no longer holds."""
         self.length = 0
         if self.is_initialized:
             self._refresh()

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from aded.decoding import sampling_fields
-from aded.drafters import DRAFTERS, drafter_class
+from aded.drafters import DRAFTERS, make_drafter
 from aded.drafters.base import Drafter
 from aded.tree import DraftTree
 
@@ -336,9 +336,7 @@ def _drafter(name: str, tokenizer) -> Drafter:
         return OracleDrafter()
     if name == "aded-reference" and importlib.util.find_spec("draftretriever") is None:
         raise ImportError("draftretriever is not installed (pip install draftretriever==0.1.1)")
-    cls = drafter_class(name)
-    options = {"tokenizer": tokenizer} if getattr(cls, "needs_tokenizer", False) else {}
-    return cls(**options)
+    return make_drafter(name, tokenizer)
 
 
 def build_methods(names: Sequence[str], tokenizer, runner, settings: DecodeSettings,
