@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from aded.backends.hf import HFRunner
 from aded.budget import BudgetPolicy
@@ -14,6 +13,7 @@ from aded.drafters.base import Drafter, NoDrafter
 from aded.tree import DraftTree
 from aded.verify import Sampling, warp
 from conftest import tiny_llama
+from distribution import assert_follows
 
 VOCAB = 6
 PROMPT = [1, 2, 3, 4]
@@ -44,23 +44,13 @@ def exact_two_token_distribution(model, sampling: Sampling) -> np.ndarray:
                          ids=["plain", "warped"])
 def test_two_token_distribution_is_the_models(drafter, sampling):
     model = tiny_llama(vocab_size=VOCAB, seed=7, logit_scale=8.0)  # peaked, far from uniform
-    expected = exact_two_token_distribution(model, sampling).ravel()
+    expected = exact_two_token_distribution(model, sampling)
     decoder = SpeculativeDecoder(HFRunner(model), drafter, (), BudgetPolicy(enabled=False))
     config = dict(max_new_tokens=2, do_sample=True, temperature=sampling.temperature,
                   top_k=sampling.top_k, top_p=sampling.top_p)
-    runs = 2000
-    counts = np.zeros(VOCAB * VOCAB)
-    for seed in range(runs):
-        ids = decoder.generate(PROMPT, GenerationConfig(seed=seed, **config)).token_ids
-        counts[ids[0] * VOCAB + ids[1]] += 1
-    assert counts[expected == 0].sum() == 0, "a token outside top-k/top-p was emitted"
-    # chi-square on cells with enough expected mass; the rest pooled into one cell
-    big = expected * runs >= 5
-    observed = np.append(counts[big], counts[~big].sum())
-    wanted = np.append(expected[big], expected[~big].sum()) * runs
-    keep = wanted > 0
-    result = stats.chisquare(observed[keep], wanted[keep] * observed[keep].sum() / wanted[keep].sum())
-    assert result.pvalue > 1e-3, (observed, wanted)
+    samples = [tuple(decoder.generate(PROMPT, GenerationConfig(seed=seed, **config)).token_ids)
+               for seed in range(2000)]
+    assert_follows(samples, {(t1, t2): expected[t1, t2] for t1 in range(VOCAB) for t2 in range(VOCAB)})
 
 
 def test_same_seed_same_sample():
@@ -70,10 +60,12 @@ def test_same_seed_same_sample():
     assert decoder.generate(PROMPT, config).token_ids == decoder.generate(PROMPT, config).token_ids
 
 
-@pytest.mark.parametrize("top_k,top_p,temperature", [(0, 1.0, 0.5), (5, 1.0, 1.0), (0, 0.8, 1.3), (7, 0.6, 0.9)])
-def test_warp_matches_transformers_warpers(top_k, top_p, temperature):
+@pytest.mark.parametrize("top_k,top_p,temperature,min_p",
+                         [(0, 1.0, 0.5, 0.0), (5, 1.0, 1.0, 0.0), (0, 0.8, 1.3, 0.0), (7, 0.6, 0.9, 0.0),
+                          (0, 1.0, 1.0, 0.1), (10, 0.9, 0.7, 0.05), (0, 1.0, 2.0, 0.3)])
+def test_warp_matches_transformers_warpers(top_k, top_p, temperature, min_p):
     from transformers.generation.logits_process import (
-        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+        MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
     logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0)) * 3
     scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
@@ -81,5 +73,7 @@ def test_warp_matches_transformers_warpers(top_k, top_p, temperature):
         scores = TopKLogitsWarper(top_k)(None, scores)
     if top_p < 1:
         scores = TopPLogitsWarper(top_p)(None, scores)
+    if min_p:
+        scores = MinPLogitsWarper(min_p)(None, scores)
     expected = scores.softmax(-1)[0]
-    torch.testing.assert_close(warp(logits[0], Sampling(temperature, top_k, top_p)), expected)
+    torch.testing.assert_close(warp(logits[0], Sampling(temperature, top_k, top_p, min_p)), expected)

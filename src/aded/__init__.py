@@ -19,7 +19,7 @@ _EXPORTS = {
     "GenerationConfig": "aded.decoding", "GenerationResult": "aded.decoding",
     "GenerationStats": "aded.decoding", "SpeculativeDecoder": "aded.decoding",
     "Drafter": "aded.drafters", "StepFeedback": "aded.drafters", "make_drafter": "aded.drafters",
-    "DraftTree": "aded.tree", "TreeBuilder": "aded.tree",
+    "DraftTree": "aded.tree", "TreeBuilder": "aded.tree", "TokenLogprob": "aded.processors",
 }
 
 __all__ = sorted(_EXPORTS)

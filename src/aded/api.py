@@ -8,7 +8,14 @@
     ...     print(piece, end="", flush=True)
 
 Argument names follow transformers' `generate` (`max_new_tokens`, `do_sample`, `temperature`,
-`top_k`, `top_p`); `stop` takes strings, as the OpenAI API does.
+`top_k`, `top_p`, `min_p`, `repetition_penalty`); `stop` takes strings, and `logit_bias`,
+`presence_penalty`, `frequency_penalty`, `logprobs` and `top_logprobs` mean what they mean in the
+OpenAI API; `stop_token_ids`, `ignore_eos` and `min_tokens` what they mean in vLLM. Every keyword is
+a `GenerationConfig` field, and all of them hold with speculation on (the output is still exactly
+what plain decoding with them would give).
+
+    >>> out = lm.generate("Hi", logit_bias={504: -100}, logprobs=True, top_logprobs=2)
+    >>> out.logprobs[0]   # TokenLogprob(token_id, logprob, top=((id, logprob), (id, logprob)))
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from aded.decoding import GenerationConfig, GenerationResult, GenerationStats, S
 from aded.detokenize import IncrementalDetokenizer, StopFinder
 from aded.drafters import DEFAULT_DRAFTER, Drafter, make_drafter
 from aded.models import DEFAULT_MODEL
+from aded.processors import TokenLogprob
 
 __all__ = ["load", "Aded", "Completion", "eos_token_ids"]
 
@@ -34,9 +42,10 @@ class Completion:
     prompt_token_ids: list[int]
     finish_reason: str
     stats: GenerationStats
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for (`logprobs=True`)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "text": self.text,
             "token_ids": self.token_ids,
             "prompt_token_ids": self.prompt_token_ids,
@@ -52,6 +61,11 @@ class Completion:
                 "decode_tokens_per_s": round(self.stats.decode_tokens_per_s, 3),
             },
         }
+        if self.logprobs is not None:
+            data["logprobs"] = [{"token_id": t.token_id, "logprob": t.logprob,
+                                 "top_logprobs": [{"token_id": i, "logprob": lp} for i, lp in t.top]}
+                                for t in self.logprobs]
+        return data
 
 
 def load(
@@ -193,6 +207,11 @@ class TextStream:
         self._ids.close()
         self._pieces.close()
 
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        """One entry per token id committed so far (text may be held back longer), if asked for."""
+        return self._ids.logprobs
+
     def _take(self, new_ids: list[int]) -> int | None:
         """The loop's per-step hook: decode the step's ids; if a stop string appeared, the number of
         ids that first contain it (those after it in the step are never decoded)."""
@@ -223,7 +242,7 @@ class TextStream:
         if len(text) > self._sent:
             yield text[self._sent:]
         self.completion = Completion(text, result.token_ids, self.prompt_ids, result.finish_reason,
-                                     result.stats)
+                                     result.stats, result.logprobs)
 
 
 def eos_token_ids(runner, tokenizer) -> list[int]:

@@ -2,7 +2,8 @@
 
 It knows token ids only (text, chat templates and stop strings are the caller's, through
 `stop_check`). Every drafter, including `none`, goes through the same loop; with an empty tree a
-step is one single-token forward, i.e. plain decoding.
+step is one single-token forward, i.e. plain decoding. Requests that set processors (penalties, a
+bias, `min_tokens`) or ask for logprobs go through processors.py; others skip it entirely.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from aded.budget import BudgetPolicy
 from aded.drafters.base import Drafter, StepFeedback
+from aded.processors import (LogitsProcessor, TokenLogprob, check_processing, logit_bias_pairs,
+                             token_id_tuple, token_logprobs)
 from aded.tree import DraftTree
 from aded.verify import Acceptance, Sampling, accept_greedy, accept_sampled
 
@@ -33,7 +36,17 @@ def sampling_fields(temperature: float) -> dict[str, bool | float]:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Named as in transformers' GenerationConfig; `max_draft_nodes` bounds each draft tree."""
+    """Named as in transformers' GenerationConfig (sampling, `repetition_penalty`, `min_p`), OpenAI's
+    API (`logit_bias`, `presence_penalty`, `frequency_penalty`, `logprobs`, `top_logprobs`) and
+    vLLM's (`stop_token_ids`, `ignore_eos`, `min_tokens`); `max_draft_nodes` bounds each draft tree.
+
+    All of them hold with speculation on: each draft node is judged with the processors applied in
+    its own context (processors.py has their order and semantics). `stop_token_ids` end generation
+    as EOS does (finish reason "stop", the id kept in the output); `ignore_eos` makes the model's EOS
+    an ordinary token; `min_tokens` holds back both until that many tokens are generated (stop
+    strings are text, checked by the caller, and still end generation). `logprobs` are the model's
+    raw log-probabilities (before processors and warpers), as vLLM reports them by default.
+    """
 
     max_new_tokens: int = 256
     do_sample: bool = False
@@ -42,16 +55,30 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int | None = None
     max_draft_nodes: int = 24
+    min_p: float = 0.0
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()  # kept as sorted pairs
+    presence_penalty: float = 0.0  # OpenAI's, over the output, in [-2, 2]
+    frequency_penalty: float = 0.0  # OpenAI's, over the output, in [-2, 2]
+    repetition_penalty: float = 1.0  # transformers', over prompt + output, > 0 (1 = off)
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token, in [0, 20]; needs `logprobs`
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not 0 <= self.max_draft_nodes <= 1024:
             raise ValueError(f"max_draft_nodes must be in [0, 1024], got {self.max_draft_nodes}")
-        self.sampling()  # validates temperature, top_k and top_p even when greedy: a typo is an error
+        self.sampling()  # validates temperature, top_k, top_p, min_p even when greedy: a typo is an error
+        object.__setattr__(self, "logit_bias", logit_bias_pairs(self.logit_bias))
+        stop_ids = () if self.stop_token_ids is None else self.stop_token_ids
+        object.__setattr__(self, "stop_token_ids", token_id_tuple("stop_token_ids", stop_ids))
+        check_processing(self)
 
     def sampling(self) -> Sampling:
-        return Sampling(self.temperature, self.top_k, self.top_p)
+        return Sampling(self.temperature, self.top_k, self.top_p, self.min_p)
 
 
 @dataclass
@@ -86,9 +113,10 @@ class GenerationStats:
 
 @dataclass
 class GenerationResult:
-    token_ids: list[int]  # generated tokens only (an EOS that ended generation included)
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    token_ids: list[int]  # generated tokens only (an EOS or stop id that ended generation included)
+    finish_reason: str  # "stop" (EOS, stop id or stop string) or "length"
     stats: GenerationStats
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the config asked for them
 
 
 StopCheck = Callable[[list[int]], int | None]
@@ -128,9 +156,13 @@ class SpeculativeDecoder:
 
 
 class DecodeStream:
+    """The ids each step commits; `.logprobs` (when asked for) holds one entry per id yielded so
+    far, and `.result` the whole generation once it ends."""
+
     def __init__(self, decoder: SpeculativeDecoder, prompt_ids: list[int], config: GenerationConfig,
                  stop_check: StopCheck | None) -> None:
         self.result: GenerationResult | None = None
+        self.logprobs: list[TokenLogprob] | None = [] if config.logprobs else None
         self._steps = _decode(decoder, prompt_ids, config, stop_check, self)
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -158,6 +190,11 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
         seed = config.seed if config.seed is not None else secrets.randbits(63)
         generator = torch.Generator().manual_seed(seed)
     sampling = config.sampling() if config.do_sample else None
+    end_ids = frozenset(config.stop_token_ids)  # ids that end generation
+    if not config.ignore_eos:
+        end_ids |= decoder.eos_token_ids
+    processor = LogitsProcessor.for_request(config, prompt_ids, runner.vocab_size, end_ids)
+    logprobs, top_n = out.logprobs, config.top_logprobs
 
     node_limit = config.max_draft_nodes  # the runner may verify fewer exactly
     if runner.max_tree_nodes is not None:
@@ -170,8 +207,10 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
     start = time.perf_counter()
     drafter.begin(prompt_ids)
     try:
-        logits = runner.prefill(seq, prompt_ids)  # [vocab]
-        first = _accept(DraftTree.empty(), logits[None], sampling, generator).bonus_id
+        logits = runner.prefill(seq, prompt_ids)[None]  # [1, vocab]
+        scores = logits if processor is None else processor(logits, DraftTree.empty())
+        first = _accept(DraftTree.empty(), scores, sampling, generator).bonus_id
+        _emitted(processor, logprobs, logits, (), [first], top_n)
         stats.prefill_s = time.perf_counter() - start
         decode_start = time.perf_counter()
         context = list(prompt_ids) + [first]
@@ -179,9 +218,11 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
         while True:
             start_len = len(generated)
             generated.extend(new_ids)
-            cut, finish = _finished(generated, start_len, max_new, decoder.eos_token_ids, stop_check)
+            cut, finish = _finished(generated, start_len, max_new, end_ids, stop_check)
             if cut is not None:
                 del generated[cut:]
+                if logprobs is not None:
+                    del logprobs[cut:]
                 if stats.accepted_lengths:  # count only what the last step really emitted
                     stats.accepted_lengths[-1] = max(0, len(generated) - start_len)
             stats.generated_tokens = len(generated)
@@ -199,13 +240,14 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
             tree = budget.plan_step(tree, runner.max_tree_leaves)
             t1 = time.perf_counter()
             logits = runner.verify(seq, context[-1], tree)  # [1 + k, vocab]
-            acceptance = _accept(tree, logits, sampling, generator)
+            scores = logits if processor is None else processor(logits, tree)  # each row in its context
+            acceptance = _accept(tree, scores, sampling, generator)
             runner.commit(seq, acceptance.accepted_nodes)
             t2 = time.perf_counter()
             budget.observe(tree, acceptance.accepted_nodes)
             budget.observe_cost(len(tree), t2 - t1)
             topk = None
-            if drafter.wants_topk:
+            if drafter.wants_topk:  # the raw logits: drafters learn the model, not one request's processors
                 topk = logits.topk(drafter.wants_topk, dim=-1).indices.numpy()  # [1 + k, K]
             drafter.observe(StepFeedback(context, tree, acceptance.accepted_nodes,
                                          acceptance.accepted_ids, acceptance.bonus_id, topk))
@@ -216,21 +258,34 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
             stats.steps += 1
             stats.draft_nodes += len(tree)
             new_ids = [*acceptance.accepted_ids, acceptance.bonus_id]
+            _emitted(processor, logprobs, logits, acceptance.accepted_nodes, new_ids, top_n)
             stats.accepted_lengths.append(len(new_ids))
             context.extend(new_ids)
     finally:
         drafter.end()
         if decode_start is not None:
             stats.decode_s = time.perf_counter() - decode_start
-        out.result = GenerationResult(generated, finish_reason, stats)
+        out.result = GenerationResult(generated, finish_reason, stats, logprobs)
+
+
+def _emitted(processor: LogitsProcessor | None, logprobs: list[TokenLogprob] | None,
+             logits: torch.Tensor, accepted_nodes: Sequence[int], new_ids: list[int], top_n: int) -> None:
+    """A step emitted `new_ids` (its accepted path, then the bonus token): later rows' contexts hold
+    them, and their logprobs are kept when the request asked for them."""
+    if processor is not None:
+        processor.commit(new_ids)
+    if logprobs is not None:
+        rows = [0, *(node + 1 for node in accepted_nodes)]  # the row of `logits` each was chosen at
+        logprobs.extend(token_logprobs(logits, rows, new_ids, top_n))
 
 
 def _finished(generated: list[int], start: int, max_new: int, eos: frozenset[int],
               stop_check: StopCheck | None) -> tuple[int | None, str | None]:
     """(length to cut `generated` to, finish reason) after a step appended `generated[start:]`.
 
-    The first to occur ends generation: an EOS, a stop string or the token limit. A step may commit
-    both a stop string and an EOS, so the stop check sees the step's ids up to the EOS.
+    The first to occur ends generation: an EOS (any id of `eos`: the model's EOS unless ignored, and
+    the request's stop ids), a stop string or the token limit. A step may commit both a stop string
+    and an EOS, so the stop check sees the step's ids up to the EOS.
     """
     end = min(len(generated), max_new)
     eos_end = next((i + 1 for i in range(start, end) if generated[i] in eos), None)

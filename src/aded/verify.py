@@ -9,6 +9,9 @@ draw x from the model's warped distribution; if a child carries x, descend; othe
 bonus token and the step ends. Each emitted token is then drawn from exactly the distribution
 ordinary sampling would use, whatever the tree. (Sampling an independent token per path and keeping
 the best path, as the public ADED code does, is biased and never done here.)
+
+Both read the rows they are given: with processors (processors.py) those are each node's processed
+scores, so acceptance follows what plain decoding with the same processors would emit.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ __all__ = ["Sampling", "Acceptance", "accept_greedy", "accept_sampled", "warp"]
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling parameters in the order transformers applies them: temperature, top-k, top-p."""
+    """Sampling parameters in the order transformers applies them: temperature, top-k, top-p, min-p."""
 
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
+    min_p: float = 0.0  # 0.0 = off; keeps ids at least min_p times as likely as the likeliest
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -37,6 +41,8 @@ class Sampling:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,10 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> Acceptance:
 
 
 def warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """Probabilities [vocab] after temperature, top-k and top-p, as transformers' warpers do."""
+    """Probabilities [vocab] after temperature, top-k, top-p and min-p, as transformers' warpers do.
+
+    `logits` are the row's scores after any processors (processors.py): what plain sampling would
+    warp in that row's context."""
     scores = logits.float() / sampling.temperature
     if sampling.top_k and sampling.top_k < scores.numel():
         kth = torch.topk(scores, sampling.top_k).values[-1]
@@ -64,6 +73,9 @@ def warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         drop = cumulative <= (1 - sampling.top_p)
         drop[-1] = False  # always keep the most likely token
         scores = scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    if sampling.min_p > 0:
+        probs = scores.softmax(dim=-1)
+        scores = scores.masked_fill(probs < sampling.min_p * probs.max(), float("-inf"))
     return scores.softmax(dim=-1)
 
 
