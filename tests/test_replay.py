@@ -4,6 +4,8 @@ budget also corrects t(k) by observed step times, which no replay can know)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from aded.backends.hf import HFRunner
@@ -13,7 +15,9 @@ from aded.replay import recorded_from_results, simulate_results
 from aded.budget import BudgetPolicy, CostModel
 from aded.decoding import GenerationConfig, SpeculativeDecoder
 from aded.drafters import make_drafter
-from aded.replay import Recorded, replay
+from aded.replay import Recorded, cost_model_file, replay, replay_one
+from aded.drafters.base import Drafter
+from aded.tree import DraftTree
 from conftest import hf_greedy, tiny_llama
 from test_bench_smoke import QUESTIONS, tiny_char_tokenizer
 
@@ -53,8 +57,46 @@ def test_simulate_recorded_bench_matches_bench_mat():
         real = measured[(entry["drafter"], entry["category"])]
         assert real["identical"] == 1.0
         assert entry["mean_accepted_tokens"] == pytest.approx(real["mean_accepted_tokens"], abs=1e-3), entry
-    typical = simulate_results(results, ["pld"], budget="typical")
+    typical = simulate_results(results, ["pld", "oracle"], budget="typical")
     assert typical[0]["predicted_speedup"] is not None
+    oracle = [row for row in typical if row["drafter"] == "oracle" and row["category"] == "all"][0]
+    assert oracle["mean_accepted_tokens"] >= typical[0]["mean_accepted_tokens"]  # the ceiling
+    assert oracle["accepted_per_node"] == pytest.approx(1.0)  # it drafts nothing the model rejects
+
+
+def test_a_cost_file_of_either_backend_or_a_results_file_prices_the_replay(tmp_path):
+    curve = {"sizes": [0, 1, 8], "seconds": [0.01, 0.014, 0.03]}
+    (tmp_path / "cache.json").write_text(json.dumps({**curve, "model": "m"}))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"config": {"cost_model": curve}}))
+    for source in (tmp_path / "cache.json", tmp_path / "run"):
+        costs = cost_model_file(source)
+        assert costs(0) == pytest.approx(0.01) and costs(8) == pytest.approx(0.03)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="no cost curve"):
+        cost_model_file(tmp_path / "bad.json")
+
+
+def test_replay_runs_the_engines_loop_and_learns_no_false_evidence():
+    """The recorded runner answers only where the recording is known: a drafter asking for the
+    model's top tokens gets the recorded one and -1 (no evidence) elsewhere, never invented ids."""
+    seen = []
+
+    class Spy(Drafter):
+        wants_topk = 3
+
+        def propose(self, context_ids, max_nodes):
+            return DraftTree.chain([2, 5, 3][:max_nodes])
+
+        def observe(self, feedback):
+            seen.append(feedback.model_topk)
+
+    stats = replay_one(Spy(), Recorded([9, 9], [1, 2, 5, 6, 7]), 8)  # the prefill says 1
+    assert stats.accepted_lengths == [3, 1]  # 2, 5 accepted, 3 rejected (6 came); then 7 alone
+    first = seen[0]
+    assert first[0].tolist() == [2, -1, -1] and first[1].tolist() == [5, -1, -1]  # after root, after 2
+    assert first[2].tolist() == [6, -1, -1]
+    assert (first[3:] == -1).all()  # after a node that left the recording: nothing
 
 
 def test_simulate_needs_recorded_ids_and_known_drafters():
@@ -66,5 +108,5 @@ def test_simulate_needs_recorded_ids_and_known_drafters():
                                             "prompt_token_ids": [[1, 2]], "output_token_ids": [[3, 4]]}]}
     with pytest.raises(ValueError, match="unknown drafter"):
         simulate_results(results, ["nope"])
-    with pytest.raises(ValueError, match="budget must be"):
+    with pytest.raises(ValueError, match="does not exist"):
         simulate_results(results, ["pld"], budget="sometimes")

@@ -134,11 +134,14 @@ class SpeculativeDecoder:
         drafter: Drafter,
         eos_token_ids: Sequence[int] = (),
         budget: BudgetPolicy | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.runner = runner
         self.drafter = drafter
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.budget = budget if budget is not None else BudgetPolicy()
+        #: seconds for every timing the loop and the budget see (replay supplies simulated ones)
+        self.clock = clock
 
     def generate(
         self, prompt_ids: Sequence[int], config: GenerationConfig, stop_check: StopCheck | None = None
@@ -178,7 +181,7 @@ class DecodeStream:
 
 def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: GenerationConfig,
             stop_check: StopCheck | None, out: DecodeStream) -> Iterator[list[int]]:
-    runner, drafter, budget = decoder.runner, decoder.drafter, decoder.budget
+    runner, drafter, budget, clock = decoder.runner, decoder.drafter, decoder.budget, decoder.clock
     if not prompt_ids:
         raise ValueError("the prompt must contain at least one token")
     limit = runner.max_positions
@@ -204,15 +207,15 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
     finish_reason = "length"
     seq = runner.new_sequence(len(prompt_ids) + max_new + config.max_draft_nodes + 2)
     decode_start = None
-    start = time.perf_counter()
+    start = clock()
     drafter.begin(prompt_ids)
     try:
         logits = runner.prefill(seq, prompt_ids)[None]  # [1, vocab]
         scores = logits if processor is None else processor(logits, DraftTree.empty())
         first = _accept(DraftTree.empty(), scores, sampling, generator).bonus_id
         _emitted(processor, logprobs, logits, (), [first], top_n)
-        stats.prefill_s = time.perf_counter() - start
-        decode_start = time.perf_counter()
+        stats.prefill_s = clock() - start
+        decode_start = clock()
         context = list(prompt_ids) + [first]
         new_ids = [first]
         while True:
@@ -226,32 +229,33 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
                 if stats.accepted_lengths:  # count only what the last step really emitted
                     stats.accepted_lengths[-1] = max(0, len(generated) - start_len)
             stats.generated_tokens = len(generated)
-            stats.decode_s = time.perf_counter() - decode_start
+            stats.decode_s = clock() - decode_start
             if len(generated) > start_len:
                 yield generated[start_len:]
             if finish is not None:
                 finish_reason = finish
                 break
 
-            t0 = time.perf_counter()
+            t0 = clock()
             ask = budget.proposal_nodes(node_limit)
             tree = drafter.propose(context, ask)
             tree = fit_tree(tree, max_new - len(generated), limit - len(context))
             tree = budget.plan_step(tree, runner.max_tree_leaves)
-            t1 = time.perf_counter()
+            t1 = clock()
             logits = runner.verify(seq, context[-1], tree)  # [1 + k, vocab]
             scores = logits if processor is None else processor(logits, tree)  # each row in its context
             acceptance = _accept(tree, scores, sampling, generator)
             runner.commit(seq, acceptance.accepted_nodes)
-            t2 = time.perf_counter()
+            t2 = clock()
             budget.observe(tree, acceptance.accepted_nodes)
             budget.observe_cost(len(tree), t2 - t1)
             topk = None
             if drafter.wants_topk:  # the raw logits: drafters learn the model, not one request's processors
-                topk = logits.topk(drafter.wants_topk, dim=-1).indices.numpy()  # [1 + k, K]
+                values, indices = logits.topk(drafter.wants_topk, dim=-1)  # [1 + k, K]
+                topk = indices.masked_fill(values == float("-inf"), -1).numpy()  # -inf: no evidence
             drafter.observe(StepFeedback(context, tree, acceptance.accepted_nodes,
                                          acceptance.accepted_ids, acceptance.bonus_id, topk))
-            t3 = time.perf_counter()
+            t3 = clock()
             budget.observe_step(ask > 0, len(acceptance.accepted_ids) + 1, t3 - t0)
             stats.draft_s += (t1 - t0) + (t3 - t2)
             stats.verify_s += t2 - t1
@@ -264,7 +268,7 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
     finally:
         drafter.end()
         if decode_start is not None:
-            stats.decode_s = time.perf_counter() - decode_start
+            stats.decode_s = clock() - decode_start
         out.result = GenerationResult(generated, finish_reason, stats, logprobs)
 
 

@@ -1,11 +1,11 @@
 """Replay recorded greedy outputs through a drafter, without running the model.
 
 Greedy decoding is deterministic, so what a drafter would gain on a recorded (prompt, output) pair
-can be measured offline: at each position the drafter proposes a tree for the committed context,
-the accepted length is the longest tree path equal to the recorded continuation, and the position
-advances by accepted + 1 (the bonus token). The drafter sees the same `begin / propose / observe /
-end` calls as in a real run, with the model's top-1 token as the only model evidence (replay has no
-logits beyond the recorded token). For a deterministic drafter whose `wants_topk` is 0, mean
+can be measured offline. Replay runs the engine's own loop (`SpeculativeDecoder`: the budget, tree
+trimming, acceptance, the drafter's `begin / propose / observe / end`) with a `RecordedRunner` in
+place of the model, whose logits name the recorded token after every context that follows the
+recording and nothing elsewhere; so replay and real runs cannot drift apart, and the model's top-1
+token is the only model evidence a drafter gets. For a deterministic drafter whose `wants_topk` is 0, mean
 accepted tokens equal those of a real greedy run exactly, provided the replay sees what the engine
 did: pass the same `BudgetPolicy` kind (and cost curve) and each record's `max_new_tokens`.
 
@@ -24,20 +24,23 @@ Only the tokenizer is loaded, and only for drafters that need one (to find their
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
+import torch
 
 from aded.budget import BudgetPolicy
-from aded.decoding import fit_tree
-from aded.drafters.base import Drafter, StepFeedback
+from aded.decoding import GenerationConfig, SpeculativeDecoder
+from aded.drafters.base import Drafter
 from aded.tree import DraftTree
 
-__all__ = ["Recorded", "ReplayStats", "replay", "replay_one", "recorded_from_results", "simulate_results",
-           "render_simulation"]
+__all__ = ["Recorded", "ReplayStats", "RecordedRunner", "replay", "replay_one", "recorded_from_results",
+           "simulate_results", "render_simulation"]
 
 
 @dataclass(frozen=True)
@@ -85,93 +88,123 @@ class ReplayStats:
         return self.tokens * plain_step_s / seconds if seconds > 0 and self.verify_cost_s > 0 else None
 
 
-def replay_one(drafter: Drafter, record: Recorded, max_nodes: int,
-               budget: BudgetPolicy | None = None, max_leaves: int | None = None) -> ReplayStats:
-    """Replay one recorded output; the first output token comes from prefill, as in a real run.
+def replay_one(drafter: Drafter, record: Recorded, max_nodes: int, budget: BudgetPolicy | None = None,
+               max_leaves: int | None = None, eos_token_ids: Sequence[int] = (),
+               max_tree_nodes: int | None = None) -> ReplayStats:
+    """Replay one recorded output through the engine's own loop (`SpeculativeDecoder`), with a
+    runner that answers from the recording instead of a model; the first output token comes from
+    prefill, as in a real run.
 
-    Each tree goes through what the engine does to it before verification: the budget sizes the
-    request (and thins it while drafts do not pay), nodes deeper than the remaining token budget
-    are dropped, then `budget` picks the subtree to verify, at most `max_leaves` paths wide (the
-    runner's limit: 1 on llama.cpp).
+    Every step is the engine's: the budget sizes the request and thins drafting while drafts do not
+    pay, trees are trimmed to the tokens left, the budget picks the subtree to verify, at most
+    `max_leaves` paths wide and `max_tree_nodes` nodes (the recorded runner's limits: one path on
+    llama.cpp). The loop's clock sees each verification take the budget's t(k), so the budget
+    learns from simulated step times as it would from measured ones.
     """
-    stats = ReplayStats()
-    policy = budget if budget is not None else BudgetPolicy(enabled=False)  # width limit only
     output = [int(t) for t in record.output_token_ids]
     if not output:
-        return stats
-    max_new = record.max_new_tokens or len(output)
-    context = [int(t) for t in record.prompt_token_ids] + output[:1]
-    start = time.perf_counter()
-    drafter.begin(list(record.prompt_token_ids))
-    stats.draft_s += time.perf_counter() - start
-    pos = 1
-    while pos < len(output):
-        t0 = time.perf_counter()
-        ask = policy.proposal_nodes(max_nodes)
-        # the loop's trimming rule; a recorded run already fitted its context, so no room limit
-        tree = fit_tree(drafter.propose(context, ask), max_new - pos, room=1 << 30)
-        tree = policy.plan_step(tree, max_leaves)
-        t1 = time.perf_counter()
-        remaining = output[pos:]
-        path = tree.longest_match(remaining[:-1] if len(remaining) > 1 else [])
-        accepted = [int(tree.token_ids[i]) for i in path]
-        bonus = remaining[len(accepted)]
-        step_cost = budget.cost(len(tree)) if budget is not None else 0.0
-        policy.observe(tree, tuple(path))
-        policy.observe_cost(len(tree), step_cost)
-        stats.verify_cost_s += step_cost
-        t2 = time.perf_counter()
-        topk = None
-        if drafter.wants_topk:
-            topk = _recorded_topk(tree, output, pos, drafter.wants_topk)
-        drafter.observe(
-            StepFeedback(
-                context_ids=context,
-                tree=tree,
-                accepted_nodes=tuple(path),
-                accepted_ids=tuple(accepted),
-                bonus_id=bonus,
-                model_topk=topk,
-            )
-        )
-        drafting = (t1 - t0) + (time.perf_counter() - t2)
-        stats.draft_s += drafting
-        policy.observe_step(ask > 0, len(accepted) + 1, step_cost + drafting)
-        context.extend(accepted)
-        context.append(bonus)
-        pos += len(accepted) + 1
-        stats.steps += 1
-        stats.tokens += len(accepted) + 1
-        stats.draft_nodes += len(tree)
-        stats.accepted_lengths.append(len(accepted) + 1)
-    drafter.end()
-    return stats
+        return ReplayStats()
+    eos = frozenset(int(t) for t in eos_token_ids)
+    # the run's limit holds only if the output ended itself; otherwise the recording is the limit
+    max_new = (record.max_new_tokens or len(output)) if output[-1] in eos else len(output)
+    policy = budget if budget is not None else BudgetPolicy(enabled=False)  # width limit only
+    runner = RecordedRunner(record.prompt_token_ids, output, policy.cost if budget is not None else None,
+                            max_leaves, max_tree_nodes)
+    decoder = SpeculativeDecoder(runner, drafter, eos, policy, clock=runner.clock)
+    result = decoder.generate(list(record.prompt_token_ids),
+                              GenerationConfig(max_new_tokens=max_new, max_draft_nodes=max_nodes))
+    if result.token_ids != output[: len(result.token_ids)]:
+        raise AssertionError("replay left the recording: the loop's acceptance disagrees with it")
+    stats = result.stats
+    return ReplayStats(steps=stats.steps, tokens=sum(stats.accepted_lengths), draft_nodes=stats.draft_nodes,
+                       accepted_lengths=list(stats.accepted_lengths), draft_s=stats.draft_s,
+                       verify_cost_s=runner.simulated_s)
 
 
+class RecordedRunner:
+    """A runner (backends/base.py) whose model is a recording: after the committed context and a
+    tree path that follow the recorded output, the logits say the recorded next token (0 there,
+    -inf elsewhere); after anything else they say nothing (all -inf: no evidence, never accepted,
+    since acceptance only walks paths the recording follows).
 
-def _recorded_topk(tree, output: list[int], pos: int, k: int) -> np.ndarray:
-    """Model evidence available offline: the recorded next token on the path that matches the
-    recording; -1 (unknown) elsewhere."""
-    topk = np.full((len(tree) + 1, k), -1, dtype=np.int64)
-    topk[0, 0] = output[pos]
-    depth_of = tree.depths
-    for node in range(len(tree)):
-        depth = int(depth_of[node])
-        if pos + depth < len(output) and tree.path_tokens(node) == output[pos : pos + depth]:
-            topk[node + 1, 0] = output[pos + depth]
-    return topk
+    `cost(k)`, when given, is what a verification of k nodes takes on the loop's `clock`: the real
+    time spent here is replaced by it, and summed in `simulated_s`.
+    """
+
+    backend = "replay"
+
+    def __init__(self, prompt_ids: Sequence[int], output_ids: Sequence[int], cost: Callable[[int], float] | None,
+                 max_tree_leaves: int | None = None, max_tree_nodes: int | None = None) -> None:
+        self.output = [int(t) for t in output_ids]
+        self.vocab_size = max([*prompt_ids, *self.output, 0]) + 1
+        self.max_positions = len(prompt_ids) + len(self.output) + 4096
+        self.max_tree_leaves = max_tree_leaves
+        self.max_tree_nodes = max_tree_nodes
+        self.eos_token_ids = ()
+        self.cost = cost
+        self.simulated_s = 0.0
+        self._offset = 0.0  # simulated minus real seconds spent in verifications
+        self._pos = 0  # output tokens committed
+
+    def clock(self) -> float:
+        return time.perf_counter() + self._offset
+
+    def new_sequence(self, capacity: int) -> None:
+        self._pos = 0
+
+    def prefill(self, seq: Any, input_ids: Sequence[int]) -> torch.Tensor:
+        self._pos = 1  # the first output token is the prefill's
+        return self._logits(1, {0: 0})[0]
+
+    def verify(self, seq: Any, root_id: int, tree: DraftTree) -> torch.Tensor:
+        start = time.perf_counter()
+        pos, output = self._pos, self.output
+        known = {0: pos}  # row -> the output position it predicts
+        for i in range(len(tree)):
+            depth = int(tree.depths[i])
+            if tree.path_tokens(i) == output[pos : pos + depth]:
+                known[i + 1] = pos + depth
+        logits = self._logits(1 + len(tree), known)
+        if self.cost is not None:
+            seconds = self.cost(len(tree))
+            self.simulated_s += seconds
+            self._offset += seconds - (time.perf_counter() - start)
+        return logits
+
+    def commit(self, seq: Any, accepted_nodes: Sequence[int]) -> None:
+        self._pos += len(accepted_nodes) + 1  # the accepted path and the bonus token
+
+    def rewind(self, seq: Any, length: int) -> None:
+        raise NotImplementedError("a recording cannot be timed")
+
+    def cost_identity(self) -> str:
+        return "replay"
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend}
+
+    def _logits(self, num_rows: int, known: dict[int, int]) -> torch.Tensor:
+        """[num_rows, vocab]: row r says the output token at position known[r]; the rest nothing."""
+        logits = torch.full((num_rows, self.vocab_size), float("-inf"))
+        for row, position in known.items():
+            if position < len(self.output):
+                logits[row, self.output[position]] = 0.0
+        return logits
 
 
 def replay(
     drafter: Drafter, records: Iterable[Recorded], max_nodes: int, budget: BudgetPolicy | None = None,
-    max_leaves: int | None = None,
+    max_leaves: int | None = None, eos_token_ids: Sequence[int] = (), max_tree_nodes: int | None = None,
+    before_each: Callable[[Recorded], None] | None = None,
 ) -> dict[str, ReplayStats]:
     """Stats per category and for "all", replaying records in order (drafters and the budget's
-    calibration learn across records, as in a real run)."""
+    calibration learn across records, as in a real run); `before_each` sees each record first."""
     by_category: dict[str, ReplayStats] = defaultdict(ReplayStats)
     overall = ReplayStats()
     for record in records:
-        one = replay_one(drafter, record, max_nodes, budget, max_leaves)
+        if before_each is not None:
+            before_each(record)
+        one = replay_one(drafter, record, max_nodes, budget, max_leaves, eos_token_ids, max_tree_nodes)
         if record.category != "all":
             by_category[record.category].merge(one)
         overall.merge(one)
@@ -200,6 +233,7 @@ def recorded_from_results(results: dict[str, Any]) -> list[Recorded]:
 
 
 def _cost_model(results: dict[str, Any], budget: str):
+    """The t(k) a replay charges: off, typical, the run's own, or one read from a file."""
     from aded.budget import CostModel
 
     if budget == "off":
@@ -207,7 +241,7 @@ def _cost_model(results: dict[str, Any], budget: str):
     if budget == "typical":
         return CostModel.typical_cpu()
     if budget != "recorded":
-        raise ValueError(f"budget must be recorded, typical or off, got {budget!r}")
+        return cost_model_file(budget)
     config = results.get("config", {})
     if config.get("budget") == "off":
         return None  # the run verified every proposed node: replay it the same way
@@ -217,36 +251,67 @@ def _cost_model(results: dict[str, Any], budget: str):
     return CostModel(tuple(recorded["sizes"]), tuple(recorded["seconds"]))
 
 
+def cost_model_file(path: str | os.PathLike):
+    """A measured t(k) from a file: the cached curve of either backend (`~/.cache/aded/costs/*.json`,
+    {"sizes": [...], "seconds": [...]}) or an `aded bench` results.json (its recorded curve)."""
+    from aded.budget import CostModel
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--budget takes recorded, typical, off or a cost file; {str(path)!r} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable cost file ({exc})") from exc
+    curve = data.get("config", {}).get("cost_model") if isinstance(data.get("config"), dict) else None
+    curve = curve or data.get("cost_model") or data
+    try:
+        return CostModel(tuple(float(k) for k in curve["sizes"]), tuple(float(s) for s in curve["seconds"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: holds no cost curve {{\"sizes\": [...], \"seconds\": [...]}} ({exc})") from exc
+
+
 def simulate_results(results: dict[str, Any], drafters: Sequence[str],
                      tokenizer_loader: Callable[[], Any] | None = None, budget: str = "recorded",
                      max_nodes: int | None = None) -> list[dict[str, Any]]:
     """Summary rows per drafter and category ("all" first), replaying with a fresh drafter each.
 
     `budget`: "recorded" (the run's cost curve, or a typical CPU one if it has none), "typical",
-    or "off" (every proposed node counts; no speedup prediction).
+    "off" (every proposed node counts; no speedup prediction), or a file of measured t(k) (see
+    `cost_model_file`). `oracle` (the recorded continuation itself, as the benchmark's oracle
+    drafts it) is the ceiling any drafter can reach under that budget.
     """
     from aded.budget import BudgetPolicy
     from aded.drafters import DRAFTERS, drafter_class, make_drafter
 
-    unknown = [d for d in drafters if d not in DRAFTERS]
+    unknown = [d for d in drafters if d not in DRAFTERS and d != "oracle"]
     if unknown:
-        raise ValueError(f"unknown drafter(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(DRAFTERS)}")
+        raise ValueError(f"unknown drafter(s) {', '.join(map(repr, unknown))}; choose from: "
+                         f"{', '.join([*DRAFTERS, 'oracle'])}")
     records = recorded_from_results(results)
     costs = _cost_model(results, budget)
     nodes = max_nodes if max_nodes is not None else results.get("config", {}).get("max_draft_nodes", 24)
     max_leaves = results.get("machine", {}).get("max_tree_leaves")  # the recorded runner's width
     runner_nodes = results.get("machine", {}).get("max_tree_nodes")  # and its exact chain length
-    if runner_nodes is not None:
-        nodes = min(nodes, runner_nodes)
+    eos = results.get("config", {}).get("eos_token_ids") or ()
     tokenizer = None
     summary: list[dict[str, Any]] = []
     for name in drafters:
-        if drafter_class(name).needs_tokenizer and tokenizer is None and tokenizer_loader is not None:
-            tokenizer = tokenizer_loader()
-        drafter = make_drafter(name, tokenizer)
+        before_each = None
+        if name == "oracle":
+            from aded.bench.methods import OracleDrafter
+
+            drafter = OracleDrafter()
+            before_each = lambda record, oracle=drafter: oracle.expect(record.output_token_ids)  # noqa: E731
+        else:
+            if drafter_class(name).needs_tokenizer and tokenizer is None and tokenizer_loader is not None:
+                tokenizer = tokenizer_loader()
+            drafter = make_drafter(name, tokenizer)
         policy = BudgetPolicy(costs) if costs is not None else None
         start = time.perf_counter()
-        stats = replay(drafter, records, nodes, policy, max_leaves)
+        stats = replay(drafter, records, nodes, policy, max_leaves, eos, runner_nodes, before_each)
         elapsed = time.perf_counter() - start
         plain = costs(0) if costs is not None else None
         for category in ["all", *[c for c in stats if c != "all"]]:

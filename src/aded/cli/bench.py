@@ -109,9 +109,12 @@ def _compare(a: Path, b: Path, category: str, as_json: bool) -> None:
 @friendly
 def simulate_command(
     recorded: Path = typer.Option(..., "--recorded", "-r", help="results.json of an `aded bench` run (or its folder)."),
-    drafters: str = typer.Option("pld,suffix", "--drafters", "-d", help="Comma-separated drafter names."),
+    drafters: str = typer.Option("pld,suffix,oracle", "--drafters", "-d",
+                                 help="Comma-separated drafter names; oracle (the recording itself) is the ceiling."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Tokenizer source (default: the run's model)."),
-    budget: str = typer.Option("recorded", "--budget", help="recorded (the run's t(k)), typical, or off."),
+    budget: str = typer.Option("recorded", "--budget",
+                               help="recorded (the run's t(k)), typical, off, or a file of measured t(k): a cost "
+                                    "cache file of either backend (~/.cache/aded/costs/*.json) or a results.json."),
     max_draft_nodes: Optional[int] = typer.Option(None, "--max-draft-nodes", min=0, max=1024,
                                                   help="Largest draft tree (default: the run's)."),
     as_json: bool = typer.Option(False, "--json", help='Print {"summary": [...]} as JSON.'),
