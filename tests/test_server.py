@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import socket
-import string
 import subprocess
 import sys
 import threading
@@ -27,36 +24,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = "tiny"
-
-
-# ---------------------------------------------------------------------------- fixtures
-def save_tiny_model(folder: Path) -> None:
-    """A character-level tokenizer with a chat template and a random 2-layer Llama on it."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {"<s>": 0, "</s>": 1}
-    for char in string.printable:
-        if char not in "\x0b\x0c\r":
-            vocab[char] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
-    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}<assistant>{% endif %}")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # peaked logits: no float32 near-ties between tree and sequential argmax
-        model.lm_head.weight.mul_(30.0)
-    model.generation_config.eos_token_id = 1
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+from server_support import MODEL, ROOT, Server, chat, save_tiny_model, state_arrays  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -66,79 +34,10 @@ def tiny_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`aded serve` in a subprocess on 127.0.0.1."""
-
-    def __init__(self, model: str | Path, *extra: str, drafter: str = "suffix", timeout: float = 90) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-               "ADED_CACHE_DIR": os.environ.get("ADED_CACHE_DIR", str(ROOT / "tests" / ".cache-tests"))}
-        command = [sys.executable, "-m", "aded.cli", "serve", "--model", str(model), "--drafter", drafter,
-                   "--port", str(self.port), "--budget", "typical", "--log-level", "warning", *extra]
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"aded-serve-{self.port}.log", "w+")
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            self.kill()
-            raise RuntimeError(f"server did not come up in {timeout} s:\n{self.output()}")
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=10).json()
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(60)
-        self.log.close()
-        return code
-
-    def kill(self) -> None:
-        self.proc.kill()  # SIGKILL: no shutdown hook runs
-        self.proc.wait(30)
-        self.log.close()
-
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            self.stop()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_dir):
     with Server(tiny_dir) as running:
         yield running
-
-
-def chat(client, text: str, max_tokens: int = 24, stream: bool = False, **options) -> str:
-    messages = [{"role": "user", "content": text}]
-    if not stream:
-        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
-                                               temperature=0, **options)
-        return reply.choices[0].message.content
-    chunks = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
-                                            temperature=0, stream=True, **options)
-    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
 # ---------------------------------------------------------------------------- shapes and identity
@@ -286,12 +185,7 @@ def test_openai_client_raises_the_matching_errors(server):
 
 # ---------------------------------------------------------------------------- learned state
 def _state_arrays(path: Path) -> dict:
-    from aded.server.state import StateFile
-    from aded.store.datastore import tokenizer_identity
-    from transformers import AutoTokenizer
-
-    identity = tokenizer_identity(AutoTokenizer.from_pretrained(str(path.parent / MODEL)))
-    return StateFile(path, "suffix", identity).read()[1]
+    return state_arrays(path, path.parent / MODEL)
 
 
 def test_learned_state_round_trips_for_every_learning_drafter(tmp_path):
