@@ -3,7 +3,9 @@
 - `Server(model, *cli_flags)`: `aded serve` in a subprocess (the CLI as users run it);
 - `Server(model, config={...})`: a subprocess built from `ServerConfig` fields (tests/serve_config.py),
   for settings the CLI may not expose yet, and for `kill -9`;
-- `serve_in_thread(app)`: uvicorn in this process, for tests that reach into the model or tokenizer.
+- `serve_in_thread(app)`: uvicorn in this process, for tests that reach into the model or tokenizer;
+- `ForkedServer(model_dir, config)`: a child forked from this process (imports already done), so
+  tests that kill and restart a server many times spend seconds, not minutes, on start-ups.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Iterator
 
 import httpx
 import openai
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny"
@@ -53,6 +56,21 @@ def save_tiny_model(folder: Path) -> None:
     model.generation_config.eos_token_id = 1
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """The tiny model, saved once per test module that imports this fixture."""
+    folder = tmp_path_factory.mktemp("server") / MODEL
+    save_tiny_model(folder)
+    return folder
+
+
+def load_tiny(model_dir: Path):
+    """An `Aded` over the tiny model with the suffix drafter (learns), no budget policy."""
+    import aded
+
+    return aded.load(str(model_dir), drafter="suffix", budget="off")
 
 
 def free_port() -> int:
@@ -101,7 +119,8 @@ class Server:
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return Path(self.log.name).read_text()
 
     def health(self) -> dict:
@@ -142,6 +161,43 @@ def serve_in_thread(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(60)
+
+
+def _serve_forked(model_dir: str, fields: dict, port: int) -> None:
+    import uvicorn
+
+    import aded
+    from aded.server.app import ServerConfig, create_app
+
+    lm = aded.load(model_dir, drafter="suffix", budget="typical")
+    app = create_app(lm, ServerConfig(model_name=MODEL, **fields))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+class ForkedServer:
+    """The tiny model served by a forked child process with `ServerConfig` fields; `kill()` is SIGKILL."""
+
+    def __init__(self, model_dir: Path, **fields) -> None:
+        import multiprocessing
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = multiprocessing.get_context("fork").Process(
+            target=_serve_forked, args=(str(model_dir), fields, self.port), daemon=True)
+        self.proc.start()
+        try:
+            wait_healthy(self.url, 120, alive=self.proc.is_alive)
+        except RuntimeError:
+            self.kill()
+            raise
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+    def kill(self) -> None:
+        self.proc.kill()  # SIGKILL: no shutdown hook runs
+        self.proc.join(30)
 
 
 def post(url: str, path: str, body: dict | bytes, headers: dict | None = None, timeout: float = 60) -> httpx.Response:

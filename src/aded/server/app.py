@@ -92,7 +92,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 async def _submit(service: Service, request: Request, endpoint: str):
-    """Admit (a queue slot), read, parse off the loop, queue: (validated request, job)."""
+    """Admit (a queue slot), read, parse off the loop, queue: (request, generation, job)."""
     ticket = service.engine.admit()
     try:
         raw = await _read_body(request, service.config.max_body_bytes)

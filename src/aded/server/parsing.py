@@ -5,15 +5,19 @@ RecursionError, caught here), then walked once, without recursion, to refuse nes
 `MAX_DEPTH` and strings holding lone surrogates (no tokenizer or JSON encoder accepts them, so they
 would fail later as a 500). Pydantic then sees only plain, shallow data; an unknown field is
 refused by name, and a field in `NOT_SUPPORTED_YET` at a value other than its neutral one too.
+
+Pydantic validates without letting other threads run, so a long list (30,000 messages) is
+validated `CHUNK` items at a time: the engine and the event loop get the interpreter in between.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from aded.server.errors import RequestError
 from aded.server.schemas import NOT_SUPPORTED_YET, FieldError
@@ -21,6 +25,7 @@ from aded.server.schemas import NOT_SUPPORTED_YET, FieldError
 __all__ = ["MAX_DEPTH", "parse_body", "parse_json_object"]
 
 MAX_DEPTH = 64  # JSON schemas of tools and response formats nest, but not this deep
+CHUNK = 256  # list items validated at a time
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 Request = TypeVar("Request", bound=BaseModel)
@@ -73,17 +78,50 @@ def _check_tree(body: dict[str, Any], root: str) -> None:
 
 def _validated(model: type[Request], body: dict[str, Any]) -> Request:
     try:
-        return model.model_validate(body)
+        return model.model_validate({**body, **_long_lists(model, body)})
     except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False)
-        first = errors[0]
-        where = ".".join(str(p) for p in first["loc"]) or None
-        blamed = first.get("ctx", {}).get("error")
-        if isinstance(blamed, FieldError):
-            where = ".".join(filter(None, (where, blamed.param)))
-        problems = "; ".join(_problem(e) for e in errors[:5])
-        code = {"missing": "missing_field", "extra_forbidden": "unknown_field"}.get(first["type"], "invalid_value")
-        raise RequestError(f"invalid request: {problems}", param=where, code=code) from exc
+        raise _refusal(exc.errors(include_url=False, include_input=False)) from exc
+
+
+def _refusal(errors: list[dict[str, Any]]) -> RequestError:
+    first = errors[0]
+    where = ".".join(str(p) for p in first["loc"]) or None
+    blamed = first.get("ctx", {}).get("error")
+    if isinstance(blamed, FieldError):
+        where = ".".join(filter(None, (where, blamed.param)))
+    problems = "; ".join(_problem(e) for e in errors[:5])
+    code = {"missing": "missing_field", "extra_forbidden": "unknown_field"}.get(first["type"], "invalid_value")
+    return RequestError(f"invalid request: {problems}", param=where, code=code)
+
+
+def _long_lists(model: type[BaseModel], body: dict[str, Any]) -> dict[str, list]:
+    """Long lists of the body validated `CHUNK` items at a time (the model then takes the items
+    as they are); an error names the item by its index in the whole list."""
+    out = {}
+    for name, value in body.items():
+        if name not in model.model_fields or not isinstance(value, list) or len(value) <= CHUNK:
+            continue
+        adapter = _adapter(model, name)
+        items: list = []
+        for start in range(0, len(value), CHUNK):
+            try:
+                items += adapter.validate_python(value[start:start + CHUNK])
+            except ValidationError as exc:
+                errors = exc.errors(include_url=False, include_input=False)
+                for error in errors:  # the first index is the item's in the chunk: make it the list's
+                    loc = list(error["loc"])
+                    at = next((i for i, part in enumerate(loc) if isinstance(part, int)), None)
+                    if at is not None:
+                        loc[at] += start
+                    error["loc"] = (name, *loc)
+                raise _refusal(errors) from exc
+        out[name] = items
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(model: type[BaseModel], name: str) -> TypeAdapter:
+    return TypeAdapter(model.model_fields[name].annotation, config=model.model_config)
 
 
 def _problem(error: dict[str, Any]) -> str:

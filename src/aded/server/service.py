@@ -2,12 +2,15 @@
 
 A request's body is parsed, templated and tokenized on a parsing thread (`prepare`), never on the
 event loop, so one huge body does not hold `/health` or other clients' streams; it holds one of
-the engine's queue slots meanwhile (the handler admits it first).
+the engine's queue slots meanwhile (the handler admits it first). Bodies larger than `LARGE_BODY`
+take their own lane of one thread: they never keep an ordinary request waiting for a thread, and
+at most one of them competes with the engine for the interpreter at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +31,7 @@ __all__ = ["Service"]
 log = logging.getLogger("aded.server")
 
 _ENDPOINTS = {"chat": (ChatCompletionRequest, "messages"), "completions": (CompletionRequest, "prompt")}
+LARGE_BODY = 64 * 1024  # bytes: a body this big is parsed in the lane of large bodies
 
 
 class Service:
@@ -39,8 +43,9 @@ class Service:
         self.config = config
         self.created = int(time.time())
         self.context = int(lm.runner.max_positions)
-        self.encoder = PromptEncoder(lm.tokenizer, config.parse_threads, int(lm.runner.vocab_size))
+        self.encoder = PromptEncoder(lm.tokenizer, config.parse_threads + 1, int(lm.runner.vocab_size))
         self.parsers = ThreadPoolExecutor(config.parse_threads, thread_name_prefix="aded-parse")
+        self.large_parser = ThreadPoolExecutor(1, thread_name_prefix="aded-parse-large")
         self.metrics = Metrics(config.model_name, lm.drafter.name)
         self.engine = Engine(lm, config.max_queue, on_finish=self._finished, on_start=self._started)
         self.metrics.gauges["aded_queue_depth"] = lambda: self.engine.pending
@@ -58,8 +63,14 @@ class Service:
             log.info("%s", self.state_note)
             if drafter.learns:
                 self.saver = StateSaver(self.engine, self.tenants.export, config.save_interval, self.metrics)
+                self.tenants.on_drop = self.saver.write_now
 
     def start(self) -> None:
+        # What is loaded by now (model, tokenizer, libraries) lives as long as the server: frozen out
+        # of the cyclic collector, whose full passes over it would stop every thread for 100+ ms
+        # whenever a big body's parsing allocates many objects.
+        gc.collect()
+        gc.freeze()
         self.engine.start()
         if self.saver is not None:
             self.saver.start()
@@ -68,7 +79,9 @@ class Service:
         self.engine.stop()
         if self.saver is not None:
             self.saver.stop()
-        self.parsers.shutdown(wait=False, cancel_futures=True)
+        self.tenants.activate(None)  # the model is left with the drafter it came with
+        for pool in (self.parsers, self.large_parser):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ the worker's hooks
     def _started(self, job: Job) -> None:
@@ -89,8 +102,8 @@ class Service:
     # ------------------------------------------------------------------ request -> job
     async def prepare(self, raw: bytes, endpoint: str, api_key: str | None) -> tuple[Any, GenerationRequest]:
         """The validated request and its generation job, computed on a parsing thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.parsers, self._prepare, raw, endpoint, api_key)
+        pool = self.large_parser if len(raw) > LARGE_BODY else self.parsers
+        return await asyncio.get_running_loop().run_in_executor(pool, self._prepare, raw, endpoint, api_key)
 
     def _prepare(self, raw: bytes, endpoint: str, api_key: str | None) -> tuple[Any, GenerationRequest]:
         model, param = _ENDPOINTS[endpoint]

@@ -15,6 +15,7 @@ tokenizer or drafter is a configuration mistake: `StateError`, which the CLI rep
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -73,7 +74,10 @@ class StateSaver:
     """Saves what the drafters learned after requests finish (see the module's docstring).
 
     `export()` runs on the engine's worker between requests and returns the (file, arrays) pairs
-    to write; `save_soon()` is called after each request that taught something.
+    to write; `save_soon()` is called after each request that taught something. Every export is
+    stamped on the worker, in the order the states were taken, and a file is never overwritten by
+    an older stamp than it holds (`write_now`, used for a tenant dropped from memory, may overtake
+    a save in flight).
     """
 
     def __init__(self, engine, export: Callable[[], list], min_interval: float = 0.0, metrics=None) -> None:
@@ -86,6 +90,9 @@ class StateSaver:
         self._wanted = threading.Event()  # one save pending
         self._stopping = threading.Event()
         self._last = 0.0
+        self._stamps = itertools.count()  # taken on the worker only
+        self._written: dict = {}  # path -> stamp of what it holds
+        self._write_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="aded-state", daemon=True)
 
     def start(self) -> None:
@@ -105,22 +112,33 @@ class StateSaver:
             self._wanted.clear()  # requests finishing from now on ask for the next save
             self._last = time.monotonic()
             try:
-                files = self.engine.call(self.export).result(timeout=600)
+                stamp, files = self.engine.call(self._stamped_export).result(timeout=600)
             except (RuntimeError, TimeoutError, OSError, ValueError) as exc:
                 log.error("exporting the learned state failed: %s", exc)
                 self._record(False)
                 continue
-            self._write(files)
+            self._write(stamp, files)
 
-    def _write(self, files: list[tuple[StateFile, dict]]) -> None:
-        for state_file, arrays in files:
-            try:
-                state_file.save(arrays)
-            except (OSError, ValueError) as exc:
-                log.error("saving the learned state to %s failed: %s", state_file.path, exc)
-                self._record(False)
-            else:
-                self._record(True)
+    def _stamped_export(self) -> tuple[int, list]:
+        return next(self._stamps), self.export()
+
+    def write_now(self, files: list[tuple[StateFile, dict]]) -> None:
+        """Write state exported just now on the worker, before the worker goes on."""
+        self._write(next(self._stamps), files)
+
+    def _write(self, stamp: int, files: list[tuple[StateFile, dict]]) -> None:
+        with self._write_lock:
+            for state_file, arrays in files:
+                if self._written.get(state_file.path, -1) > stamp:
+                    continue  # a newer state is already there
+                try:
+                    state_file.save(arrays)
+                except (OSError, ValueError) as exc:
+                    log.error("saving the learned state to %s failed: %s", state_file.path, exc)
+                    self._record(False)
+                else:
+                    self._written[state_file.path] = stamp
+                    self._record(True)
 
     def _record(self, ok: bool) -> None:
         if self.metrics is not None:
@@ -132,4 +150,4 @@ class StateSaver:
         self._wanted.set()
         if self._thread.is_alive():
             self._thread.join(timeout=600)
-        self._write(self.export())
+        self._write(*self._stamped_export())

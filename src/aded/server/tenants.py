@@ -6,7 +6,7 @@ A learning drafter keeps what it verified, and that shows: a repeated answer is 
 tenant gets its own drafter of the same kind, fresh or loaded from its own file beside `--state`
 (`<stem>.tenant-<hash><suffix>`: named by a hash, never by the key), so no tenant drafts from
 another's outputs. Requests without a salt share the default drafter. At most `max_tenants` are
-kept in memory; the least recently used is exported for saving and dropped.
+kept in memory; the least recently used is dropped, its state first written by `on_drop`.
 
 Everything but `tenant_of` runs on the engine's worker thread, between requests.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
+from typing import Callable
 
 from aded.drafters import make_drafter
 from aded.drafters.base import Drafter
@@ -47,8 +48,10 @@ class Tenants:
         self.state_file = state_file
         self.max_tenants = max_tenants
         self._drafters: OrderedDict[str, Drafter] = OrderedDict()  # least recently used first
-        self._dirty: set[str | None] = set()
-        self._evicted: list[tuple[StateFile, dict]] = []  # exported when dropped, not yet written
+        self._dirty: set[str | None] = set()  # learned since the last export
+        self._taught: set[str] = set()  # tenants in memory that learned since they were loaded
+        #: writes a dropped tenant's (file, arrays) at once, so its next request loads them
+        self.on_drop: Callable[[list[tuple[StateFile, dict]]], None] | None = None
 
     @property
     def count(self) -> int:
@@ -69,10 +72,12 @@ class Tenants:
         """The tenant's request ran: its drafter has something new to save."""
         if self.shared.learns:
             self._dirty.add(tenant)
+            if tenant is not None:
+                self._taught.add(tenant)
 
     def export(self) -> list[tuple[StateFile, dict]]:
         """(file, arrays) of every tenant that learned something since the last export."""
-        out, self._evicted = self._evicted, []
+        out: list[tuple[StateFile, dict]] = []
         dirty, self._dirty = self._dirty, set()
         for tenant in dirty:
             drafter = self.shared if tenant is None else self._drafters.get(tenant)
@@ -103,9 +108,11 @@ class Tenants:
     def _evict(self) -> None:
         tenant, drafter = self._drafters.popitem(last=False)
         state_file = self._file(tenant)
-        if tenant in self._dirty and state_file is not None:
-            self._evicted.append((state_file, drafter.state_dict()))
+        # written even if exported already: that save may still be under way when the tenant returns
+        if tenant in self._taught and state_file is not None and self.on_drop is not None:
+            self.on_drop([(state_file, drafter.state_dict())])
         self._dirty.discard(tenant)
+        self._taught.discard(tenant)
         log.info("tenant %s: dropped from memory (least recently used)", tenant)
 
     def _file(self, tenant: str | None) -> StateFile | None:
