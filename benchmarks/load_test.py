@@ -1,13 +1,20 @@
 """A bounded load test of `aded serve`: N clients for T seconds on loopback, one repeated workload.
 
     python benchmarks/load_test.py --clients 4 --duration 120 --drafter hybrid
+    python benchmarks/load_test.py --clients 4 --duration 120 --big-clients 2
 
 Starts the server in a subprocess on 127.0.0.1 (or uses `--url`, which must be a loopback
-address), then every client cycles through the same small set of greedy requests until the time
-is up (each client also stops after `--max-requests`). The report gives requests served, errors,
-p50/p95 latency, generated tokens per second of wall time, and the drafter's mean accepted tokens
-(tokens per verification step, 1.0 = plain decoding) by how often the prompt had been served
-before: as the drafter learns from earlier outputs, later passes draft more of each answer.
+address), then every client streams greedy requests from the same small set until the time is up
+(each client also stops after `--max-requests`). The report gives requests served, errors, time to
+first token and latency (p50/p95/max), generated tokens per second of wall time, and the drafter's
+mean accepted tokens (tokens per verification step, 1.0 = plain decoding) by how often the prompt
+had been served before: as the drafter learns from earlier outputs, later passes draft more.
+
+With `--big-clients M` the time is split in two phases: the clients alone, then the same clients
+while M more send 1 MB bodies of `--big-messages` one-character messages (the body of issue 14,
+refused after tokenization as longer than any context: pure parsing work). The check: no client's
+time to first token grows by more than one request's service time (the p50 latency alone) because
+of another's parsing.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ class Result:
     latency_s: float
     completion_tokens: int
     steps: int
+    ttft_s: float | None = None  # time to the first generated text
     error: str | None = None
 
 
@@ -81,15 +89,31 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"the server did not answer /health within {args.startup_timeout} s")
 
 
-def run_clients(url: str, model: str, args) -> tuple[list[Result], float]:
+def stream_once(http: httpx.Client, body: dict) -> tuple[float | None, int, int]:
+    """(time to first text, completion tokens, verification steps) of one streamed request."""
+    start, ttft, tokens, steps = time.perf_counter(), None, 0, 0
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.read()[:120]!r}")
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and any(c["delta"].get("content") for c in chunk.get("choices", [])):
+                ttft = time.perf_counter() - start
+            tokens = chunk.get("usage", {}).get("completion_tokens", tokens)
+            steps = chunk.get("aded", {}).get("steps", steps)
+    return ttft, tokens, steps
+
+
+def run_clients(url: str, model: str, args, duration: float, sent: list[int]) -> tuple[list[Result], float]:
     lock = threading.Lock()
-    sent = [0] * len(WORKLOAD)
     results: list[Result] = []
     counter = iter(range(1 << 30))
-    stop_at = time.monotonic() + args.duration
+    stop_at = time.monotonic() + duration
 
     def client() -> None:
-        with httpx.Client(base_url=url, timeout=args.request_timeout) as http:
+        with httpx.Client(base_url=url, timeout=args.request_timeout, headers=args.headers) as http:
             for _ in range(args.max_requests):
                 if time.monotonic() >= stop_at:
                     return
@@ -98,18 +122,14 @@ def run_clients(url: str, model: str, args) -> tuple[list[Result], float]:
                     seen = sent[index]
                     sent[index] += 1
                 body = {"model": model, "messages": [{"role": "user", "content": WORKLOAD[index]}],
-                        "max_tokens": args.max_tokens, "temperature": 0}
+                        "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
+                        "stream_options": {"include_usage": True}}
                 start = time.perf_counter()
                 try:
-                    response = http.post("/v1/chat/completions", json=body)
-                    latency = time.perf_counter() - start
-                    if response.status_code != 200:
-                        result = Result(index, seen, latency, 0, 0, f"HTTP {response.status_code}: {response.text[:120]}")
-                    else:
-                        data = response.json()
-                        result = Result(index, seen, latency, data["usage"]["completion_tokens"], data["aded"]["steps"])
-                except httpx.HTTPError as exc:
-                    result = Result(index, seen, time.perf_counter() - start, 0, 0, f"{type(exc).__name__}: {exc}")
+                    ttft, tokens, steps = stream_once(http, body)
+                    result = Result(index, seen, time.perf_counter() - start, tokens, steps, ttft)
+                except (httpx.HTTPError, RuntimeError, ValueError) as exc:
+                    result = Result(index, seen, time.perf_counter() - start, 0, 0, None, f"{type(exc).__name__}: {exc}")
                 with lock:
                     results.append(result)
 
@@ -122,6 +142,32 @@ def run_clients(url: str, model: str, args) -> tuple[list[Result], float]:
     return results, time.monotonic() - start
 
 
+def send_big_bodies(url: str, model: str, args, stop: threading.Event) -> list[tuple[int, float]]:
+    """(status, seconds) of each big body sent by `--big-clients` clients until `stop`."""
+    body = json.dumps({"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]
+                       * args.big_messages}, separators=(",", ":")).encode()
+    out: list[tuple[int, float]] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=args.request_timeout,
+                          headers={**args.headers, "Content-Type": "application/json"}) as http:
+            while not stop.is_set():
+                start = time.perf_counter()
+                try:
+                    status = http.post("/v1/chat/completions", content=body).status_code
+                except httpx.HTTPError:
+                    status = 0
+                out.append((status, time.perf_counter() - start))
+
+    threads = [threading.Thread(target=client) for _ in range(args.big_clients)]
+    for thread in threads:
+        thread.start()
+    stop.wait()
+    for thread in threads:
+        thread.join()
+    return out
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -132,6 +178,7 @@ def percentile(values: list[float], q: float) -> float:
 def report(results: list[Result], wall_s: float, args) -> dict:
     ok = [r for r in results if r.error is None]
     latencies = [r.latency_s for r in ok]
+    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
     by_pass: dict[int, list[Result]] = {}
     for r in ok:
         by_pass.setdefault(r.seen_before, []).append(r)
@@ -146,11 +193,39 @@ def report(results: list[Result], wall_s: float, args) -> dict:
         "error_examples": sorted({r.error for r in results if r.error})[:3],
         "latency_p50_s": round(percentile(latencies, 0.50), 3), "latency_p95_s": round(percentile(latencies, 0.95), 3),
         "latency_mean_s": round(statistics.fmean(latencies), 3) if latencies else None,
+        "ttft_p50_s": round(percentile(ttfts, 0.50), 3), "ttft_p95_s": round(percentile(ttfts, 0.95), 3),
+        "ttft_max_s": round(max(ttfts), 3) if ttfts else None,
         "completion_tokens": sum(r.completion_tokens for r in ok),
         "tokens_per_s": round(sum(r.completion_tokens for r in ok) / wall_s, 2),
         "mean_accepted_tokens_by_pass": mat,
         "requests_by_pass": {seen: len(group) for seen, group in sorted(by_pass.items())},
     }
+
+
+def run(url: str, args) -> dict:
+    """The whole load test against a running server: one phase, or alone then with big bodies."""
+    model = args.served_model_name or httpx.get(url + "/v1/models", headers=args.headers).json()["data"][0]["id"]
+    sent = [0] * len(WORKLOAD)
+    if not args.big_clients:
+        results, wall = run_clients(url, model, args, args.duration, sent)
+        return report(results, wall, args)
+    alone = report(*run_clients(url, model, args, args.duration / 2, sent), args)
+    stop = threading.Event()
+    big: list[tuple[int, float]] = []
+    sender = threading.Thread(target=lambda: big.extend(send_big_bodies(url, model, args, stop)))
+    sender.start()
+    try:
+        loaded = report(*run_clients(url, model, args, args.duration / 2, sent), args)
+    finally:
+        stop.set()
+        sender.join()
+    service_s = alone["latency_p50_s"]
+    growth = {q: round(loaded[f"ttft_{q}_s"] - alone[f"ttft_{q}_s"], 3) for q in ("p95", "max")}
+    return {"alone": alone, "with_big_bodies": loaded,
+            "big_bodies": {"sent": len(big), "statuses": sorted({status for status, _ in big}),
+                           "seconds_p50": round(percentile([s for _, s in big], 0.5), 3)},
+            "ttft_growth_s": growth, "one_service_time_s": service_s,
+            "ttft_growth_within_one_service_time": growth["max"] <= service_s}
 
 
 def main() -> None:
@@ -167,10 +242,14 @@ def main() -> None:
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--request-timeout", type=float, default=600.0)
+    parser.add_argument("--big-clients", type=int, default=0, help="clients sending 1 MB bodies in a second phase")
+    parser.add_argument("--big-messages", type=int, default=30_000, help="one-character messages per big body")
+    parser.add_argument("--api-key", default=None, help="bearer token of a server started with one")
     parser.add_argument("--json", dest="json_out", default=None, help="also write the report to this file")
     args = parser.parse_args()
-    if not 0 < args.duration <= 3600 or not 1 <= args.clients <= 64:
-        parser.error("--duration must be in (0, 3600] and --clients in [1, 64]")
+    args.headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if not 0 < args.duration <= 3600 or not 1 <= args.clients <= 64 or not 0 <= args.big_clients <= 16:
+        parser.error("--duration must be in (0, 3600], --clients in [1, 64] and --big-clients in [0, 16]")
 
     proc = None
     if args.url:
@@ -180,9 +259,7 @@ def main() -> None:
     else:
         proc, url = start_server(args)
     try:
-        model = args.served_model_name or httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        results, wall = run_clients(url, model, args)
-        summary = report(results, wall, args)
+        summary = run(url, args)
         summary["server_mean_accepted_tokens"] = httpx.get(url + "/health").json().get("mean_accepted_tokens")
     finally:
         if proc is not None:

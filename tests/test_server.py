@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
-import socket
-import string
 import subprocess
 import sys
 import threading
@@ -27,118 +23,13 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = "tiny"
-
-
-# ---------------------------------------------------------------------------- fixtures
-def save_tiny_model(folder: Path) -> None:
-    """A character-level tokenizer with a chat template and a random 2-layer Llama on it."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {"<s>": 0, "</s>": 1}
-    for char in string.printable:
-        if char not in "\x0b\x0c\r":
-            vocab[char] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
-    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}<assistant>{% endif %}")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # peaked logits: no float32 near-ties between tree and sequential argmax
-        model.lm_head.weight.mul_(30.0)
-    model.generation_config.eos_token_id = 1
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("server") / MODEL
-    save_tiny_model(folder)
-    return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`aded serve` in a subprocess on 127.0.0.1."""
-
-    def __init__(self, model: str | Path, *extra: str, drafter: str = "suffix", timeout: float = 90) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-               "ADED_CACHE_DIR": os.environ.get("ADED_CACHE_DIR", str(ROOT / "tests" / ".cache-tests"))}
-        command = [sys.executable, "-m", "aded.cli", "serve", "--model", str(model), "--drafter", drafter,
-                   "--port", str(self.port), "--budget", "typical", "--log-level", "warning", *extra]
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"aded-serve-{self.port}.log", "w+")
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            self.kill()
-            raise RuntimeError(f"server did not come up in {timeout} s:\n{self.output()}")
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=10).json()
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(60)
-        self.log.close()
-        return code
-
-    def kill(self) -> None:
-        self.proc.kill()  # SIGKILL: no shutdown hook runs
-        self.proc.wait(30)
-        self.log.close()
-
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            self.stop()
+from server_support import MODEL, ROOT, Server, chat, state_arrays, tiny_dir  # noqa: E402, F401
 
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
     with Server(tiny_dir) as running:
         yield running
-
-
-def chat(client, text: str, max_tokens: int = 24, stream: bool = False, **options) -> str:
-    messages = [{"role": "user", "content": text}]
-    if not stream:
-        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
-                                               temperature=0, **options)
-        return reply.choices[0].message.content
-    chunks = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
-                                            temperature=0, stream=True, **options)
-    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
 # ---------------------------------------------------------------------------- shapes and identity
@@ -286,12 +177,7 @@ def test_openai_client_raises_the_matching_errors(server):
 
 # ---------------------------------------------------------------------------- learned state
 def _state_arrays(path: Path) -> dict:
-    from aded.server.state import StateFile
-    from aded.store.datastore import tokenizer_identity
-    from transformers import AutoTokenizer
-
-    identity = tokenizer_identity(AutoTokenizer.from_pretrained(str(path.parent / MODEL)))
-    return StateFile(path, "suffix", identity).read()[1]
+    return state_arrays(path, path.parent / MODEL)
 
 
 def test_learned_state_round_trips_for_every_learning_drafter(tmp_path):
@@ -385,38 +271,6 @@ def test_corrupt_state_is_set_aside_and_the_server_starts_fresh(tiny_dir):
         assert "corrupt state set aside" in running.health()["state"]
         assert chat(running.client, "fresh", max_tokens=4)
     assert list(tiny_dir.parent.glob("corrupt.npz.corrupt-*"))
-
-
-def test_state_survives_kill_9_during_saving(tiny_dir):
-    """Saves run every 50 ms under steady traffic; SIGKILL lands at a random moment, three times.
-    After each kill the file is a complete state (old or new), and the next start loads it."""
-    state = tiny_dir.parent / "killed.npz"
-    state.unlink(missing_ok=True)
-    rng = random.Random(0)
-    for round_ in range(3):
-        running = Server(tiny_dir, "--state", str(state), "--save-interval", "0.05")
-        if round_ > 0:
-            assert "loaded learned state" in running.health()["state"]
-        stop = threading.Event()
-
-        def traffic() -> None:
-            for i in range(200):  # bounded
-                if stop.is_set():
-                    return
-                try:
-                    chat(running.client, f"round {round_} request {i} " + "xy" * (i % 7), max_tokens=24)
-                except (openai.APIError, httpx.HTTPError):
-                    return
-
-        worker = threading.Thread(target=traffic)
-        worker.start()
-        time.sleep(rng.uniform(0.8, 2.0))
-        running.kill()
-        stop.set()
-        worker.join(60)
-        assert state.exists(), running.output()
-        arrays = _state_arrays(state)  # always a complete file: the old one or the new one
-        assert arrays["lengths"].size >= 1
 
 
 # ---------------------------------------------------------------------------- the real model

@@ -1,155 +1,82 @@
-"""The FastAPI application: OpenAI-shaped endpoints in front of one `Engine`.
+"""The FastAPI application: OpenAI-shaped endpoints in front of one `Service` (model + engine).
 
 `create_app(lm_or_factory, ServerConfig(...))` takes an already loaded `aded.Aded` (tests inject a
-tiny model) or a zero-argument factory called at startup. Handlers parse and validate on the event
-loop (bodies, JSON, fields, model name, context length), tokenise with their own copy of the
-tokenizer (the worker's copy is busy decoding), then hand the token ids to the engine.
+tiny model) or a zero-argument factory called at startup. Each /v1 handler takes a queue slot,
+reads the body, has it parsed and tokenized on a parsing thread, and hands the token ids to the
+engine; the event loop itself only relays bytes, so `/health` and streams never wait on a body.
+`Guard` checks Host, Origin, API key and content type before any route runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
+import os
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
-from aded.decoding import sampling_fields
-from aded.server.engine import Engine, GenerationRequest, Job, RequestError
+from aded.server.engine import Job
+from aded.server.errors import RequestError, error_response
+from aded.server.guard import Guard
 from aded.server.metrics import Metrics
-from aded.server.schemas import (AdedStats, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-                                 CompletionRequest, ModelList, TextCompletion, Usage, error_payload)
-from aded.server.state import StateFile, StateSaver, restore
+from aded.server.schemas import (ChatCompletion, ChatCompletionChunk, ModelCard, ModelList, TextCompletion, Usage,
+                                 error_payload)
+from aded.server.service import Service
+from aded.server.tenants import STATE_PER
 
-__all__ = ["ServerConfig", "create_app"]
+__all__ = ["ServerConfig", "create_app", "API_KEY_ENV"]
 
 log = logging.getLogger("aded.server")
+
+API_KEY_ENV = "ADED_API_KEY"  # API keys when the config gives none (several: comma-separated)
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     model_name: str  # the id clients send as `model` and see in /v1/models
     state_path: Path | None = None
-    save_interval: float = 60.0  # seconds between saves of the learned state
-    max_queue: int = 64  # requests queued or running before 429
+    save_interval: float = 0.0  # least seconds between saves of the learned state (0: after each request)
+    max_queue: int = 64  # requests being parsed, queued or running before 429
     max_body_bytes: int = 1 << 20
     default_max_tokens: int = 256  # when a request gives no max_tokens (capped by the context)
     max_draft_nodes: int = 24
+    api_keys: tuple[str, ...] = ()  # bearer tokens accepted on /v1 (none: no authentication)
+    allowed_origins: tuple[str, ...] = ()  # web origins whose requests are served ("*": any)
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides the bound address and loopback ("*": any)
+    state_per: str = "shared"  # learned state shared, or kept per API "key" or per request "salt"
+    max_tenants: int = 64  # tenants' drafters kept in memory (least recently used dropped)
+    aded_stats: bool | None = None  # the `aded` field in responses; None: off iff keys set and state shared
+    parse_threads: int = 2  # threads that parse, template and tokenize request bodies
 
+    def __post_init__(self) -> None:
+        if self.state_per not in STATE_PER:
+            raise ValueError(f"state_per must be one of {', '.join(STATE_PER)}, got {self.state_per!r}")
+        if self.save_interval < 0:
+            raise ValueError(f"save_interval must be >= 0, got {self.save_interval}")
+        if self.parse_threads < 1 or self.max_tenants < 1:
+            raise ValueError("parse_threads and max_tenants must be at least 1")
 
-class _Server:
-    """What the handlers share: the model, its engine, metrics and state keeping."""
-
-    def __init__(self, lm, config: ServerConfig) -> None:
-        self.lm = lm
-        self.config = config
-        self.created = int(time.time())
-        self.encoder = copy.deepcopy(lm.tokenizer)  # for the event loop; never shared with the worker
-        self.context = int(lm.runner.max_positions)
-        self.vocab_size = int(lm.runner.vocab_size)
-        self.metrics = Metrics(config.model_name, lm.drafter.name)
-        self.engine = Engine(lm, config.max_queue, on_finish=self._finished)
-        self.metrics.gauges["aded_queue_depth"] = lambda: self.engine.pending
-        self.saver: StateSaver | None = None
-        self.state_note = "no --state file: learned state lives in memory only"
-
-    def start(self) -> None:
-        if self.config.state_path is not None:
-            from aded.store.datastore import tokenizer_identity
-
-            state_file = StateFile(self.config.state_path, self.lm.drafter.name,
-                                   tokenizer_identity(self.lm.tokenizer))
-            self.state_note = restore(self.lm, state_file)
-            log.info("%s", self.state_note)
-            self.saver = StateSaver(self.lm, self.engine, state_file, self.config.save_interval, self.metrics)
-        self.engine.start()
-        if self.saver is not None:
-            self.saver.start()
-
-    def stop(self) -> None:
-        self.engine.stop()
-        if self.saver is not None:
-            self.saver.stop()
-
-    def _finished(self, job: Job, completion) -> None:
-        if completion is not None:
-            outcome = "finished"
-        else:
-            outcome = "cancelled" if job.cancelled.is_set() else "failed"
-        stats = completion.stats if completion is not None else None
-        self.metrics.record_generation(outcome, len(job.request.prompt_ids), stats)
-
-    # ------------------------------------------------------------------ request -> token ids
-    def check_model(self, model: str) -> None:
-        if model != self.config.model_name:
-            raise RequestError(f"the model {model!r} does not exist here; this server serves "
-                               f"{self.config.model_name!r}", 404, param="model", code="model_not_found")
-
-    def chat_ids(self, request: ChatCompletionRequest) -> list[int]:
-        if not getattr(self.encoder, "chat_template", None):
-            raise RequestError("this model has no chat template; use /v1/completions", param="messages")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in request.messages]
-        try:
-            ids = self.encoder.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=False)
-        except Exception as exc:  # the template is the model's Jinja code: any error is the input's
-            raise RequestError(f"the chat template rejected these messages: {exc}", param="messages") from exc
-        return [int(t) for t in ids]
-
-    def completion_ids(self, request: CompletionRequest) -> list[int]:
-        if isinstance(request.prompt, str):
-            return list(self.encoder(request.prompt, add_special_tokens=True)["input_ids"])
-        too_big = [t for t in request.prompt if t >= self.vocab_size]
-        if too_big:
-            raise RequestError(f"token id {too_big[0]} is outside the vocabulary (size {self.vocab_size})",
-                               param="prompt")
-        return list(request.prompt)
-
-    def generation(self, request, prompt_ids: list[int], param: str) -> GenerationRequest:
-        """Sampling parameters checked against the context, as `Aded.stream` keyword arguments."""
-        if not prompt_ids:
-            raise RequestError("the prompt is empty after tokenisation", param=param)
-        room = self.context - len(prompt_ids)
-        if room < 1:
-            raise RequestError(f"the prompt is {len(prompt_ids)} tokens; this model's context holds "
-                               f"{self.context} (and at least one token must be generated)",
-                               param=param, code="context_length_exceeded")
-        if request.max_tokens is not None and request.max_tokens > room:
-            raise RequestError(f"max_tokens is {request.max_tokens}, but the prompt's {len(prompt_ids)} tokens "
-                               f"leave room for {room} in this model's context of {self.context}",
-                               param="max_tokens", code="context_length_exceeded")
-        max_tokens = request.max_tokens or min(self.config.default_max_tokens, room)
-        temperature = 1.0 if request.temperature is None else request.temperature
-        generation = {"max_new_tokens": max_tokens, **sampling_fields(temperature),
-                      "top_p": request.top_p, "top_k": request.top_k,
-                      "seed": request.seed, "max_draft_nodes": self.config.max_draft_nodes}
-        try:
-            self.lm.generation_config(**dict(generation))  # validates the combination
-        except ValueError as exc:
-            raise RequestError(str(exc)) from exc
-        return GenerationRequest(prompt_ids, generation, tuple(request.stop_list()), request.stream)
-
-    def stats(self, completion) -> AdedStats:
-        s = completion.stats
-        return AdedStats(mean_accepted_tokens=round(s.mean_accepted_tokens, 4), steps=s.steps,
-                         draft_nodes=s.draft_nodes, decode_tokens_per_s=round(s.decode_tokens_per_s, 3),
-                         drafter=self.lm.drafter.name)
+    def resolved(self) -> "ServerConfig":
+        """API keys from the environment when none are given; checks what needs them."""
+        keys = self.api_keys or tuple(k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip())
+        if self.state_per == "key" and not keys:
+            raise ValueError(f"state_per 'key' needs API keys (the api_keys setting or {API_KEY_ENV})")
+        return replace(self, api_keys=keys)
 
 
 # ---------------------------------------------------------------------------- plumbing
-async def _json_body(request: Request, limit: int) -> dict[str, Any]:
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(f"the request body is {declared} bytes; the limit is {limit}", 413,
@@ -161,28 +88,18 @@ async def _json_body(request: Request, limit: int) -> dict[str, Any]:
             raise RequestError(f"the request body exceeds the limit of {limit} bytes", 413,
                                code="request_too_large")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _submit(service: Service, request: Request, endpoint: str):
+    """Admit (a queue slot), read, parse off the loop, queue: (request, generation, job)."""
+    ticket = service.engine.admit()
     try:
-        body = json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(f"the request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
-
-
-def _validated(model: type, body: dict[str, Any]):
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or None
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
-        raise RequestError(f"invalid request: {problems}", param=where,
-                           code="missing_field" if first["type"] == "missing" else "invalid_value") from exc
-
-
-def _error_response(exc: RequestError) -> JSONResponse:
-    return JSONResponse(error_payload(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+        raw = await _read_body(request, service.config.max_body_bytes)
+        body, generation = await service.prepare(raw, endpoint, getattr(request.state, "api_key", None))
+        return body, generation, service.engine.submit(generation, ticket)
+    finally:
+        ticket.release()
 
 
 async def _result(job: Job, request: Request):
@@ -241,28 +158,40 @@ _ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "
 
 # ---------------------------------------------------------------------------- the app
 def create_app(lm_or_factory: Union[Any, Callable[[], Any]], config: ServerConfig) -> FastAPI:
-    holder: dict[str, _Server] = {}
+    """The app; with a loaded model its learned state is read here, so a bad `--state` fails
+    before the port is bound."""
+    from aded.api import Aded
+
+    config = config.resolved()
+    holder: dict[str, Service] = {}
+    if isinstance(lm_or_factory, Aded):
+        holder["service"] = Service(lm_or_factory, config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from aded.api import Aded
-
-        lm = lm_or_factory if isinstance(lm_or_factory, Aded) else await asyncio.to_thread(lm_or_factory)
-        server = _Server(lm, config)
-        await asyncio.to_thread(server.start)
-        holder["server"] = server
-        log.info("serving %s on %s with the %s drafter", config.model_name, lm.backend, lm.drafter.name)
+        if "service" not in holder:
+            lm = await asyncio.to_thread(lm_or_factory)
+            holder["service"] = await asyncio.to_thread(Service, lm, config)
+        service = holder["service"]
+        await asyncio.to_thread(service.start)
+        log.info("serving %s on %s with the %s drafter", config.model_name, service.lm.backend,
+                 service.lm.drafter.name)
         try:
             yield
         finally:
-            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(service.stop)
 
     app = FastAPI(title="aded", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_CountRequests, get_metrics=lambda: holder["server"].metrics if holder else None)
+    app.add_middleware(Guard, api_keys=config.api_keys, allowed_origins=config.allowed_origins,
+                       allowed_hosts=config.allowed_hosts)
+    app.add_middleware(_CountRequests, get_metrics=lambda: holder["service"].metrics if holder else None)
+    if config.allowed_origins:  # answers browsers' preflights for the origins allowed
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
-        return _error_response(exc)
+        return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -282,36 +211,42 @@ def create_app(lm_or_factory: Union[Any, Callable[[], Any]], config: ServerConfi
 
     @app.get("/health")
     async def health():
-        server = holder["server"]
-        return {"status": "ok", "model": config.model_name, "backend": server.lm.backend,
-                "drafter": server.lm.drafter.name,
-                "queue": server.engine.pending, "completed": server.engine.completed,
-                "mean_accepted_tokens": round(server.metrics.mean_accepted_tokens(), 4),
-                "state": server.state_note}
+        service = holder["service"]
+        return {"status": "ok", "model": config.model_name, "backend": service.lm.backend,
+                "drafter": service.lm.drafter.name,
+                "queue": service.engine.pending, "completed": service.engine.completed,
+                "mean_accepted_tokens": round(service.metrics.mean_accepted_tokens(), 4),
+                "state": service.state_note, "state_per": config.state_per, "tenants": service.tenants.count}
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(holder["server"].metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(holder["service"].metrics.render(), media_type="text/plain; version=0.0.4")
+
+    def card() -> ModelCard:
+        return ModelCard(id=config.model_name, created=holder["service"].created)
 
     @app.get("/v1/models")
     async def models():
-        server = holder["server"]
-        return ModelList(data=[{"id": config.model_name, "created": server.created}]).model_dump()
+        return ModelList(data=[card()]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != config.model_name:
+            raise RequestError(f"the model {model_id!r} does not exist here; this server serves "
+                               f"{config.model_name!r}", 404, param="model", code="model_not_found")
+        return card().model_dump()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        server = holder["server"]
-        body = _validated(ChatCompletionRequest, await _json_body(request, config.max_body_bytes))
-        server.check_model(body.model)
-        job_request = server.generation(body, server.chat_ids(body), "messages")
-        job = server.engine.submit(job_request)
+        service = holder["service"]
+        body, generation, job = await _submit(service, request, "chat")
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if not body.stream:
             completion = await _result(job, request)
             return ChatCompletion(id=rid, created=created, model=config.model_name, usage=_usage(completion),
                                   choices=[{"message": {"content": completion.text},
                                             "finish_reason": completion.finish_reason}],
-                                  aded=server.stats(completion)).model_dump(exclude_none=True)
+                                  aded=service.stats(completion, generation.tenant)).model_dump(exclude_none=True)
 
         def chunk(delta: dict, finish: str | None = None, **extra) -> str:
             return _sse(ChatCompletionChunk(id=rid, created=created, model=config.model_name,
@@ -319,7 +254,7 @@ def create_app(lm_or_factory: Union[Any, Callable[[], Any]], config: ServerConfi
                                             **extra).model_dump(exclude_none=True))
 
         def final(completion) -> list[str]:
-            out = [chunk({}, completion.finish_reason, aded=server.stats(completion))]
+            out = [chunk({}, completion.finish_reason, aded=service.stats(completion, generation.tenant))]
             if body.include_usage():
                 out.append(_sse(ChatCompletionChunk(id=rid, created=created, model=config.model_name, choices=[],
                                                     usage=_usage(completion)).model_dump(exclude_none=True)))
@@ -330,11 +265,8 @@ def create_app(lm_or_factory: Union[Any, Callable[[], Any]], config: ServerConfi
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        server = holder["server"]
-        body = _validated(CompletionRequest, await _json_body(request, config.max_body_bytes))
-        server.check_model(body.model)
-        job_request = server.generation(body, server.completion_ids(body), "prompt")
-        job = server.engine.submit(job_request)
+        service = holder["service"]
+        body, generation, job = await _submit(service, request, "completions")
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def text(piece: str, finish: str | None = None, **extra) -> dict:
@@ -345,11 +277,12 @@ def create_app(lm_or_factory: Union[Any, Callable[[], Any]], config: ServerConfi
         if not body.stream:
             completion = await _result(job, request)
             return text(completion.text, completion.finish_reason, usage=_usage(completion),
-                        aded=server.stats(completion))
+                        aded=service.stats(completion, generation.tenant))
 
         def final(completion) -> list[str]:
             extra = {"usage": _usage(completion)} if body.include_usage() else {}
-            return [_sse(text("", completion.finish_reason, aded=server.stats(completion), **extra))]
+            return [_sse(text("", completion.finish_reason, aded=service.stats(completion, generation.tenant),
+                              **extra))]
 
         return _streaming(job, [], lambda piece: _sse(text(piece)), final)
 
@@ -373,7 +306,7 @@ def _streaming(job: Job, opening: list[str], piece_event: Callable[[str], str],
                         yield event
                     break
                 else:
-                    yield _sse(error_payload(value.message, value.type, value.param, value.code))
+                    yield _sse(value.payload())
                     break
             yield "data: [DONE]\n\n"
         finally:

@@ -6,16 +6,23 @@ guarantee that every client gets exactly the output it would get alone (greedy d
 lossless whatever the drafter has learned, so the order of requests never changes a greedy answer).
 The event loop only validates, queues and relays; all model and drafter work happens here.
 
+A request holds one of `max_queue` slots from the moment it is admitted (before its body is read
+and parsed, so parsing counts against the queue too) until its job finishes: `admit()` returns a
+`Ticket`, `submit(request, ticket)` hands the slot to the job, `ticket.release()` frees a slot that
+never became a job.
+
 A job's events reach its handler through an asyncio queue: ("piece", text) while streaming, then
 ("done", Completion) or ("error", exception). A handler whose client went away calls `cancel()`;
 the worker then closes the stream (the drafter's request ends cleanly) and takes the next job.
-Work that must not overlap a request (exporting the drafter's learned state) is queued with `call`.
+Work that must not overlap a request (exporting the drafter's learned state) is queued with `call`
+and runs before any queued job, i.e. as soon as the running one ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import queue
 import threading
@@ -23,22 +30,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["RequestError", "GenerationRequest", "Job", "Engine"]
+from aded.server.errors import RequestError
+
+__all__ = ["RequestError", "GenerationRequest", "Job", "Ticket", "Engine"]
 
 log = logging.getLogger("aded.server")
 
-
-class RequestError(Exception):
-    """A request the server refuses, answered with `status` and the OpenAI error shape."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 code: str | None = None, type_: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.param = param
-        self.code = code
-        self.type = type_
+_CALL, _JOB = 0, 1  # queue priorities: maintenance calls go before queued jobs
+RETRY_AFTER_S = 1
 
 
 @dataclass(frozen=True)
@@ -47,6 +46,7 @@ class GenerationRequest:
     generation: dict[str, Any]  # keyword arguments of `Aded.stream` (already validated)
     stop: tuple[str, ...] = ()
     stream: bool = False  # relay text pieces as they are accepted
+    tenant: str | None = None  # whose learned state drafts it (None: the shared one)
 
 
 @dataclass
@@ -56,6 +56,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    started: bool = False  # the worker began generating it (so the drafter may have learned)
 
     def cancel(self) -> None:
         """The client went away: stop generating (or never start) and free the slot."""
@@ -72,22 +73,42 @@ class Job:
         return await self.events.get()
 
 
+class Ticket:
+    """One admitted request's queue slot, until `submit` hands it to a job or `release` frees it."""
+
+    def __init__(self, engine: "Engine") -> None:
+        self._engine = engine
+        self._held = True
+
+    def hand_over(self) -> None:
+        self._held = False  # the job now holds the slot; the worker frees it
+
+    def release(self) -> None:
+        """Free the slot if no job took it (idempotent: call it in a `finally`)."""
+        if self._held:
+            self._held = False
+            self._engine._free_slot()
+
+
 class Engine:
     """Runs generation jobs and maintenance calls one at a time on a worker thread.
 
-    `on_finish(job, completion)` is called on the worker after each finished or cancelled job
-    (completion is None when the job failed or never started), e.g. to update metrics.
+    `on_start(job)` is called on the worker before a job runs (e.g. to choose its drafter), and
+    `on_finish(job, completion)` after each finished or cancelled job (completion is None when the
+    job failed or never started), e.g. to update metrics and save what the drafter learned.
     """
 
-    def __init__(self, lm, max_queue: int = 64,
-                 on_finish: Callable[[Job, Any], None] | None = None) -> None:
+    def __init__(self, lm, max_queue: int = 64, on_finish: Callable[[Job, Any], None] | None = None,
+                 on_start: Callable[[Job], None] | None = None) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         self.lm = lm
         self.max_queue = max_queue
         self.on_finish = on_finish
-        self._queue: queue.Queue = queue.Queue()
-        self._pending = 0  # generation jobs queued or running
+        self.on_start = on_start
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()  # FIFO within a priority
+        self._pending = 0  # requests admitted: being parsed, queued or running
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._accepting = False
@@ -106,7 +127,7 @@ class Engine:
         current = self._current
         if current is not None:
             current.cancel()
-        self._queue.put(None)
+        self._put(_CALL, None)
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -115,66 +136,72 @@ class Engine:
         return self._pending
 
     # ------------------------------------------------------------------ submitting
-    def submit(self, request: GenerationRequest) -> Job:
-        job = Job(request, asyncio.get_running_loop())
+    def admit(self) -> Ticket:
+        """A queue slot for a request about to be read and parsed; 429 when all are taken."""
         with self._lock:
             if not self._accepting:
                 raise RequestError("the server is shutting down", 503, type_="server_error")
             if self._pending >= self.max_queue:
                 raise RequestError(f"the server is busy ({self._pending} requests queued); retry later",
-                                   429, type_="rate_limit_error", code="queue_full")
+                                   429, type_="rate_limit_error", code="queue_full",
+                                   headers={"Retry-After": str(RETRY_AFTER_S)})
             self._pending += 1
-        self._queue.put(job)
+        return Ticket(self)
+
+    def submit(self, request: GenerationRequest, ticket: Ticket) -> Job:
+        """Queue a job in the slot of `ticket` (from `admit`)."""
+        if not self._accepting:
+            raise RequestError("the server is shutting down", 503, type_="server_error")
+        job = Job(request, asyncio.get_running_loop())
+        ticket.hand_over()
+        self._put(_JOB, job)
         return job
 
     def call(self, func: Callable[[], Any]) -> concurrent.futures.Future:
-        """Run `func` on the worker between two requests; its result arrives in the future."""
+        """Run `func` on the worker as soon as no request runs; its result arrives in the future."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         if self._thread is None or not self._thread.is_alive():
             future.set_exception(RuntimeError("the engine is not running"))
             return future
-        self._queue.put((func, future))
+        self._put(_CALL, (func, future))
         return future
+
+    def _put(self, priority: int, item: Any) -> None:
+        self._queue.put((priority, next(self._order), item))
+
+    def _free_slot(self) -> None:
+        with self._lock:
+            self._pending -= 1
 
     # ------------------------------------------------------------------ worker
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
+            _, _, item = self._queue.get()
             if item is None:
                 break
             if isinstance(item, tuple):
-                func, future = item
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(func())
-                    except Exception as exc:  # handed to the caller, who reports it
-                        future.set_exception(exc)
+                _run_call(*item)
                 continue
             self._current = item
             try:
                 self._run(item)
             finally:
                 self._current = None
-                with self._lock:
-                    self._pending -= 1
+                self._free_slot()
         self._drain()
 
     def _drain(self) -> None:
         """After stop: tell queued jobs they will not run; run queued maintenance calls."""
         while True:
             try:
-                item = self._queue.get_nowait()
+                _, _, item = self._queue.get_nowait()
             except queue.Empty:
                 return
             if isinstance(item, tuple):
-                func, future = item
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(func())
-                    except Exception as exc:
-                        future.set_exception(exc)
+                _run_call(*item)
             elif item is not None:
                 item.emit("error", RequestError("the server is shutting down", 503, type_="server_error"))
+                self._free_slot()
 
     def _run(self, job: Job) -> None:
         if not self._accepting:  # stopping: queued jobs are refused, not run
@@ -185,6 +212,15 @@ class Engine:
             return
         request = job.request
         completion = None
+        if self.on_start is not None:
+            try:
+                self.on_start(job)
+            except Exception as exc:  # e.g. a tenant's state that cannot be loaded
+                log.exception("preparing the request failed")
+                job.emit("error", RequestError(f"preparing the request failed: {exc}", 500, type_="server_error"))
+                self._finished(job, None)
+                return
+        job.started = True
         try:
             stream = self.lm.stream(request.prompt_ids, stop=request.stop, **request.generation)
         except ValueError as exc:
@@ -215,3 +251,11 @@ class Engine:
                 self.on_finish(job, completion)
             except Exception:  # metrics must never take the worker down
                 log.exception("on_finish hook failed")
+
+
+def _run_call(func: Callable[[], Any], future: concurrent.futures.Future) -> None:
+    if future.set_running_or_notify_cancel():
+        try:
+            future.set_result(func())
+        except Exception as exc:  # handed to the caller, who reports it
+            future.set_exception(exc)

@@ -1,15 +1,15 @@
 """Request and response bodies in the shapes of the OpenAI API, validated strictly.
 
 Requests are strict (a string where a number belongs is an error, not a conversion) because a
-silently coerced parameter is a wrong answer the client cannot see. Fields the API defines but
-this server does not implement are accepted only at their neutral value (`n=1`, penalties 0), so a
-request is never answered as if an option had been honoured when it was not. Unknown extra fields
-are ignored, as OpenAI-compatible servers commonly do, so newer clients keep working.
+silently coerced parameter is a wrong answer the client cannot see. For the same reason no field
+is ever dropped: an unknown field is refused by name, and a field the API defines that this server
+does not honour yet is accepted only at its neutral value (`NOT_SUPPORTED_YET`, one line per
+field, so honouring one later is deleting its line).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -17,6 +17,8 @@ __all__ = [
     "ChatMessage",
     "ChatCompletionRequest",
     "CompletionRequest",
+    "NOT_SUPPORTED_YET",
+    "FieldError",
     "ErrorBody",
     "ErrorResponse",
     "Usage",
@@ -24,6 +26,7 @@ __all__ = [
     "ChatCompletion",
     "ChatCompletionChunk",
     "TextCompletion",
+    "ModelCard",
     "ModelList",
     "error_payload",
 ]
@@ -32,8 +35,16 @@ MAX_STOP = 4  # as in the OpenAI API
 MAX_STOP_CHARS = 256
 
 
+class FieldError(ValueError):
+    """A check across fields that names the field to blame (pydantic would name the whole body)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class TextPart(_Strict):
@@ -41,13 +52,39 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart]]
+    content: Union[str, list[TextPart], None] = None  # None only beside an assistant's tool_calls
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None  # an assistant's earlier calls, sent back
+    tool_call_id: Optional[str] = None  # which call a tool message answers
+    # what an OpenAI response message carries besides, so a client may send one back unchanged
+    refusal: None = None
+    function_call: None = None
+    audio: None = None
+    annotations: Optional[list[Any]] = Field(default=None, max_length=0)
 
-    def text(self) -> str:
-        if isinstance(self.content, str):
+    @model_validator(mode="after")
+    def _consistent(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, not {self.role} messages")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+        return self
+
+    def text(self) -> str | None:
+        if self.content is None or isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
 
@@ -56,8 +93,30 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[dict[str, Any]] = None
+
+
+class FunctionSpec(_Strict):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: dict[str, str]
+
+
 class _Sampling(_Strict):
-    """Parameters shared by both endpoints (OpenAI names and ranges)."""
+    """Parameters shared by both endpoints (OpenAI names and ranges; vLLM's for extensions)."""
 
     model: str = Field(min_length=1)
     max_tokens: Optional[int] = Field(default=None, ge=1)
@@ -68,10 +127,18 @@ class _Sampling(_Strict):
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = Field(default=1, ge=1, le=1)
-    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
-    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
-    user: Optional[str] = None
+    user: Optional[str] = None  # an end-user id for the operator's logs; changes no output
+    cache_salt: Optional[str] = Field(default=None, min_length=1)  # vLLM's: whose learned state
+    # defined, not honoured yet: see NOT_SUPPORTED_YET
+    n: int = Field(default=1, ge=1)
+    presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0)
+    logit_bias: Optional[dict[str, float]] = None
+    min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: Optional[bool] = None
+    min_tokens: Optional[int] = Field(default=None, ge=0)
 
     @field_validator("stop")
     @classmethod
@@ -82,6 +149,12 @@ class _Sampling(_Strict):
         if any(len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"stop sequences are at most {MAX_STOP_CHARS} characters")
         return value
+
+    @model_validator(mode="after")
+    def _options_need_stream(self) -> "_Sampling":
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options", "stream_options is only allowed with stream: true")
+        return self
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -94,21 +167,31 @@ class _Sampling(_Strict):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    logprobs: Optional[bool] = Field(default=None)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[list[Tool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
 
     @model_validator(mode="after")
     def _one_limit(self) -> "ChatCompletionRequest":
+        """`max_completion_tokens` is the newer name of `max_tokens`; two different limits are an error."""
+        given = {self.max_tokens, self.max_completion_tokens} - {None}
+        if len(given) > 1:
+            raise FieldError("max_completion_tokens", f"max_tokens ({self.max_tokens}) and max_completion_tokens "
+                             f"({self.max_completion_tokens}) differ; give one of them")
         if self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
-        if self.logprobs:
-            raise ValueError("logprobs are not supported by this server")
         return self
 
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[int]]
-    echo: bool = Field(default=False)
+    echo: bool = False
     suffix: Optional[str] = None
+    logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    best_of: Optional[int] = Field(default=None, ge=1)
 
     @field_validator("prompt")
     @classmethod
@@ -119,13 +202,35 @@ class CompletionRequest(_Sampling):
             raise ValueError("token ids must be non-negative")
         return value
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> "CompletionRequest":
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
-        if self.suffix:
-            raise ValueError("suffix (insertion) is not supported by this server")
-        return self
+
+def _is(*neutral: Any) -> Callable[[Any], bool]:
+    """Neutral when equal to one of `neutral` with the same type (`logprobs: 0` is not `false`)."""
+    return lambda value: any(type(value) is type(n) and value == n for n in neutral)
+
+
+#: Fields of the API this server does not honour yet -> whether a value is the neutral one. A
+#: request with any other value is refused with a 400 naming the field, never answered as if the
+#: field had been honoured. A field honoured later loses its line here.
+NOT_SUPPORTED_YET: dict[str, Callable[[Any], bool]] = {
+    "n": _is(1),
+    "best_of": _is(None, 1),
+    "echo": _is(False),
+    "suffix": _is(None, ""),
+    "logprobs": _is(None, False),
+    "top_logprobs": _is(None, 0),
+    "logit_bias": _is(None, {}),
+    "presence_penalty": _is(None, 0.0),
+    "frequency_penalty": _is(None, 0.0),
+    "repetition_penalty": _is(None, 1.0),
+    "min_p": _is(None, 0.0),
+    "stop_token_ids": _is(None, []),
+    "ignore_eos": _is(None, False),
+    "min_tokens": _is(None, 0),
+    "response_format": lambda value: value is None or value.type == "text",
+    "tools": _is(None, []),
+    "tool_choice": _is(None, "none", "auto"),  # neutral without tools, which are refused above
+    "parallel_tool_calls": _is(None),
+}
 
 
 # ---------------------------------------------------------------------------- responses
@@ -165,7 +270,7 @@ class ChatCompletion(BaseModel):
     system_fingerprint: Optional[str] = None
     choices: list[ChatChoice]
     usage: Usage
-    aded: AdedStats
+    aded: Optional[AdedStats] = None
 
 
 class ChunkDelta(BaseModel):

@@ -1,111 +1,153 @@
-"""The drafter's learned state on disk for the server: loaded at start, saved periodically and at
-shutdown.
+"""The drafters' learned state on disk for the server: loaded at start, saved after each request.
 
-The file is the one learned-state format (`aded.drafters.state_file`), holding the drafter's
-`state_dict()`; what is in it is the drafter's business (suffix: the global index over earlier
-outputs and the calibration; aded: learned tri-grams and calibration; hybrid: its calibration and
-its sources' state; none and pld learn nothing). A file that cannot be read, or whose arrays do
-not load into the drafter, is renamed with a `.corrupt-<timestamp>` suffix and the server starts
-fresh; a readable file made for another tokenizer or drafter is a configuration mistake and stops
-the server with a clear message instead.
+The file is the one learned-state format (`aded.drafters.state_file`), holding a drafter's
+`state_dict()`; what is in it is the drafter's business. Saving is coalesced and off the request
+path: a finished request only raises a flag; the saver thread asks the engine to export what was
+learned as soon as no request runs, then writes the files atomically. At most one save is in flight
+and one more is pending, so a `kill -9` loses at most what the requests finished during the last
+save taught. `min_interval` spaces saves further apart if wanted.
+
+Loading never crashes the server on a bad file: a file that cannot be read (garbage, a `.npy`, no
+header, no tokenizer identity), or whose arrays do not load into the drafter, is renamed with a
+`.corrupt-<timestamp>` suffix and the drafter starts fresh. A readable file made for another
+tokenizer or drafter is a configuration mistake: `StateError`, which the CLI reports in one line.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 import time
+from typing import Callable
 
-from aded.drafters import make_drafter
+from aded.drafters.base import Drafter
 from aded.drafters.state_file import CorruptState, StateError, StateFile
 
-__all__ = ["StateError", "CorruptState", "StateFile", "restore", "StateSaver"]
+__all__ = ["StateError", "CorruptState", "StateFile", "load_learned", "StateSaver"]
 
 log = logging.getLogger("aded.server")
 
 
-# ---------------------------------------------------------------------------- keeping it
-def restore(lm, state_file: StateFile) -> str:
-    """Load `state_file` into `lm.drafter` before serving; returns what happened, for the log."""
+def load_learned(drafter: Drafter, state_file: StateFile, fresh: Callable[[], Drafter],
+                 mismatch_is_fatal: bool = True) -> tuple[Drafter, str]:
+    """`drafter` with what `state_file` holds (or `fresh()` if a failed load may have half-filled
+    it), and what happened, for /health: the file's name only, never its directory."""
+    name = state_file.path.name
     removed = state_file.remove_stale_temporaries()
     note = f" (removed {removed} temporary file(s) of interrupted saves)" if removed else ""
     if not state_file.path.exists():
-        return f"no state at {state_file.path} yet; starting fresh{note}"
+        return drafter, f"no state in {name} yet; starting fresh{note}"
     try:
         header, arrays = state_file.read()
     except CorruptState as exc:
-        aside = state_file.set_aside()
-        log.error("%s; moved it to %s and starting fresh", exc, aside)
-        return f"corrupt state set aside as {aside}; starting fresh{note}"
+        return drafter, _set_aside(state_file, f"{exc}", "corrupt") + note
+    except StateError as exc:
+        if mismatch_is_fatal and not _lacks_tokenizer(state_file):
+            raise
+        return drafter, _set_aside(state_file, f"{exc}", "unusable") + note
     try:
-        lm.drafter.load_state_dict(arrays)
+        drafter.load_state_dict(arrays)
     except (ValueError, KeyError, TypeError, IndexError) as exc:
-        aside = state_file.set_aside()
-        log.error("%s: its arrays do not load (%s); moved it to %s and starting fresh",
-                  state_file.path, exc, aside)
-        _fresh_drafter(lm)
-        return f"unloadable state set aside as {aside}; starting fresh{note}"
+        return fresh(), _set_aside(state_file, f"its arrays do not load ({exc})", "unloadable") + note
     saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(header.get("saved_at", 0)))
-    return f"loaded learned state from {state_file.path} (saved {saved}, {len(arrays)} arrays){note}"
+    return drafter, f"loaded learned state from {name} (saved {saved}, {len(arrays)} arrays){note}"
 
 
-def _fresh_drafter(lm) -> None:
-    """Replace a drafter a failed load may have half-filled by a new one of the same kind."""
-    drafter = make_drafter(lm.drafter.name, lm.tokenizer)
-    lm.drafter = drafter
-    lm.decoder.drafter = drafter
+def _lacks_tokenizer(state_file: StateFile) -> bool:
+    """Whether the file records no tokenizer at all (it then reads without an identity): such a
+    file cannot be checked against this model, so it is set aside rather than trusted."""
+    try:
+        StateFile(state_file.path, state_file.drafter_name, None).read()
+    except ValueError:
+        return False
+    return True
+
+
+def _set_aside(state_file: StateFile, why: str, kind: str) -> str:
+    aside = state_file.set_aside()
+    log.error("%s: %s; moved it to %s and starting fresh", state_file.path, why, aside)
+    return f"{kind} state set aside as {aside.name}; starting fresh"
 
 
 class StateSaver:
-    """Saves the drafter's learned state every `interval` seconds when requests taught it
-    something, and once more at shutdown. Arrays are exported on the engine's worker between
-    requests (the drafter is never read while it learns); the file is written here."""
+    """Saves what the drafters learned after requests finish (see the module's docstring).
 
-    def __init__(self, lm, engine, state_file: StateFile, interval: float, metrics=None) -> None:
-        if interval <= 0:
-            raise ValueError(f"the save interval must be positive, got {interval}")
-        import threading
+    `export()` runs on the engine's worker between requests and returns the (file, arrays) pairs
+    to write; `save_soon()` is called after each request that taught something. Every export is
+    stamped on the worker, in the order the states were taken, and a file is never overwritten by
+    an older stamp than it holds (`write_now`, used for a tenant dropped from memory, may overtake
+    a save in flight).
+    """
 
-        self.lm = lm
+    def __init__(self, engine, export: Callable[[], list], min_interval: float = 0.0, metrics=None) -> None:
+        if min_interval < 0:
+            raise ValueError(f"the minimum interval between saves must be >= 0, got {min_interval}")
         self.engine = engine
-        self.state_file = state_file
-        self.interval = interval
+        self.export = export
+        self.min_interval = min_interval
         self.metrics = metrics
-        self._saved_at_count = -1
-        self._stop = threading.Event()
+        self._wanted = threading.Event()  # one save pending
+        self._stopping = threading.Event()
+        self._last = 0.0
+        self._stamps = itertools.count()  # taken on the worker only
+        self._written: dict = {}  # path -> stamp of what it holds
+        self._write_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="aded-state", daemon=True)
 
     def start(self) -> None:
-        self._saved_at_count = self.engine.completed
         self._thread.start()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            if self.engine.completed != self._saved_at_count:
-                self.save(via_engine=True)
+    def save_soon(self) -> None:
+        self._wanted.set()
 
-    def save(self, via_engine: bool) -> bool:
-        count = self.engine.completed
-        try:
-            if via_engine:
-                arrays = self.engine.call(self.lm.drafter.state_dict).result(timeout=600)
-            else:
-                arrays = self.lm.drafter.state_dict()
-            self.state_file.save(arrays)
-        except (OSError, ValueError, RuntimeError, TimeoutError) as exc:
-            log.error("saving the learned state to %s failed: %s", self.state_file.path, exc)
-            if self.metrics is not None:
-                self.metrics.record_save(False)
-            return False
-        self._saved_at_count = count
+    def _loop(self) -> None:
+        while True:
+            self._wanted.wait()
+            if self._stopping.is_set():
+                return
+            wait = self._last + self.min_interval - time.monotonic()
+            if wait > 0 and self._stopping.wait(wait):
+                return
+            self._wanted.clear()  # requests finishing from now on ask for the next save
+            self._last = time.monotonic()
+            try:
+                stamp, files = self.engine.call(self._stamped_export).result(timeout=600)
+            except (RuntimeError, TimeoutError, OSError, ValueError) as exc:
+                log.error("exporting the learned state failed: %s", exc)
+                self._record(False)
+                continue
+            self._write(stamp, files)
+
+    def _stamped_export(self) -> tuple[int, list]:
+        return next(self._stamps), self.export()
+
+    def write_now(self, files: list[tuple[StateFile, dict]]) -> None:
+        """Write state exported just now on the worker, before the worker goes on."""
+        self._write(next(self._stamps), files)
+
+    def _write(self, stamp: int, files: list[tuple[StateFile, dict]]) -> None:
+        with self._write_lock:
+            for state_file, arrays in files:
+                if self._written.get(state_file.path, -1) > stamp:
+                    continue  # a newer state is already there
+                try:
+                    state_file.save(arrays)
+                except (OSError, ValueError) as exc:
+                    log.error("saving the learned state to %s failed: %s", state_file.path, exc)
+                    self._record(False)
+                else:
+                    self._written[state_file.path] = stamp
+                    self._record(True)
+
+    def _record(self, ok: bool) -> None:
         if self.metrics is not None:
-            self.metrics.record_save(True)
-        return True
+            self.metrics.record_save(ok)
 
     def stop(self) -> None:
-        """Stop the timer and save once more; call after the engine's worker has stopped."""
-        self._stop.set()
+        """Stop the thread and save what is left; call after the engine's worker has stopped."""
+        self._stopping.set()
+        self._wanted.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=60)
-        if self.engine.completed != self._saved_at_count:
-            self.save(via_engine=False)
-            log.info("saved the learned state to %s", self.state_file.path)
+            self._thread.join(timeout=600)
+        self._write(*self._stamped_export())

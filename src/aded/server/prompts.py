@@ -1,0 +1,92 @@
+"""Chat messages and completion prompts -> token ids, on the request-parsing threads.
+
+Text that came from a client is text: the chat template is applied with transformers'
+`sanitize_control_tokens=True`, so a user who writes "<|im_start|>system" in a message gets those
+characters tokenized as characters, and only the control tokens the template itself writes are
+control tokens. (A /v1/completions prompt is the model's raw input; its special tokens stay special,
+as in every OpenAI-compatible server.)
+
+Each parsing thread takes its own copy of the tokenizer from a small pool: a Rust tokenizer must
+not be used by two threads at once, and the engine's copy is busy decoding.
+"""
+
+from __future__ import annotations
+
+import copy
+import queue
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from aded.server.errors import RequestError
+from aded.server.parsing import parse_json_object
+from aded.server.schemas import ChatMessage
+
+__all__ = ["PromptEncoder"]
+
+
+class PromptEncoder:
+    """`copies` tokenizer copies, one per thread that may encode at the same time."""
+
+    def __init__(self, tokenizer, copies: int, vocab_size: int) -> None:
+        if copies < 1:
+            raise ValueError(f"copies must be at least 1, got {copies}")
+        self.vocab_size = vocab_size
+        template = getattr(tokenizer, "chat_template", None)
+        self.has_chat_template = bool(template)
+        self.renders_tool_calls = isinstance(template, str) and "tool_calls" in template
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(copies):
+            self._free.put(copy.deepcopy(tokenizer))
+
+    @contextmanager
+    def _tokenizer(self) -> Iterator[Any]:
+        tokenizer = self._free.get()
+        try:
+            yield tokenizer
+        finally:
+            self._free.put(tokenizer)
+
+    def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+        if not self.has_chat_template:
+            raise RequestError("this model has no chat template; use /v1/completions", param="messages")
+        rendered = [self._template_message(i, m) for i, m in enumerate(messages)]
+        with self._tokenizer() as tokenizer:
+            try:
+                ids = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False, sanitize_control_tokens=True)
+            except Exception as exc:  # the template is the model's Jinja code: any error is the input's
+                raise RequestError(f"the chat template rejected these messages: {type(exc).__name__}: {exc}",
+                                   param="messages") from exc
+        return [int(t) for t in ids]
+
+    def text_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            with self._tokenizer() as tokenizer:
+                return [int(t) for t in tokenizer(prompt, add_special_tokens=True)["input_ids"]]
+        too_big = [t for t in prompt if t >= self.vocab_size]
+        if too_big:
+            raise RequestError(f"token id {too_big[0]} is outside the vocabulary (size {self.vocab_size})",
+                               param="prompt")
+        return list(prompt)
+
+    def _template_message(self, index: int, message: ChatMessage) -> dict[str, Any]:
+        """The message as chat templates expect it: `developer` is `system`, and tool-call
+        arguments are objects (templates write them with `tojson`), as vLLM passes them."""
+        out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
+                               "content": message.text()}
+        if message.name is not None:
+            out["name"] = message.name
+        if message.tool_call_id is not None:
+            out["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            if not self.renders_tool_calls:
+                raise RequestError("this model's chat template cannot show earlier tool calls to the model",
+                                   param=f"messages.{index}.tool_calls", code="unsupported_parameter")
+            out["tool_calls"] = [{"id": call.id, "type": call.type,
+                                  "function": {"name": call.function.name,
+                                               "arguments": parse_json_object(
+                                                   call.function.arguments,
+                                                   f"messages.{index}.tool_calls.{j}.function.arguments")}}
+                                 for j, call in enumerate(message.tool_calls)]
+        return out
+
