@@ -10,7 +10,11 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from server_support import MODEL, learned_outputs, load_tiny, post, serve_in_thread, tiny_dir  # noqa: E402, F401
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from server_support import MODEL, Server, learned_outputs, load_tiny, post, serve_in_thread, tiny_dir  # noqa: E402, F401
 
 CHAT = "/v1/chat/completions"
 ASK = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
@@ -127,3 +131,18 @@ def test_aded_stats_are_off_with_api_keys_and_shared_state_unless_asked_for(lm):
     with _serve(lm, aded_stats=False) as url:
         streamed = httpx.post(url + CHAT, json={**ASK, "stream": True}, timeout=30).text
         assert '"aded"' not in streamed and "[DONE]" in streamed
+
+
+def test_the_cli_flags_reach_the_server(tiny_dir):
+    """`aded serve --api-key ... --allowed-origin ...` as users run it: the key guards /v1, the
+    origin is served, a bad --state-per is one error line before anything loads."""
+    with Server(tiny_dir, "--api-key", "secret", "--allowed-origin", "http://app.example") as running:
+        anonymous = httpx.post(running.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        assert anonymous.status_code == 401
+        keyed = httpx.post(running.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
+                           headers={"Authorization": "Bearer secret", "Origin": "http://app.example"})
+        assert keyed.status_code == 200
+    failed = subprocess.run([sys.executable, "-m", "aded.cli", "serve", "--model", str(tiny_dir), "--state-per", "key"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "ADED_API_KEY": ""})
+    assert failed.returncode != 0 and "state_per 'key' needs API keys" in failed.stderr
+    assert "Traceback" not in failed.stderr

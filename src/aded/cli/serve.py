@@ -25,8 +25,23 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port to listen on."),
     state: Optional[Path] = typer.Option(None, "--state", dir_okay=False,
-                                         help="File of the drafter's learned state: loaded at start, saved periodically."),
-    save_interval: float = typer.Option(60.0, "--save-interval", min=0.01, help="Seconds between state saves."),
+                                         help="File of the drafter's learned state: loaded at start, saved after requests."),
+    save_interval: float = typer.Option(0.0, "--save-interval", min=0.0,
+                                        help="Least seconds between state saves (0: after each request)."),
+    api_key: list[str] = typer.Option([], "--api-key",
+                                      help="Bearer token required on /v1 routes; repeatable (default: $ADED_API_KEY, comma-separated)."),
+    allowed_origin: list[str] = typer.Option([], "--allowed-origin",
+                                             help="Web origin whose browser requests are served; repeatable; * allows any."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host",
+                                           help="Host name (HOST or HOST:PORT) accepted besides the bound address and "
+                                                "loopback names; repeatable; * turns the check off."),
+    state_per: str = typer.Option("shared", "--state-per",
+                                  help="Learned state shared by all, per API key (key), or per request cache_salt (salt)."),
+    max_tenants: int = typer.Option(64, "--max-tenants", min=1, help="Tenants' learned states kept in memory."),
+    aded_stats: Optional[bool] = typer.Option(None, "--aded-stats/--no-aded-stats",
+                                              help="Include the `aded` statistics in responses (default: on, off when "
+                                                   "API keys are set and state is shared)."),
+    parse_threads: int = typer.Option(2, "--parse-threads", min=1, help="Threads that parse and tokenize request bodies."),
     served_name: Optional[str] = typer.Option(None, "--served-model-name",
                                               help="Model id clients use (default: --model, or a folder's name)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 (transformers backend)."),
@@ -55,10 +70,13 @@ def serve_command(
     name = served_name or (Path(model).name if Path(model).exists() else model)
     config = ServerConfig(model_name=name, state_path=state, save_interval=save_interval, max_queue=max_queue,
                           max_body_bytes=max_body_bytes, default_max_tokens=max_tokens,
-                          max_draft_nodes=max_draft_nodes)
+                          max_draft_nodes=max_draft_nodes, api_keys=tuple(api_key),
+                          allowed_origins=tuple(allowed_origin), allowed_hosts=tuple(allowed_host),
+                          state_per=state_per, max_tenants=max_tenants, aded_stats=aded_stats,
+                          parse_threads=parse_threads).resolved()  # bad settings fail before loading
     lm = load(model, drafter=drafter, dtype=dtype, budget=budget, backend=backend,
               threads=threads)  # fail before binding the port
     app = create_app(lm, config)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        logging.getLogger("aded.server").warning("binding %s: the API has no authentication", host)
+    if host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
+        logging.getLogger("aded.server").warning("binding %s without --api-key: the API has no authentication", host)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
