@@ -29,6 +29,7 @@ from starlette.middleware.cors import CORSMiddleware
 from aded.server.engine import Job
 from aded.server.errors import RequestError, error_response
 from aded.server.guard import Guard
+from aded.server.logprobs import chat_logprobs, text_logprobs
 from aded.server.metrics import Metrics
 from aded.server.schemas import (ChatCompletion, ChatCompletionChunk, ModelCard, ModelList, TextCompletion, Usage,
                                  error_payload)
@@ -241,27 +242,31 @@ def create_app(lm_or_factory: Union[Any, Callable[[], Any]], config: ServerConfi
         service = holder["service"]
         body, generation, job = await _submit(service, request, "chat")
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        def logprobs(entries) -> dict:
+            return {} if entries is None else {"logprobs": chat_logprobs(service.token_texts, entries)}
+
         if not body.stream:
             completion = await _result(job, request)
             return ChatCompletion(id=rid, created=created, model=config.model_name, usage=_usage(completion),
                                   choices=[{"message": {"content": completion.text},
-                                            "finish_reason": completion.finish_reason}],
+                                            "finish_reason": completion.finish_reason,
+                                            **logprobs(completion.logprobs)}],
                                   aded=service.stats(completion, generation.tenant)).model_dump(exclude_none=True)
 
-        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        def chunk(delta: dict, finish: str | None = None, entries=None, **extra) -> str:
             return _sse(ChatCompletionChunk(id=rid, created=created, model=config.model_name,
-                                            choices=[{"delta": delta, "finish_reason": finish}],
+                                            choices=[{"delta": delta, "finish_reason": finish, **logprobs(entries)}],
                                             **extra).model_dump(exclude_none=True))
 
-        def final(completion) -> list[str]:
-            out = [chunk({}, completion.finish_reason, aded=service.stats(completion, generation.tenant))]
+        def final(completion, entries) -> list[str]:
+            out = [chunk({}, completion.finish_reason, entries, aded=service.stats(completion, generation.tenant))]
             if body.include_usage():
                 out.append(_sse(ChatCompletionChunk(id=rid, created=created, model=config.model_name, choices=[],
                                                     usage=_usage(completion)).model_dump(exclude_none=True)))
             return out
 
         return _streaming(job, [chunk({"role": "assistant", "content": ""})],
-                          lambda piece: chunk({"content": piece}), final)
+                          lambda piece, entries: chunk({"content": piece}, None, entries), final)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -269,40 +274,53 @@ def create_app(lm_or_factory: Union[Any, Callable[[], Any]], config: ServerConfi
         body, generation, job = await _submit(service, request, "completions")
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
-        def text(piece: str, finish: str | None = None, **extra) -> dict:
-            return TextCompletion(id=rid, created=created, model=config.model_name,
-                                  choices=[{"text": piece, "finish_reason": finish}],
+        offset = [0]  # where the next token's text starts, for `text_offset`
+
+        def text(piece: str, finish: str | None = None, entries=None, **extra) -> dict:
+            choice = {"text": piece, "finish_reason": finish}
+            if entries is not None:
+                choice["logprobs"] = text_logprobs(service.token_texts, entries, offset[0])
+                offset[0] += sum(len(token) for token in choice["logprobs"].tokens)
+            return TextCompletion(id=rid, created=created, model=config.model_name, choices=[choice],
                                   **extra).model_dump(exclude_none=True)
 
         if not body.stream:
             completion = await _result(job, request)
-            return text(completion.text, completion.finish_reason, usage=_usage(completion),
+            return text(completion.text, completion.finish_reason, completion.logprobs, usage=_usage(completion),
                         aded=service.stats(completion, generation.tenant))
 
-        def final(completion) -> list[str]:
+        def final(completion, entries) -> list[str]:
             extra = {"usage": _usage(completion)} if body.include_usage() else {}
-            return [_sse(text("", completion.finish_reason, aded=service.stats(completion, generation.tenant),
-                              **extra))]
+            return [_sse(text("", completion.finish_reason, entries,
+                              aded=service.stats(completion, generation.tenant), **extra))]
 
-        return _streaming(job, [], lambda piece: _sse(text(piece)), final)
+        return _streaming(job, [], lambda piece, entries: _sse(text(piece, None, entries)), final)
 
     return app
 
 
-def _streaming(job: Job, opening: list[str], piece_event: Callable[[str], str],
-               final_events: Callable[[Any], list[str]]) -> StreamingResponse:
-    """Server-sent events of one job; a client that goes away cancels it (frees the worker)."""
+def _streaming(job: Job, opening: list[str], piece_event: Callable[[str, Any], str],
+               final_events: Callable[[Any, Any], list[str]]) -> StreamingResponse:
+    """Server-sent events of one job; a client that goes away cancels it (frees the worker).
+
+    Each piece's event carries the logprobs of the ids committed since the previous piece (None
+    when not asked for); the final events carry those of the ids committed after the last piece."""
 
     async def events():
+        num_sent = 0  # logprobs relayed so far
         try:
             for event in opening:
                 yield event
             while True:
                 kind, value = await job.next_event()
                 if kind == "piece":
-                    yield piece_event(value)
+                    piece, entries = value
+                    num_sent += len(entries or ())
+                    yield piece_event(piece, entries)
                 elif kind == "done":
-                    for event in final_events(value):
+                    rest = value.logprobs[num_sent:] if value.logprobs else None
+                    rest = rest or None  # none left: the final chunk has logprobs null, as OpenAI's
+                    for event in final_events(value, rest):
                         yield event
                     break
                 else:

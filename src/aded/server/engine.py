@@ -11,7 +11,8 @@ and parsed, so parsing counts against the queue too) until its job finishes: `ad
 `Ticket`, `submit(request, ticket)` hands the slot to the job, `ticket.release()` frees a slot that
 never became a job.
 
-A job's events reach its handler through an asyncio queue: ("piece", text) while streaming, then
+A job's events reach its handler through an asyncio queue: ("piece", (text, logprobs)) while
+streaming (logprobs: those of the ids committed since the previous piece, or None), then
 ("done", Completion) or ("error", exception). A handler whose client went away calls `cancel()`;
 the worker then closes the stream (the drafter's request ends cleanly) and takes the next job.
 Work that must not overlap a request (exporting the drafter's learned state) is queued with `call`
@@ -227,12 +228,15 @@ class Engine:
             job.emit("error", RequestError(str(exc)))
             self._finished(job, None)
             return
+        num_sent = 0  # logprobs relayed with earlier pieces
         try:
             for piece in stream:
                 if job.cancelled.is_set():
                     break
                 if request.stream:
-                    job.emit("piece", piece)
+                    logprobs = stream.logprobs  # those of the ids committed so far, when asked for
+                    job.emit("piece", (piece, logprobs[num_sent:] if logprobs is not None else None))
+                    num_sent = len(logprobs or ())
             else:
                 completion = stream.completion
                 job.emit("done", completion)

@@ -9,7 +9,8 @@ field, so honouring one later is deleting its line).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Optional, Union
+import re
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -33,6 +34,10 @@ __all__ = [
 
 MAX_STOP = 4  # as in the OpenAI API
 MAX_STOP_CHARS = 256
+MAX_LOGIT_BIAS = 100  # as in the OpenAI API
+MAX_CHAT_TOP_LOGPROBS = 20  # as in the OpenAI API
+MAX_COMPLETION_LOGPROBS = 5  # as in the OpenAI API
+_TOKEN_ID = re.compile("[0-9]{1,10}")  # the key is an int; more digits could not be a token id anyway
 
 
 class FieldError(ValueError):
@@ -44,7 +49,7 @@ class FieldError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class TextPart(_Strict):
@@ -129,16 +134,29 @@ class _Sampling(_Strict):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None  # an end-user id for the operator's logs; changes no output
     cache_salt: Optional[str] = Field(default=None, min_length=1)  # vLLM's: whose learned state
-    # defined, not honoured yet: see NOT_SUPPORTED_YET
-    n: int = Field(default=1, ge=1)
+    # processors of the library (GenerationConfig); token ids are checked against the vocabulary
+    # by the service, which knows it
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: Optional[float] = Field(default=None, gt=0.0)
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[str, float]] = None  # token id (a decimal string) -> bias in [-100, 100]
     min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: Optional[list[Annotated[int, Field(ge=0)]]] = None
     ignore_eos: Optional[bool] = None
     min_tokens: Optional[int] = Field(default=None, ge=0)
+    # defined, not honoured yet: see NOT_SUPPORTED_YET
+    n: int = Field(default=1, ge=1)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        for key, bias in (value or {}).items():
+            if not _TOKEN_ID.fullmatch(key):
+                raise ValueError(f"logit_bias keys are token ids written as decimal strings, got {key[:20]!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values are in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], "
+                                 f"got {bias} for token {key}")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -163,12 +181,16 @@ class _Sampling(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def num_top_logprobs(self) -> int | None:
+        """Alternatives asked for per generated token; None when no logprobs are asked for."""
+        raise NotImplementedError
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list[Tool]] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
@@ -181,16 +203,21 @@ class ChatCompletionRequest(_Sampling):
         if len(given) > 1:
             raise FieldError("max_completion_tokens", f"max_tokens ({self.max_tokens}) and max_completion_tokens "
                              f"({self.max_completion_tokens}) differ; give one of them")
+        if self.top_logprobs and not self.logprobs:
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
         if self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
         return self
+
+    def num_top_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[int]]
     echo: bool = False
     suffix: Optional[str] = None
-    logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)  # alternatives per token
     best_of: Optional[int] = Field(default=None, ge=1)
 
     @field_validator("prompt")
@@ -201,6 +228,9 @@ class CompletionRequest(_Sampling):
         if isinstance(value, list) and any(t < 0 for t in value):
             raise ValueError("token ids must be non-negative")
         return value
+
+    def num_top_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 def _is(*neutral: Any) -> Callable[[Any], bool]:
@@ -216,16 +246,6 @@ NOT_SUPPORTED_YET: dict[str, Callable[[Any], bool]] = {
     "best_of": _is(None, 1),
     "echo": _is(False),
     "suffix": _is(None, ""),
-    "logprobs": _is(None, False),
-    "top_logprobs": _is(None, 0),
-    "logit_bias": _is(None, {}),
-    "presence_penalty": _is(None, 0.0),
-    "frequency_penalty": _is(None, 0.0),
-    "repetition_penalty": _is(None, 1.0),
-    "min_p": _is(None, 0.0),
-    "stop_token_ids": _is(None, []),
-    "ignore_eos": _is(None, False),
-    "min_tokens": _is(None, 0),
     "response_format": lambda value: value is None or value.type == "text",
     "tools": _is(None, []),
     "tool_choice": _is(None, "none", "auto"),  # neutral without tools, which are refused above
@@ -250,6 +270,31 @@ class AdedStats(BaseModel):
     drafter: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """Chat's shape: one entry per generated token, its alternatives best first."""
+
+    content: list[TokenLogprobEntry]
+
+
+class TextLogprobs(BaseModel):
+    """Completions' (legacy) shape: parallel lists, one item per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -258,7 +303,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: str
 
 
@@ -281,7 +326,7 @@ class ChunkDelta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: ChunkDelta
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
 
 
@@ -299,7 +344,7 @@ class ChatCompletionChunk(BaseModel):
 class TextChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: Optional[TextLogprobs] = None
     finish_reason: Optional[str] = None
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from aded.decoding import sampling_fields
 from aded.server.engine import Engine, GenerationRequest, Job
 from aded.server.errors import RequestError
+from aded.server.logprobs import TokenTexts
 from aded.server.metrics import Metrics
 from aded.server.parsing import parse_body
 from aded.server.prompts import PromptEncoder
@@ -31,6 +32,8 @@ __all__ = ["Service"]
 log = logging.getLogger("aded.server")
 
 _ENDPOINTS = {"chat": (ChatCompletionRequest, "messages"), "completions": (CompletionRequest, "prompt")}
+_PROCESSING = ("logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
+               "stop_token_ids", "ignore_eos", "min_tokens", "top_logprobs", "logprobs")
 LARGE_BODY = 64 * 1024  # bytes: a body this big is parsed in the lane of large bodies
 
 
@@ -43,6 +46,7 @@ class Service:
         self.config = config
         self.created = int(time.time())
         self.context = int(lm.runner.max_positions)
+        self.token_texts = TokenTexts(lm.tokenizer)
         self.encoder = PromptEncoder(lm.tokenizer, config.parse_threads + 1, int(lm.runner.vocab_size))
         self.parsers = ThreadPoolExecutor(config.parse_threads, thread_name_prefix="aded-parse")
         self.large_parser = ThreadPoolExecutor(1, thread_name_prefix="aded-parse-large")
@@ -151,12 +155,30 @@ class Service:
         temperature = 1.0 if request.temperature is None else request.temperature
         generation = {"max_new_tokens": max_tokens, **sampling_fields(temperature),
                       "top_p": request.top_p, "top_k": request.top_k,
-                      "seed": request.seed, "max_draft_nodes": self.config.max_draft_nodes}
+                      "seed": request.seed, "max_draft_nodes": self.config.max_draft_nodes,
+                      **self._processing(request)}
         try:
             self.lm.generation_config(**dict(generation))  # validates the combination
         except ValueError as exc:
-            raise RequestError(str(exc)) from exc
+            blamed = next((name for name in _PROCESSING if str(exc).startswith(name)), None)
+            raise RequestError(str(exc), param=blamed) from exc
         return GenerationRequest(prompt_ids, generation, tuple(request.stop_list()), request.stream, tenant)
+
+    def _processing(self, request) -> dict[str, Any]:
+        """The fields processors.py honours, as `GenerationConfig` keywords (None: left out);
+        token ids outside this model's vocabulary are refused here, naming the field."""
+        vocab_size = int(self.lm.runner.vocab_size)
+        bias = {int(key): value for key, value in (request.logit_bias or {}).items()}
+        for name, ids in (("logit_bias", bias), ("stop_token_ids", request.stop_token_ids or ())):
+            outside = next((t for t in ids if t >= vocab_size), None)
+            if outside is not None:
+                raise RequestError(f"{name} holds token id {outside}, outside this model's vocabulary "
+                                   f"(ids 0 to {vocab_size - 1})", param=name)
+        top = request.num_top_logprobs()
+        return {"logit_bias": bias or None, "presence_penalty": request.presence_penalty,
+                "frequency_penalty": request.frequency_penalty, "repetition_penalty": request.repetition_penalty,
+                "min_p": request.min_p, "stop_token_ids": request.stop_token_ids, "ignore_eos": request.ignore_eos,
+                "min_tokens": request.min_tokens, "logprobs": top is not None or None, "top_logprobs": top or None}
 
     # ------------------------------------------------------------------ responses
     def stats(self, completion, tenant: str | None) -> AdedStats | None:
