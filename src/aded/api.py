@@ -16,10 +16,21 @@ what plain decoding with them would give).
 
     >>> out = lm.generate("Hi", logit_bias={504: -100}, logprobs=True, top_logprobs=2)
     >>> out.logprobs[0]   # TokenLogprob(token_id, logprob, top=((id, logprob), (id, logprob)))
+
+Structured output and tools take OpenAI's fields, also with speculation on and lossless
+(grammar.py, tools.py): `response_format` ({"type": "json_object"} or a "json_schema") constrains
+the output; `tools` are rendered by the model's chat template and `tool_choice` ("auto", "none",
+"required" or a named function) forces a call where asked; the calls come back parsed.
+
+    >>> out = lm.generate("List two colours as JSON", response_format={"type": "json_object"})
+    >>> out = lm.generate(messages, tools=[{"type": "function", "function": {...}}],
+    ...                   tool_choice="required")
+    >>> out.tool_calls   # [{"id": "call_...", "type": "function", "function": {"name", "arguments"}}]
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -29,6 +40,7 @@ from aded.detokenize import IncrementalDetokenizer, StopFinder
 from aded.drafters import DEFAULT_DRAFTER, Drafter, make_drafter
 from aded.models import DEFAULT_MODEL
 from aded.processors import TokenLogprob
+from aded.tools import chat_prompt_ids, check_tools, output_grammar, parse_tool_calls
 
 __all__ = ["load", "Aded", "Completion", "eos_token_ids"]
 
@@ -43,6 +55,10 @@ class Completion:
     finish_reason: str
     stats: GenerationStats
     logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for (`logprobs=True`)
+    # with tools rendered, OpenAI tool calls parsed from `text` (finish_reason "tool_calls" if any),
+    # else None; `content`: the text without them (None when only calls remain)
+    tool_calls: list[dict] | None = None
+    content: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = {
@@ -61,6 +77,8 @@ class Completion:
                 "decode_tokens_per_s": round(self.stats.decode_tokens_per_s, 3),
             },
         }
+        if self.tool_calls is not None:
+            data["content"], data["tool_calls"] = self.content, self.tool_calls
         if self.logprobs is not None:
             data["logprobs"] = [{"token_id": t.token_id, "logprob": t.logprob,
                                  "top_logprobs": [{"token_id": i, "logprob": lp} for i, lp in t.top]}
@@ -123,6 +141,8 @@ class Aded:
             raise ValueError(f"budget must be one of {', '.join(policies)}, got {budget!r}")
         self.decoder = SpeculativeDecoder(self.runner, drafter, eos_token_ids(self.runner, tokenizer),
                                           policies[budget]())
+        self._grammar_tokenizer = None
+        self._grammar_lock = threading.Lock()
 
     @property
     def backend(self) -> str:
@@ -133,25 +153,45 @@ class Aded:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def prompt_ids(self, prompt: str | Messages, chat: bool | None = None) -> list[int]:
-        """Token ids for a prompt string or a list of chat messages ({"role", "content"})."""
+    def prompt_ids(self, prompt: str | Messages, chat: bool | None = None, tools: Any = None,
+                   tool_choice: Any = None) -> list[int]:
+        """Token ids for a prompt string or a list of chat messages ({"role", "content"}, and
+        OpenAI's tool calls and tool results), with `tools` rendered by the template (tools.py)."""
         use_chat = self.has_chat_template if chat is None else chat
         if isinstance(prompt, str) and not use_chat:
+            if tools:
+                raise ValueError("tools need the chat template (chat=True)")
             return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if use_chat and not self.has_chat_template:
             raise ValueError("this tokenizer has no chat template; use chat=False (--no-chat)")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if not use_chat:
             raise ValueError("a list of messages needs the chat template (chat=True)")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=True, return_dict=False)
-        return list(ids)
+        return chat_prompt_ids(self.tokenizer, messages, tools, tool_choice)
 
     # ------------------------------------------------------------------ generation
-    def generation_config(self, **kwargs: Any) -> GenerationConfig:
+    def generation_config(self, *, response_format: Any = None, tools: Any = None,
+                          tool_choice: Any = None, **kwargs: Any) -> GenerationConfig:
+        """The config for `Aded.stream`'s keywords; `response_format`, `tools` and `tool_choice`
+        become its grammar (ValueError naming what is wrong with them)."""
         if kwargs.get("temperature") == 0:
             kwargs.update(sampling_fields(0))
+        if response_format is not None or tools or tool_choice is not None:
+            if kwargs.get("grammar") is not None:
+                raise ValueError("give either a grammar or response_format / tools, not both")
+            kwargs["grammar"] = output_grammar(self.tokenizer, lambda: self.grammar_tokenizer,
+                                               response_format, tools, tool_choice)
         return GenerationConfig(**{k: v for k, v in kwargs.items() if v is not None})
+
+    @property
+    def grammar_tokenizer(self):
+        """llguidance's view of the tokenizer, built on first use (about 1-3 s) and kept."""
+        with self._grammar_lock:
+            if self._grammar_tokenizer is None:
+                from aded.grammar import grammar_tokenizer
+
+                self._grammar_tokenizer = grammar_tokenizer(self.tokenizer, self.runner.vocab_size)
+            return self._grammar_tokenizer
 
     def generate(self, prompt: str | Messages | Sequence[int], *, stop: Sequence[str] = (),
                  chat: bool | None = None, **generation: Any) -> Completion:
@@ -164,14 +204,17 @@ class Aded:
                chat: bool | None = None, **generation: Any) -> "TextStream":
         """Text pieces as steps are accepted; `.completion` holds the whole result at the end.
 
-        `prompt` may also be token ids, used as they are.
+        `prompt` may also be token ids, used as they are (tools then already rendered in them, e.g.
+        by `aded.tools.chat_prompt_ids`). With tools rendered, the completion's tool calls are parsed.
         """
         config = self.generation_config(**generation)
+        tools, tool_choice = check_tools(generation.get("tools"), generation.get("tool_choice"))
         if isinstance(prompt, str) or (len(prompt) and isinstance(prompt[0], dict)):
-            ids = self.prompt_ids(prompt, chat)
+            ids = self.prompt_ids(prompt, chat, tools, tool_choice)
         else:
             ids = [int(t) for t in prompt]
-        return TextStream(self, ids, config, tuple(s for s in stop if s))
+        names = tuple(t["function"]["name"] for t in tools) if tools and tool_choice != "none" else None
+        return TextStream(self, ids, config, tuple(s for s in stop if s), tool_names=names)
 
 
 class TextStream:
@@ -179,14 +222,16 @@ class TextStream:
 
     Each token is decoded a bounded number of times, in a short window (detokenize.py), so a whole
     stream costs time linear in its length. A piece is held back while it may still change: an incomplete UTF-8
-    character, or text that may begin a stop string.
+    character, or text that may begin a stop string. Pieces are the raw text, tool-call markup
+    included; with `tool_names` (the tools rendered) the completion carries the parsed calls.
     """
 
     def __init__(self, lm: Aded, prompt_ids: list[int], config: GenerationConfig,
-                 stop: tuple[str, ...]) -> None:
+                 stop: tuple[str, ...], tool_names: tuple[str, ...] | None = None) -> None:
         self.lm = lm
         self.prompt_ids = prompt_ids
         self.stop = stop
+        self.tool_names = tool_names
         self.completion: Completion | None = None
         self._detokenizer = IncrementalDetokenizer(lm.tokenizer)
         self._stops = StopFinder(stop) if stop else None
@@ -241,8 +286,14 @@ class TextStream:
         text = self.lm.tokenizer.decode(result.token_ids, skip_special_tokens=True)[: self._text_cut]
         if len(text) > self._sent:
             yield text[self._sent:]
-        self.completion = Completion(text, result.token_ids, self.prompt_ids, result.finish_reason,
-                                     result.stats, result.logprobs)
+        content, calls = text, None
+        if self.tool_names is not None:
+            content, calls = parse_tool_calls(text, self.tool_names)
+        finish_reason = result.finish_reason
+        if calls and finish_reason == "stop":
+            finish_reason = "tool_calls"  # as OpenAI reports a turn that ends in calls
+        self.completion = Completion(text, result.token_ids, self.prompt_ids, finish_reason,
+                                     result.stats, result.logprobs, calls, content)
 
 
 def eos_token_ids(runner, tokenizer) -> list[int]:

@@ -3,7 +3,7 @@
 It knows token ids only (text, chat templates and stop strings are the caller's, through
 `stop_check`). Every drafter, including `none`, goes through the same loop; with an empty tree a
 step is one single-token forward, i.e. plain decoding. Requests that set processors (penalties, a
-bias, `min_tokens`) or ask for logprobs go through processors.py; others skip it entirely.
+bias, `min_tokens`, a grammar) or ask for logprobs go through processors.py; others skip it entirely.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -21,6 +21,9 @@ from aded.processors import (LogitsProcessor, TokenLogprob, check_processing, lo
                              token_id_tuple, token_logprobs)
 from aded.tree import DraftTree
 from aded.verify import Acceptance, Sampling, accept_greedy, accept_sampled
+
+if TYPE_CHECKING:
+    from aded.grammar import Grammar
 
 __all__ = ["GenerationConfig", "GenerationStats", "GenerationResult", "SpeculativeDecoder", "fit_tree",
            "sampling_fields"]
@@ -46,6 +49,8 @@ class GenerationConfig:
     an ordinary token; `min_tokens` holds back both until that many tokens are generated (stop
     strings are text, checked by the caller, and still end generation). `logprobs` are the model's
     raw log-probabilities (before processors and warpers), as vLLM reports them by default.
+    A `grammar` (from `response_format` or a required tool call) masks every row and prunes every
+    draft to what it allows; generation then ends where it is complete.
     """
 
     max_new_tokens: int = 256
@@ -65,6 +70,7 @@ class GenerationConfig:
     min_tokens: int = 0
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives per token, in [0, 20]; needs `logprobs`
+    grammar: "Grammar | None" = None  # the output must match it (grammar.py; the API makes it)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -240,6 +246,8 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
             ask = budget.proposal_nodes(node_limit)
             tree = drafter.propose(context, ask)
             tree = fit_tree(tree, max_new - len(generated), limit - len(context))
+            if processor is not None:  # before the budget: only what may be emitted is worth a node
+                tree = processor.allowed_subtree(tree)
             tree = budget.plan_step(tree, runner.max_tree_leaves)
             t1 = clock()
             logits = runner.verify(seq, context[-1], tree)  # [1 + k, vocab]

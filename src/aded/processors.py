@@ -14,8 +14,9 @@ penalty): `logit_bias` (added to the raw logits), then the repetition penalty (t
 semantics, over prompt + output: a seen id's positive score is divided by it, a negative one
 multiplied), then frequency and presence penalties (OpenAI's, over the output only:
 `score -= frequency * count + presence * (count > 0)`), then the `min_tokens` mask (-inf on the ids
-that would end generation). Sampling's warpers (temperature, top-k, top-p, min-p) follow in
-verify.py.
+that would end generation), then a grammar's mask (grammar.py: -inf on what the grammar forbids
+after each row's path; a request with a grammar also has its drafts pruned by `allowed_subtree`).
+Sampling's warpers (temperature, top-k, top-p, min-p) follow in verify.py.
 
 Logprobs are those of the model's raw logits (log-softmax before any processor or warper), as vLLM
 reports them by default: they say what the model thinks, whatever the request did to its choice.
@@ -34,6 +35,7 @@ from aded.tree import DraftTree
 
 if TYPE_CHECKING:
     from aded.decoding import GenerationConfig
+    from aded.grammar import GrammarState
 
 __all__ = ["LogitsProcessor", "TokenLogprob", "token_logprobs", "logit_bias_pairs", "token_id_tuple",
            "check_processing", "MAX_TOP_LOGPROBS"]
@@ -75,6 +77,13 @@ def check_processing(config: "GenerationConfig") -> None:
                          f"got {config.top_logprobs!r}")
     if config.top_logprobs and not config.logprobs:
         raise ValueError("top_logprobs needs logprobs=True")
+    if config.grammar is not None:
+        if not callable(getattr(config.grammar, "start", None)):
+            raise ValueError(f"grammar must be an aded.grammar.Grammar, got {config.grammar!r}")
+        for name in ("ignore_eos", "min_tokens"):  # a grammar decides where the output may end
+            if getattr(config, name):
+                raise ValueError(f"{name} cannot be combined with a grammar (response_format or a "
+                                 "required tool call): generation ends where the grammar is complete")
 
 
 def _is_int(value) -> bool:
@@ -124,14 +133,16 @@ class LogitsProcessor:
     """One request's processors over verification logits, row by row in each node's own context.
 
     Built with `for_request` (None when the request sets none, so plain requests skip all of this);
-    `__call__` processes a step's rows, `commit` advances the base state by the step's tokens.
+    `allowed_subtree` prunes a draft to what the request's grammar allows, `__call__` processes a
+    step's rows, `commit` advances the base state by the step's tokens.
     """
 
     def __init__(self, vocab_size: int, prompt_ids: Sequence[int], *,
                  logit_bias: Sequence[tuple[int, float]] = (), repetition_penalty: float = 1.0,
                  frequency_penalty: float = 0.0, presence_penalty: float = 0.0, min_tokens: int = 0,
-                 end_ids: Sequence[int] = ()) -> None:
+                 end_ids: Sequence[int] = (), grammar: "GrammarState | None" = None) -> None:
         self.vocab_size = vocab_size
+        self.grammar = grammar
         self.repetition_penalty = float(repetition_penalty)
         self.frequency_penalty = float(frequency_penalty)
         self.presence_penalty = float(presence_penalty)
@@ -164,12 +175,18 @@ class LogitsProcessor:
                         repetition_penalty=config.repetition_penalty,
                         frequency_penalty=config.frequency_penalty,
                         presence_penalty=config.presence_penalty,
-                        min_tokens=config.min_tokens, end_ids=end_ids)
+                        min_tokens=config.min_tokens, end_ids=end_ids,
+                        grammar=config.grammar.start(vocab_size, end_ids) if config.grammar else None)
         return processor if processor.active else None
 
     @property
     def active(self) -> bool:
-        return bool(self._penalised or len(self._bias_ids) or (self.min_tokens and len(self._end_ids)))
+        return bool(self._penalised or len(self._bias_ids) or (self.min_tokens and len(self._end_ids))
+                    or self.grammar is not None)
+
+    def allowed_subtree(self, tree: DraftTree) -> DraftTree:
+        """The part of a draft the request may emit (all of it without a grammar)."""
+        return tree if self.grammar is None else self.grammar.allowed_subtree(tree)
 
     def __call__(self, logits: torch.Tensor, tree: DraftTree) -> torch.Tensor:
         """Processed scores [1 + k, vocab] for a verification's raw `logits` (row 0 after the root,
@@ -183,11 +200,15 @@ class LogitsProcessor:
             depths = torch.tensor(tree.position_offsets)  # [1 + k] tokens on each row's path
             early = torch.nonzero(self.num_generated + depths < self.min_tokens).flatten()
             scores[early[:, None], self._end_ids[None, :]] = float("-inf")
+        if self.grammar is not None:
+            self.grammar.mask(scores, tree)
         return scores
 
     def commit(self, token_ids: Sequence[int]) -> None:
         """The step emitted `token_ids`: they join every later row's context."""
         self.num_generated += len(token_ids)
+        if self.grammar is not None:
+            self.grammar.commit(token_ids)
         if self._penalised:
             ids = np.asarray(token_ids, dtype=np.int64)
             np.add.at(self._counts, ids, 1.0)
