@@ -35,6 +35,7 @@ from aded.server.schemas import (ChatCompletion, ChatCompletionChunk, ModelCard,
                                  error_payload)
 from aded.server.service import Service
 from aded.server.tenants import STATE_PER
+from aded.tools import TOOL_CALL_OPEN
 
 __all__ = ["ServerConfig", "create_app", "API_KEY_ENV"]
 
@@ -247,26 +248,44 @@ def create_app(lm_or_factory: Union[Any, Callable[[], Any]], config: ServerConfi
 
         if not body.stream:
             completion = await _result(job, request)
-            return ChatCompletion(id=rid, created=created, model=config.model_name, usage=_usage(completion),
-                                  choices=[{"message": {"content": completion.text},
-                                            "finish_reason": completion.finish_reason,
-                                            **logprobs(completion.logprobs)}],
-                                  aded=service.stats(completion, generation.tenant)).model_dump(exclude_none=True)
+            calls = completion.tool_calls or None
+            out = ChatCompletion(id=rid, created=created, model=config.model_name, usage=_usage(completion),
+                                 choices=[{"message": {"content": _content(completion), "tool_calls": calls},
+                                           "finish_reason": completion.finish_reason,
+                                           **logprobs(completion.logprobs)}],
+                                 aded=service.stats(completion, generation.tenant)).model_dump(exclude_none=True)
+            out["choices"][0]["message"]["content"] = _content(completion)  # null stays null, as OpenAI's
+            return out
 
         def chunk(delta: dict, finish: str | None = None, entries=None, **extra) -> str:
             return _sse(ChatCompletionChunk(id=rid, created=created, model=config.model_name,
                                             choices=[{"delta": delta, "finish_reason": finish, **logprobs(entries)}],
                                             **extra).model_dump(exclude_none=True))
 
+        calls = _CallHolder() if generation.generation.get("tools") and \
+            generation.generation.get("tool_choice") != "none" else None
+
+        def piece_event(piece: str, entries) -> str | None:
+            if calls is None:
+                return chunk({"content": piece}, None, entries)
+            shown = calls.take(piece, entries)
+            return chunk({"content": shown}, None, entries) if shown else None
+
         def final(completion, entries) -> list[str]:
-            out = [chunk({}, completion.finish_reason, entries, aded=service.stats(completion, generation.tenant))]
+            out = []
+            if calls is not None:
+                entries = calls.held_entries(entries)
+                delta = calls.finish(completion)
+                if delta:
+                    out.append(chunk(delta))
+            out.append(chunk({}, completion.finish_reason, entries,
+                             aded=service.stats(completion, generation.tenant)))
             if body.include_usage():
                 out.append(_sse(ChatCompletionChunk(id=rid, created=created, model=config.model_name, choices=[],
                                                     usage=_usage(completion)).model_dump(exclude_none=True)))
             return out
 
-        return _streaming(job, [chunk({"role": "assistant", "content": ""})],
-                          lambda piece, entries: chunk({"content": piece}, None, entries), final)
+        return _streaming(job, [chunk({"role": "assistant", "content": ""})], piece_event, final)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -299,7 +318,56 @@ def create_app(lm_or_factory: Union[Any, Callable[[], Any]], config: ServerConfi
     return app
 
 
-def _streaming(job: Job, opening: list[str], piece_event: Callable[[str, Any], str],
+def _content(completion) -> str | None:
+    """The message's content: the text without tool-call markup when tools were rendered."""
+    return completion.text if completion.tool_calls is None else completion.content
+
+
+class _CallHolder:
+    """Streamed chat text with tools rendered: text is relayed until a tool call may have begun
+    (`<tool_call>`, or an answer that opens with "{", which small models write as a bare call),
+    then held; at the end the calls come in one delta (`tool_calls`, each with its index), or, when
+    there were none, the held text as content. Text after a call is in the non-streamed content only."""
+
+    def __init__(self) -> None:
+        self.sent = ""  # text relayed
+        self.held = ""  # text not relayed (a call may have begun)
+        self.entries: list = []  # logprobs of the held text's tokens
+        self.holding = False
+
+    def take(self, piece: str, entries) -> str:
+        """What of `piece` to relay now."""
+        if self.holding:
+            self.held += piece
+            self.entries += entries or []
+            return ""
+        text = self.held + piece
+        start = text.find(TOOL_CALL_OPEN)
+        if start < 0 and not (self.sent + text).strip().startswith("{"):
+            start = next((i for i in range(max(0, len(text) - len(TOOL_CALL_OPEN) + 1), len(text))
+                          if TOOL_CALL_OPEN.startswith(text[i:])), len(text))  # a partial marker waits
+            shown, self.held = text[:start], text[start:]
+        else:
+            self.holding = True
+            start = 0 if start < 0 else start
+            shown, self.held = text[:start], text[start:]
+        self.sent += shown
+        if not shown:  # a piece not relayed: its tokens' logprobs come with the final chunk
+            self.entries += entries or []
+        return shown
+
+    def held_entries(self, rest):
+        """The logprobs for the final chunk: those of the pieces held back, and `rest`."""
+        return (self.entries + list(rest or [])) or None
+
+    def finish(self, completion) -> dict[str, Any]:
+        """The last delta: the calls, or the text still held when there were none."""
+        if completion.tool_calls:
+            return {"tool_calls": [{"index": i, **call} for i, call in enumerate(completion.tool_calls)]}
+        return {"content": self.held} if self.held else {}
+
+
+def _streaming(job: Job, opening: list[str], piece_event: Callable[[str, Any], str | None],
                final_events: Callable[[Any, Any], list[str]]) -> StreamingResponse:
     """Server-sent events of one job; a client that goes away cancels it (frees the worker).
 
@@ -316,7 +384,9 @@ def _streaming(job: Job, opening: list[str], piece_event: Callable[[str, Any], s
                 if kind == "piece":
                     piece, entries = value
                     num_sent += len(entries or ())
-                    yield piece_event(piece, entries)
+                    event = piece_event(piece, entries)
+                    if event is not None:  # None: the piece is held back
+                        yield event
                 elif kind == "done":
                     rest = value.logprobs[num_sent:] if value.logprobs else None
                     rest = rest or None  # none left: the final chunk has logprobs null, as OpenAI's

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from aded.server.errors import RequestError
+from aded.tools import TOOL_CALL_OPEN, supports_tools
 from aded.server.parsing import parse_json_object
 from aded.server.schemas import ChatMessage
 
@@ -34,6 +35,8 @@ class PromptEncoder:
         template = getattr(tokenizer, "chat_template", None)
         self.has_chat_template = bool(template)
         self.renders_tool_calls = isinstance(template, str) and "tool_calls" in template
+        self.renders_tools = supports_tools(tokenizer)
+        self.hermes_tools = isinstance(template, str) and TOOL_CALL_OPEN in template
         self._free: queue.Queue = queue.Queue()
         for _ in range(copies):
             self._free.put(copy.deepcopy(tokenizer))
@@ -46,14 +49,25 @@ class PromptEncoder:
         finally:
             self._free.put(tokenizer)
 
-    def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+    def chat_ids(self, messages: list[ChatMessage], tools: list[dict] | None = None) -> list[int]:
+        """`tools` (checked by `aded.tools.check_tools`; None when not rendered) are rendered by the
+        template, which must support them in the Hermes format the library parses."""
         if not self.has_chat_template:
             raise RequestError("this model has no chat template; use /v1/completions", param="messages")
-        rendered = [self._template_message(i, m) for i, m in enumerate(messages)]
+        if tools and not self.renders_tools:
+            raise RequestError("tools were given, but this model's chat template has no tool support "
+                               "(it never renders `tools`)", param="tools", code="unsupported_parameter")
+        if tools and not self.hermes_tools:
+            raise RequestError(f"tools were given, but this model's chat template writes tool calls in a "
+                               f"format aded does not parse (only the Hermes/Qwen2.5 {TOOL_CALL_OPEN} "
+                               "JSON format)", param="tools", code="unsupported_parameter")
+        names: dict[str, str] = {}  # tool call id -> function name, for the tool messages answering them
+        rendered = [self._template_message(i, m, names) for i, m in enumerate(messages)]
         with self._tokenizer() as tokenizer:
             try:
-                ids = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=False, sanitize_control_tokens=True)
+                ids = tokenizer.apply_chat_template(rendered, tools=tools, add_generation_prompt=True,
+                                                    tokenize=True, return_dict=False,
+                                                    sanitize_control_tokens=True)
             except Exception as exc:  # the template is the model's Jinja code: any error is the input's
                 raise RequestError(f"the chat template rejected these messages: {type(exc).__name__}: {exc}",
                                    param="messages") from exc
@@ -69,15 +83,18 @@ class PromptEncoder:
                                param="prompt")
         return list(prompt)
 
-    def _template_message(self, index: int, message: ChatMessage) -> dict[str, Any]:
-        """The message as chat templates expect it: `developer` is `system`, and tool-call
-        arguments are objects (templates write them with `tojson`), as vLLM passes them."""
+    def _template_message(self, index: int, message: ChatMessage, names: dict[str, str]) -> dict[str, Any]:
+        """The message as chat templates expect it: `developer` is `system`, tool-call arguments
+        are objects (templates write them with `tojson`), as vLLM passes them, and a tool message
+        gains the called function's `name` (as `aded.tools.template_messages` gives it)."""
         out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
                                "content": message.text()}
         if message.name is not None:
             out["name"] = message.name
         if message.tool_call_id is not None:
             out["tool_call_id"] = message.tool_call_id
+            if message.role == "tool" and "name" not in out and message.tool_call_id in names:
+                out["name"] = names[message.tool_call_id]
         if message.tool_calls:
             if not self.renders_tool_calls:
                 raise RequestError("this model's chat template cannot show earlier tool calls to the model",
@@ -88,5 +105,6 @@ class PromptEncoder:
                                                    call.function.arguments,
                                                    f"messages.{index}.tool_calls.{j}.function.arguments")}}
                                  for j, call in enumerate(message.tool_calls)]
+            names.update((call.id, call.function.name) for call in message.tool_calls)
         return out
 

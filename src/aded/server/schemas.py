@@ -144,6 +144,7 @@ class _Sampling(_Strict):
     stop_token_ids: Optional[list[Annotated[int, Field(ge=0)]]] = None
     ignore_eos: Optional[bool] = None
     min_tokens: Optional[int] = Field(default=None, ge=0)
+    response_format: Optional[ResponseFormat] = None  # a grammar (the library's), on both endpoints
     # defined, not honoured yet: see NOT_SUPPORTED_YET
     n: int = Field(default=1, ge=1)
 
@@ -191,7 +192,6 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
-    response_format: Optional[ResponseFormat] = None
     tools: Optional[list[Tool]] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: Optional[bool] = None
@@ -246,10 +246,7 @@ NOT_SUPPORTED_YET: dict[str, Callable[[Any], bool]] = {
     "best_of": _is(None, 1),
     "echo": _is(False),
     "suffix": _is(None, ""),
-    "response_format": lambda value: value is None or value.type == "text",
-    "tools": _is(None, []),
-    "tool_choice": _is(None, "none", "auto"),  # neutral without tools, which are refused above
-    "parallel_tool_calls": _is(None),
+    "parallel_tool_calls": _is(None, True),  # true is what is done: any number of calls
 }
 
 
@@ -297,7 +294,8 @@ class TextLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]  # null when the answer is only tool calls (kept as null in the body)
+    tool_calls: Optional[list[dict[str, Any]]] = None  # OpenAI-shaped, as `Completion.tool_calls`
 
 
 class ChatChoice(BaseModel):
@@ -321,6 +319,7 @@ class ChatCompletion(BaseModel):
 class ChunkDelta(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None  # each with its "index", in the final delta
 
 
 class ChunkChoice(BaseModel):

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aded.decoding import sampling_fields
+from aded.tools import check_tools
 from aded.server.engine import Engine, GenerationRequest, Job
 from aded.server.errors import RequestError
 from aded.server.logprobs import TokenTexts
@@ -115,11 +116,13 @@ class Service:
             request = parse_body(raw, model)
             self._check_model(request.model)
             tenant = self._tenant(request, api_key)
+            output = _output_fields(request)
             if endpoint == "chat":
-                prompt_ids = self.encoder.chat_ids(request.messages)
+                rendered = output.get("tools") if output.get("tool_choice") != "none" else None
+                prompt_ids = self.encoder.chat_ids(request.messages, rendered)
             else:
                 prompt_ids = self.encoder.text_ids(request.prompt)
-            return request, self._generation(request, prompt_ids, param, tenant)
+            return request, self._generation(request, prompt_ids, param, tenant, output)
         except RequestError:
             raise
         except Exception as exc:  # whatever a body can provoke is the body's fault, never a 500
@@ -138,8 +141,11 @@ class Service:
                                code="unsupported_parameter")
         return tenant_of(self.config.state_per, api_key, request.cache_salt)
 
-    def _generation(self, request, prompt_ids: list[int], param: str, tenant: str | None) -> GenerationRequest:
-        """Sampling parameters checked against the context, as `Aded.stream` keyword arguments."""
+    def _generation(self, request, prompt_ids: list[int], param: str, tenant: str | None,
+                    output: dict[str, Any]) -> GenerationRequest:
+        """Sampling parameters checked against the context, as `Aded.stream` keyword arguments;
+        `output`: the structured-output fields (`_output_fields`), whose grammar is built here, on
+        the parsing thread, as a check (so llguidance's tokenizer view is built on first use here)."""
         if not prompt_ids:
             raise RequestError("the prompt is empty after tokenisation", param=param)
         room = self.context - len(prompt_ids)
@@ -156,12 +162,13 @@ class Service:
         generation = {"max_new_tokens": max_tokens, **sampling_fields(temperature),
                       "top_p": request.top_p, "top_k": request.top_k,
                       "seed": request.seed, "max_draft_nodes": self.config.max_draft_nodes,
-                      **self._processing(request)}
+                      **self._processing(request), **output}
         try:
             self.lm.generation_config(**dict(generation))  # validates the combination
         except ValueError as exc:
-            blamed = next((name for name in _PROCESSING if str(exc).startswith(name)), None)
-            raise RequestError(str(exc), param=blamed) from exc
+            blamed = _blamed(str(exc), output)
+            message = str(exc) if blamed is None or str(exc).startswith(blamed) else f"{blamed}: {exc}"
+            raise RequestError(message, param=blamed) from exc
         return GenerationRequest(prompt_ids, generation, tuple(request.stop_list()), request.stream, tenant)
 
     def _processing(self, request) -> dict[str, Any]:
@@ -193,3 +200,36 @@ class Service:
         return AdedStats(mean_accepted_tokens=round(s.mean_accepted_tokens, 4), steps=s.steps,
                          draft_nodes=s.draft_nodes, decode_tokens_per_s=round(s.decode_tokens_per_s, 3),
                          drafter=self.lm.drafter.name)
+
+
+def _output_fields(request) -> dict[str, Any]:
+    """`response_format`, `tools` and `tool_choice` as `Aded.stream` keywords (the library's
+    OpenAI shapes), checked by `aded.tools.check_tools`; absent ones are left out."""
+    out: dict[str, Any] = {}
+    if request.response_format is not None:
+        out["response_format"] = request.response_format.model_dump(exclude_none=True)
+    tools = getattr(request, "tools", None)
+    choice = getattr(request, "tool_choice", None)
+    if tools is None and choice is None:
+        return out
+    tools = [tool.model_dump(exclude_none=True) for tool in tools or ()]
+    if not isinstance(choice, (str, type(None))):
+        choice = choice.model_dump()
+    try:
+        tools, choice = check_tools(tools, choice)
+    except ValueError as exc:
+        raise RequestError(str(exc), param=_blamed(str(exc), {"tools": tools})) from exc
+    out.update({"tools": tools, "tool_choice": choice} if tools else {"tool_choice": choice} if choice else {})
+    return out
+
+
+def _blamed(message: str, output: dict[str, Any]) -> str | None:
+    """The request field a library ValueError is about, from how its message begins."""
+    for name in (*_PROCESSING, "response_format", "tool_choice", "tools", "messages"):
+        if message.startswith(name):
+            return name
+    if message.startswith("the tool call grammar"):
+        return "tools"
+    if "tool_choice" in message:
+        return "tool_choice"
+    return next((name for name in ("response_format", "tools") if output.get(name) is not None), None)
