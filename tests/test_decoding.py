@@ -141,6 +141,34 @@ def test_the_token_limit_bounds_what_the_stop_check_sees():
     assert seen == [5, 6, 8, 9]
 
 
+class RecordingScript(ScriptDrafter):
+    learns = True
+
+    def end(self, emitted: int | None = None) -> None:
+        self.emitted = emitted
+
+
+@pytest.mark.parametrize("script,max_new,output", [
+    ([5, 6, 8, 9, 7, 4, 4, 4], 4, [5, 6, 8, 9]),  # the limit cuts a step that accepted more
+    ([5, 6, 2, 7, 8, 9, 4, 4], 30, [5, 6, 2]),  # an EOS cuts it
+])
+def test_drafters_learn_only_what_was_output(script, max_new, output):
+    """The last step may accept tokens past the cut; a drafter is told how many were output, and
+    learning drafters keep only those."""
+    from aded.drafters.suffix import SuffixDrafter
+
+    drafter = RecordingScript(script, 1, depth=64)
+    decoder = SpeculativeDecoder(ScriptedRunner(script, vocab_size=16), drafter, [2], BudgetPolicy(enabled=False))
+    result = decoder.generate([3], GenerationConfig(max_new_tokens=max_new))
+    assert result.token_ids == output and drafter.emitted == len(output)
+
+    suffix = SuffixDrafter()
+    suffix.begin([3])
+    suffix.propose([3, *script], 4)  # it saw the whole step
+    suffix.end(len(output))
+    assert suffix.state_dict()["tokens"].tolist() == output
+
+
 def test_kv_cache_equals_plain_prefill_after_many_steps(tiny_model):
     """After many tree steps with rejections, the cache holds exactly the committed tokens."""
     runner = HFRunner(tiny_model)

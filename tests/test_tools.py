@@ -167,12 +167,12 @@ def test_tool_choice_none_renders_no_tools():
 
 
 def test_a_template_without_tool_support_is_refused_clearly():
-    """The default model's template (SmolLM2) never renders tools: tools, tool calls and tool
-    results are refused with a message a server can return as a 400."""
+    """The default model's template (SmolLM2) never renders tools nor earlier tool calls: both are
+    refused with a message a server can return as a 400."""
     smol = default_tokenizer()
     with pytest.raises(ValueError, match="no tool support"):
         chat_prompt_ids(smol, ASK, TOOLS)
-    with pytest.raises(ValueError, match="no tool support"):
+    with pytest.raises(ValueError, match="cannot show earlier tool calls"):
         chat_prompt_ids(smol, round_trip_messages())
     assert chat_prompt_ids(smol, ASK, TOOLS, "none") == chat_prompt_ids(smol, ASK)  # nothing to render
 
@@ -260,7 +260,7 @@ def test_config_from_tools_is_what_the_server_passes(hermes_lm):
     assert data["tool_calls"] == out.tool_calls and data["content"] == out.content
 
 
-def test_history_with_tool_calls_needs_only_a_template_that_renders_tools():
+def test_history_with_tool_calls_needs_only_a_template_that_renders_them():
     """Tool calls and results sent back are the template's to render, in whatever format it uses;
     only generating with tools needs the Hermes format aded parses."""
     other = copy.deepcopy(default_tokenizer())

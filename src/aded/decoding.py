@@ -274,7 +274,7 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
             stats.accepted_lengths.append(len(new_ids))
             context.extend(new_ids)
     finally:
-        drafter.end()
+        drafter.end(len(generated))
         if decode_start is not None:
             stats.decode_s = clock() - decode_start
         out.result = GenerationResult(generated, finish_reason, stats, logprobs)

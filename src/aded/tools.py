@@ -32,7 +32,7 @@ from aded.grammar import json_schema_lark, response_format_schema
 if TYPE_CHECKING:
     from aded.grammar import Grammar
 
-__all__ = ["TOOL_CALL_OPEN", "TOOL_CALL_CLOSE", "supports_tools", "check_tools", "template_messages",
+__all__ = ["TOOL_CALL_OPEN", "TOOL_CALL_CLOSE", "supports_tools", "renders_tool_calls", "check_tools", "template_messages",
            "chat_prompt_ids", "output_grammar", "tool_call_lark", "parse_tool_calls"]
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -52,13 +52,18 @@ def supports_tools(tokenizer) -> bool:
     return re.search(r"\btools\b", _template(tokenizer)) is not None
 
 
-def _require_tool_template(tokenizer, why: str, parsed: bool = True) -> None:
-    """ValueError unless the template renders tools (and, when aded must parse or constrain the
-    calls, renders them in the Hermes format)."""
+def renders_tool_calls(tokenizer) -> bool:
+    """Can the chat template show the model its earlier tool calls (does it read `tool_calls`)?"""
+    return "tool_calls" in _template(tokenizer)
+
+
+def _require_tool_template(tokenizer, why: str) -> None:
+    """ValueError unless the template renders tools, and its calls in the Hermes format aded parses
+    and constrains."""
     if not supports_tools(tokenizer):
         raise ValueError(f"{why}, but this model's chat template has no tool support "
                          "(it never renders `tools`)")
-    if parsed and TOOL_CALL_OPEN not in _template(tokenizer):
+    if TOOL_CALL_OPEN not in _template(tokenizer):
         raise ValueError(f"{why}, but this model's chat template renders tool calls in a format aded "
                          f"does not parse (only the Hermes/Qwen2.5 {TOOL_CALL_OPEN} JSON format)")
 
@@ -119,13 +124,14 @@ def template_messages(messages: Sequence[Mapping], tokenizer) -> list[dict]:
         converted = {**message, "content": _text(message.get("content"), f"messages[{i}].content")}
         calls = message.get("tool_calls")
         if calls:
-            _require_tool_template(tokenizer, f"messages[{i}] holds tool calls", parsed=False)
+            if not renders_tool_calls(tokenizer):
+                raise ValueError(f"messages[{i}] holds tool calls, but this model's chat template "
+                                 "cannot show earlier tool calls to the model")
             converted["tool_calls"] = [_template_call(call, f"messages[{i}].tool_calls[{j}]", names)
                                        for j, call in enumerate(calls)]
         elif "tool_calls" in converted:
             del converted["tool_calls"]
-        if message["role"] == "tool":
-            _require_tool_template(tokenizer, f"messages[{i}] is a tool result", parsed=False)
+        if message["role"] == "tool":  # any template that renders the role renders the result
             call_id = message.get("tool_call_id")
             if "name" not in converted and call_id in names:
                 converted["name"] = names[call_id]

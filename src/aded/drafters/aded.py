@@ -200,9 +200,9 @@ class AdedDrafter(Drafter):
     def begin(self, prompt_ids: Sequence[int]) -> None:
         self.rep.begin(prompt_ids)
 
-    def end(self) -> None:
+    def end(self, emitted: int | None = None) -> None:
         if self.learn and not self._shared_counts:
-            self.rep.end()
+            self.rep.end(emitted)
         else:
             self.rep.begin(())
 

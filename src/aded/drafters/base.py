@@ -7,7 +7,7 @@ Lifecycle of one request (one `generate` call):
         tree = drafter.propose(context_ids, max_nodes)   # context_ids[-1] is the tree's root
         ... the model verifies the tree ...
         drafter.observe(feedback)                          # what was accepted, what the model said
-    drafter.end()
+    drafter.end(emitted)                                   # how many tokens the request output
 
 Drafters propose token ids only; they never touch model tensors. An empty tree is a normal answer
 (the step then decodes one token, as plain decoding would). State that should outlive a request
@@ -82,8 +82,13 @@ class Drafter(ABC):
     def observe(self, feedback: StepFeedback) -> None:
         """The verification result of the last proposal."""
 
-    def end(self) -> None:
-        """The request finished; fold what it taught into long-lived state if the drafter learns."""
+    def end(self, emitted: int | None = None) -> None:
+        """The request finished; fold what it taught into long-lived state if the drafter learns.
+
+        `emitted` is how many tokens the request output: the last step may have accepted more than
+        that (the loop cuts at an end token, a stop string or the token limit), and tokens past the
+        cut were never the model's answer, so they are not learned. None: all the drafter saw.
+        """
 
     # ------------------------------------------------------------------ learned state
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -99,9 +99,9 @@ class HybridDrafter(Drafter):
         for source in self.sources:
             source.begin(prompt_ids)
 
-    def end(self) -> None:
+    def end(self, emitted: int | None = None) -> None:
         for source in self.sources:
-            source.end()
+            source.end(emitted)
 
     # ------------------------------------------------------------------ drafting
     def propose(self, context_ids: Sequence[int], max_nodes: int) -> DraftTree:

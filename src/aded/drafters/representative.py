@@ -132,9 +132,11 @@ class Representative:
         if len(tail) >= 2:
             self._rejected[(int(tail[-2]), int(tail[-1]), int(token))] += 1
 
-    def end(self) -> None:
-        """Fold the request's output tri-grams and model evidence into the learned layer, decay, cap."""
-        output, learned = self.history[max(self._output_start - 2, 0) :], self.learned
+    def end(self, emitted: int | None = None) -> None:
+        """Fold the request's output tri-grams (its first `emitted` tokens; all when None) and model
+        evidence into the learned layer, decay, cap."""
+        stop = None if emitted is None else self._output_start + emitted
+        output, learned = self.history[max(self._output_start - 2, 0) : stop], self.learned
         for a, b, c in zip(output, output[1:], output[2:]):
             learned.add((a, b), c)
             learned.add(b, c)

@@ -109,8 +109,8 @@ class SuffixDrafter(Drafter):
         else:
             self._sync([*feedback.context_ids, *committed])
 
-    def end(self) -> None:
-        output = self._context[self._prompt_len :]
+    def end(self, emitted: int | None = None) -> None:
+        output = self._context[self._prompt_len :][:emitted]
         if self.use_global and output:
             self.global_index.add_sequence(output)
 

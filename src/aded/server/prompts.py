@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from aded.server.errors import RequestError
-from aded.tools import TOOL_CALL_OPEN, supports_tools
+from aded.tools import TOOL_CALL_OPEN, renders_tool_calls, supports_tools
 from aded.server.parsing import parse_json_object
 from aded.server.schemas import ChatMessage
 
@@ -34,7 +34,7 @@ class PromptEncoder:
         self.vocab_size = vocab_size
         template = getattr(tokenizer, "chat_template", None)
         self.has_chat_template = bool(template)
-        self.renders_tool_calls = isinstance(template, str) and "tool_calls" in template
+        self.renders_tool_calls = renders_tool_calls(tokenizer)
         self.renders_tools = supports_tools(tokenizer)
         self.hermes_tools = isinstance(template, str) and TOOL_CALL_OPEN in template
         self._free: queue.Queue = queue.Queue()
