@@ -8,25 +8,27 @@ the new. This drafter keeps an *alignment* instead:
 - a pointer into the context (prompt and earlier output) at the token the output copies next;
   while the output agrees, the pointer advances and the draft is the text ahead of it;
 - at a divergence the pointer's position becomes the *anchor*; each step then looks for the last
-  output tokens near the anchor (a bounded window, forward first), so after an inserted or
-  replaced fragment copying resumes at the right place; only where nothing matches near the
-  anchor does a long match anywhere in the context (prompt lookup's rule) take over;
+  output tokens near the anchor (a bounded window; a longer match must be much nearer to win), so
+  after an inserted or replaced fragment copying resumes at the right place. A match anywhere
+  (prompt lookup's most recent one) takes over only when it is 2 tokens longer: lists and loops
+  that repeat the output's own last lines. A short excursion (a name quoted from the instruction)
+  does not move the anchor;
 - once a resumed copy holds for `confirm` tokens, the replaced fragment (old source tokens ->
   new output tokens) is learned as a *substitution* and applied wherever the source ahead holds
-  the old tokens again: a renamed identifier is drafted renamed. A substitution the model
-  declines (it copies the old tokens) is dropped unless it was followed more often than declined.
+  the old tokens again: a renamed identifier is drafted renamed. Until the model has followed it
+  once, the old text hangs beside it as a second branch (the one place a tree is likely to pay);
+  a substitution the model declines more often than it follows is dropped.
 
 Where the output copies nothing, nothing is drafted. Node scores are calibrated acceptance
-probabilities (`aded.drafters.calibration`): an edge's cell is how the alignment was found
-(copy resumed near the anchor or matched anywhere), how many tokens it has held so far, and
-whether the token comes from a substitution; the chain stops below `min_score`, and the engine's
-budget trims the rest by cost.
+probabilities (`aded.drafters.calibration`): an edge's cell is how the alignment was found, how
+many tokens it has held, and whether the token comes from a substitution (and how trusted it
+is); a path stops below `min_score`, and the engine's budget trims the rest by cost.
 
 Example: source `def foo ( x ) : return foo ( x )`, output so far `def bar ( x ) :`. The output
-diverged at `foo` (anchor there), resumed at `(` right after it, and after `( x )` held the
-substitution `foo -> bar` is learned; the draft continues `return bar ( x )`.
+diverged at `foo` (the anchor), resumed at `(` right after it, and once `( x )` held, `foo -> bar`
+is learned; the draft continues `return bar ( x )`.
 
-Searches are numpy comparisons over the context (only on steps after a divergence); a step that
+Searches are numpy comparisons over the context, only on steps after a divergence; a step that
 keeps copying costs O(draft length).
 """
 
@@ -126,6 +128,11 @@ class _Alignment:
 
 
 class EditDrafter(Drafter):
+    """`window`/`back`: how far after/before the anchor a resumed copy is looked for;
+    `min_recent`: shortest match anywhere that may take over; `confirm`: tokens a resumed copy
+    must hold before its edit is learned; `near`/`settle`: a copy that breaks moves the anchor if
+    it began within `near` tokens of it or held `settle` tokens (else it was an excursion)."""
+
     name = "edit"
 
     def __init__(
@@ -133,7 +140,7 @@ class EditDrafter(Drafter):
         max_ngram: int = 8,
         window: int = 512,
         back: int = 64,
-        min_recent: int = 3,
+        min_recent: int = 2,
         confirm: int = 3,
         max_sub_len: int = 8,
         min_score: float = 0.1,
@@ -169,8 +176,6 @@ class EditDrafter(Drafter):
         self._break_out = 0  # context position of the first output token after that break
         self._subs: dict[int, list[_Substitution]] = {}  # first old token -> longest old first
         self._cells: dict[tuple[int, ...], tuple] = {}
-        self._trial: tuple[int, dict[str, list[int]]] | None = None  # the last resync's candidates
-        self._skill = {"anchor": 0.0, "recent": 0.0}  # decayed tokens each rule predicted right
         self._append(prompt_ids, track=False)
         self._prompt_len = self._len
 
@@ -297,16 +302,16 @@ class EditDrafter(Drafter):
     def _resync(self) -> None:
         """After a divergence: find where the output copies now.
 
-        Two rules propose a place: the longest match nearest the anchor (an edit ended, the copy
+        Two rules propose a place: the best match near the anchor (an edit ended, the copy
         resumes) and the longest, most recent match anywhere (prompt lookup's rule: the output
-        repeats what it just wrote, as in lists and loops). Where they disagree, the rule whose
-        predictions matched the output better in this request wins (`_judge`); before any
-        evidence, the longer match, and the anchor's unless the other is 2 tokens longer.
+        repeats what it just wrote, as in lists and loops). The anchor's wins unless the other
+        matches 2 more tokens. (Choosing by which rule predicted better so far in the request
+        measured the same on replays, so the simple rule stays.)
         """
         ends, lengths = suffix_matches(self._tokens, self._len, self.max_ngram)
         if not len(ends):
             return
-        found: dict[str, tuple[int, int, str]] = {}
+        found = None
         if self._anchor is not None:
             offset = ends - lengths - self._anchor
             near = np.flatnonzero((offset >= -self.back) & (offset <= self.window))
@@ -314,48 +319,24 @@ class EditDrafter(Drafter):
                 # edits are small: a longer match must be exponentially nearer to win (a token of
                 # match is worth doubling the distance; a place behind the anchor counts double)
                 distance = np.where(offset[near] >= 0, offset[near], -2 * offset[near])
-                merit = lengths[near] - 0.5 * np.log2(1.0 + distance)
-                best = near[int(np.argmax(merit))]  # the first of equals: the earliest
-                origin = "next" if 0 <= offset[best] <= _NEXT else "local"
-                found["anchor"] = (int(ends[best]), int(lengths[best]), origin)
+                best = near[int(np.argmax(lengths[near] - 0.5 * np.log2(1.0 + distance)))]
+                found = (int(ends[best]), int(lengths[best]), "next" if 0 <= offset[best] <= _NEXT else "local")
         best = int(np.flatnonzero(lengths == lengths.max())[-1])
-        if lengths[best] >= self.min_recent:
-            found["recent"] = (int(ends[best]), int(lengths[best]), "recent")
-        if not found:
+        if lengths[best] >= self.min_recent and (found is None or lengths[best] > found[1] + 1):
+            found = (int(ends[best]), int(lengths[best]), "recent")
+        if found is None:
             return
-        self._trial = (self._len, {rule: self._tokens[end : end + 4].tolist() for rule, (end, _, _) in found.items()})
-        if len(found) == 2:
-            (a_end, a_len, _), (r_end, r_len, _) = found["anchor"], found["recent"]
-            skill_gap = self._skill["recent"] - self._skill["anchor"]
-            if abs(skill_gap) > 0.5 and self._tokens[a_end] != self._tokens[r_end]:
-                found.pop("anchor" if skill_gap > 0 else "recent")
-            else:
-                found.pop("anchor" if r_len > a_len + 1 else "recent")
-        end, length, origin = next(iter(found.values()))
+        end, length, origin = found
         if self._len - end <= _LOOP:
             origin = "loop"
         self._align = _Alignment(end, origin, length, end - length, self._len - length)
         if length >= self.confirm:
             self._confirm(self._align)
 
-    def _judge(self) -> None:
-        """Score the last resync's rules by how many of their next tokens the output then had."""
-        if self._trial is None or self._trial[0] >= self._len:
-            return
-        start, predictions = self._trial
-        actual = self._tokens[start : min(self._len, start + 4)].tolist()
-        for rule, predicted in predictions.items():
-            matched = 0
-            while matched < min(len(actual), len(predicted)) and actual[matched] == predicted[matched]:
-                matched += 1
-            self._skill[rule] = 0.7 * self._skill[rule] + matched
-        self._trial = None
-
     # ------------------------------------------------------------------ drafting
     def propose(self, context_ids: Sequence[int], max_nodes: int) -> DraftTree:
         self._sync(context_ids)
         self._cells = {}
-        self._judge()
         if self._align is None and self._len:
             self._resync()
         if max_nodes <= 0 or self._align is None:
