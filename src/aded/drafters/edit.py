@@ -13,7 +13,7 @@ the new. This drafter keeps an *alignment* instead:
   (prompt lookup's most recent one) takes over only when it is 2 tokens longer: lists and loops
   that repeat the output's own last lines. A short excursion (a name quoted from the instruction)
   does not move the anchor;
-- once a resumed copy holds for `confirm` tokens, the replaced fragment (old source tokens ->
+- once a resumed copy has predicted `confirm` tokens right, the replaced fragment (old source tokens ->
   new output tokens) is learned as a *substitution* and applied wherever the source ahead holds
   the old tokens again: a renamed identifier is drafted renamed. Until the model has followed it
   once, the old text hangs beside it as a second branch (the one place a tree is likely to pay);
@@ -118,7 +118,8 @@ class _Alignment:
     ptr: int  # next source position to copy (after any substitution in progress)
     origin: str  # how it was found: "next" (a few tokens past the anchor), "local" (farther, but
     # in the window around the anchor), "recent" (anywhere) or "loop" (from just behind)
-    run: int  # output tokens it has explained so far
+    run: int  # output tokens it has explained so far (the match that found it included)
+    matched: int  # of which the match: the rest were predicted, then emitted
     src_start: int  # source position where this run began
     out_start: int  # context position of the run's first output token
     pending: tuple[int, ...] = ()  # substitution tokens still expected before ptr
@@ -130,8 +131,9 @@ class _Alignment:
 class EditDrafter(Drafter):
     """`window`/`back`: how far after/before the anchor a resumed copy is looked for;
     `min_recent`: shortest match anywhere that may take over; `confirm`: tokens a resumed copy
-    must hold before its edit is learned; `near`/`settle`: a copy that breaks moves the anchor if
-    it began within `near` tokens of it or held `settle` tokens (else it was an excursion)."""
+    must predict right before its edit is learned and its break may move the anchor;
+    `near`/`settle`: a copy that breaks moves the anchor if it began within `near` tokens of it
+    or held `settle` tokens (else it was an excursion)."""
 
     name = "edit"
 
@@ -140,10 +142,10 @@ class EditDrafter(Drafter):
         max_ngram: int = 8,
         window: int = 512,
         back: int = 64,
-        min_recent: int = 2,
-        confirm: int = 3,
+        min_recent: int = 1,
+        confirm: int = 2,
         max_sub_len: int = 8,
-        min_score: float = 0.1,
+        min_score: float = 0.03,
         max_depth: int = 32,
         near: int = 48,
         settle: int = 16,
@@ -239,7 +241,7 @@ class EditDrafter(Drafter):
                 self._break_out = pos
             self._align = None
             return
-        if not align.confirmed and align.run >= self.confirm:
+        if not align.confirmed and align.run - align.matched >= self.confirm:
             self._confirm(align)
 
     def _expected(self, align: _Alignment) -> tuple[int, _Substitution | None]:
@@ -329,9 +331,7 @@ class EditDrafter(Drafter):
         end, length, origin = found
         if self._len - end <= _LOOP:
             origin = "loop"
-        self._align = _Alignment(end, origin, length, end - length, self._len - length)
-        if length >= self.confirm:
-            self._confirm(self._align)
+        self._align = _Alignment(end, origin, length, length, end - length, self._len - length)
 
     # ------------------------------------------------------------------ drafting
     def propose(self, context_ids: Sequence[int], max_nodes: int) -> DraftTree:
