@@ -27,6 +27,7 @@ DRAFTERS: dict[str, str] = {
     "aded-reference": "aded.drafters.aded_reference:AdedReferenceDrafter",
     "suffix": "aded.drafters.suffix:SuffixDrafter",
     "hybrid": "aded.drafters.hybrid:HybridDrafter",
+    "edit": "aded.drafters.edit:EditDrafter",
 }
 
 
