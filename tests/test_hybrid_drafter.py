@@ -126,3 +126,38 @@ def test_foreign_state_is_refused_and_siblings_share_learning():
     sibling = drafter.spawn()
     assert sibling.sources[1].global_index is drafter.sources[1].global_index
     assert sibling.calibrator is drafter.calibrator and sibling.sources is not drafter.sources
+
+
+class Searching(Oracle):
+    """An expensive source (a search, like ADED's) that counts the steps it was asked to draft."""
+
+    expensive = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked = 0
+
+    def propose(self, context_ids, max_nodes):
+        self.asked += max_nodes > 0
+        return super().propose(context_ids, max_nodes)
+
+
+def test_the_expensive_source_is_asked_only_when_the_cheap_ones_are_unsure():
+    """Cheap sources first: once the calibration trusts a cheap source that keeps being right, the
+    search is skipped on the steps where that source drafts; where the cheap ones draft nothing
+    (or are wrong and distrusted), it is asked every step."""
+    rng = np.random.default_rng(3)
+    output = rng.integers(10, 500, size=400).tolist()
+    record = Recorded([1, 2, 3], output, "all", "q", len(output))
+    for cheap_is_right, most_asked in ((True, 0.2), (False, 1.0)):
+        search = Searching("search", output, 3)
+        hybrid = HybridDrafter([Oracle("cheap", output, 3, wrong=not cheap_is_right), search])
+        stats = replay(hybrid, [record], 8)["all"]
+        share = search.asked / stats.steps
+        assert share <= most_asked if cheap_is_right else share == 1.0, share
+    # confident=1 asks every source every step (the behaviour before the cheap-first rule)
+    search = Searching("search", output, 3)
+    stats = replay(HybridDrafter([Oracle("cheap", output, 3), search], confident=1.0), [record], 8)["all"]
+    assert search.asked == stats.steps
+    with pytest.raises(ValueError, match="confident"):
+        HybridDrafter(["pld"], confident=1.5)

@@ -1,4 +1,5 @@
-"""`aded datastore build|info`: make a corpus datastore for a model's tokenizer, or inspect one."""
+"""`aded datastore build|answers|info`: make a corpus datastore for a model's tokenizer, a corpus of
+the model's own answers for it, or inspect a datastore."""
 
 from __future__ import annotations
 
@@ -45,10 +46,58 @@ def build(
         tokenizer = load_tokenizer(model)
         identity = tokenizer_identity(tokenizer, model)
         out = out or default_datastore_file(identity)
-        store = build_datastore(corpus or default_corpus(), tokenizer, out, params, identity, text_field)
+        store = build_datastore(corpus or default_corpus(identity), tokenizer, out, params, identity, text_field)
     except (ValueError, CorpusError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     typer.echo(json.dumps({"out": str(out), "bytes": out.stat().st_size, **store.info()}, indent=1))
+
+
+@datastore_app.command()
+def answers(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Model alias, folder or .gguf to answer with."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Answers file (JSON Lines). Default: the cache path the default datastore reads for this model's tokenizer."),
+    count: int = typer.Option(320, "--count", min=1, max=100_000, help="How many of the built-in varied prompts to answer."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Your own prompts instead: a question file as `aded bench -q` reads (JSON Lines with id, category, turns; the first turn is asked)."),
+    max_new_tokens: int = typer.Option(160, "--max-new-tokens", "-n", min=1, max=100_000, help="Most tokens per answer."),
+    backend: str = typer.Option("auto", "--backend", help="auto (llama.cpp when installed), llama.cpp or hf."),
+) -> None:
+    """Answer a few hundred varied prompts with the model (greedy) into a corpus of its own words.
+
+    The default datastore counts these answers (weighted) for this model's tokenizer: run this once
+    for a model other than the default (whose answers ship with aded), and the aded drafter's
+    default datastore is rebuilt with them on next use. An interrupted run resumes where it stopped.
+    """
+    import aded
+    from aded.progress import console
+    from aded.store.answers import answer_prompts, cached_answers_file, write_answers
+    from aded.store.datastore import tokenizer_identity
+
+    try:
+        asked = answer_prompts(count) if prompts is None else _own_prompts(prompts)
+        lm = aded.load(model, drafter="suffix", backend=backend)  # lossless: the model's greedy answers
+        identity = tokenizer_identity(lm.tokenizer, model)
+        out = out or cached_answers_file(identity)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        header = {"model": model, "tokenizer": identity.to_json(), "max_new_tokens": max_new_tokens}
+
+        def generate(prompt: str) -> str:
+            return lm.generate([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens).text
+
+        from rich.progress import Progress
+
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"answering with {model}", total=len(asked))
+            made = write_answers(generate, asked, out, header, on_answer=lambda _: progress.advance(task))
+    except (ValueError, OSError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(json.dumps({"out": str(out), "answered_now": made, "prompts": len(asked)}))
+
+
+def _own_prompts(path: Path) -> list[dict[str, str]]:
+    """A question file in the benchmark's format (`id`, `category`, `turns`); the first turn is asked."""
+    from aded.bench.questions import read_questions
+
+    return [{"id": q.id, "category": q.category, "prompt": q.turns[0]} for q in read_questions(path)]
 
 
 @datastore_app.command()

@@ -34,6 +34,7 @@ def _draftretriever():
 class AdedReferenceDrafter(Drafter):
     name = "aded-reference"
     needs_tokenizer = True  # to find (or build) and check its datastore
+    expensive = True
 
     def __init__(
         self,
@@ -73,12 +74,12 @@ def build_reference_index(tokenizer: Any, corpus: Sequence[str | os.PathLike] | 
     from aded.store.build import batch_encoder
     from aded.store.corpus import corpus_files, iter_documents
     from aded.store.datastore import tokenizer_identity
-    from aded.store.default import _cache_root, default_corpus
+    from aded.store.default import cache_root, default_corpus
 
     identity = tokenizer_identity(tokenizer)
     files = corpus_files(corpus) if corpus else default_corpus()
     tag = f"{len(files)}-{sum(f.size for f in files)}"
-    path = Path(cache or _cache_root() / "reference") / f"{identity.vocab_hash[:16]}-{tag}.idx"
+    path = Path(cache or cache_root() / "reference") / f"{identity.vocab_hash[:16]}-{tag}.idx"
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)

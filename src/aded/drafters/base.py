@@ -67,6 +67,9 @@ class Drafter(ABC):
     learns: bool = False
     #: whether its constructor takes `tokenizer=` (to find or check a datastore)
     needs_tokenizer: bool = False
+    #: whether drafting costs a search rather than a lookup (a combiner asks it only when the
+    #: cheap sources are unsure)
+    expensive: bool = False
 
     def begin(self, prompt_ids: Sequence[int]) -> None:
         """A new request starts with these prompt tokens (per-request state is reset here)."""

@@ -7,6 +7,12 @@ learns, from verification, `P(edge accepted | parent accepted)` per cell (set of
 their best confidence bucket, depth bucket) with `aded.drafters.calibration.EdgeCalibrator`, and
 keeps the `max_nodes` nodes of highest path probability (product of edge estimates), best first.
 
+Cheap sources first: the lookups (prompt lookup, suffix, edit) are asked every step; a source
+that searches (`Drafter.expensive`, ADED's Monte-Carlo search) only when the lookups' likeliest
+first token is right less often than `confident`, as learned every step by a separate calibration
+of the lookups alone (cell: which lookups propose it, their confidence), or when they found
+nothing. The expensive source still follows the context on the other steps (asked for 0 nodes).
+
 Agreement is learned, not assumed: prompt lookup and the per-request suffix index read the same
 text, so their agreement is weak evidence, while the suffix index agreeing with ADED's corpus
 statistics may be strong; each combination of sources is its own cell.
@@ -69,11 +75,14 @@ class HybridDrafter(Drafter):
         datastore: Any = None,
         source_options: dict[str, dict[str, Any]] | None = None,
         prior_scale: float = 0.8,
+        confident: float = 0.6,
     ) -> None:
         from aded.drafters import make_drafter
 
         if not 0.0 < prior_scale <= 1.0:
             raise ValueError(f"prior_scale must be in (0, 1], got {prior_scale}")
+        if not 0.0 <= confident <= 1.0:
+            raise ValueError(f"confident must be in [0, 1] (1 asks every source every step), got {confident}")
         options = {"suffix": {"mode": "union"}}
         if tokenizer is not None or datastore is not None:
             options["aded"] = {"tokenizer": tokenizer, "datastore": datastore}
@@ -91,7 +100,10 @@ class HybridDrafter(Drafter):
             raise ValueError("the hybrid drafter needs at least one source")
         self.wants_topk = max(s.wants_topk for s in self.sources)
         self.prior_scale = prior_scale
+        self.confident = confident
         self.calibrator = EdgeCalibrator()
+        self.gate = EdgeCalibrator()  # P(the lookups' likeliest first token is right | its cell)
+        self._gate_pick: tuple[tuple, int] | None = None  # (cells, token) judged by the next observe
         self._last: list[DraftTree] = []
         self._cells: dict[tuple[int, ...], tuple] = {}
 
@@ -105,10 +117,14 @@ class HybridDrafter(Drafter):
 
     # ------------------------------------------------------------------ drafting
     def propose(self, context_ids: Sequence[int], max_nodes: int) -> DraftTree:
-        self._last = [s.propose(context_ids, max_nodes) for s in self.sources]
+        cheap = [s.propose(context_ids, max_nodes) if not s.expensive else None for s in self.sources]
         if max_nodes <= 0:
-            self._cells = {}
+            self._last = [t if t is not None else s.propose(context_ids, 0) for s, t in zip(self.sources, cheap)]
+            self._cells, self._gate_pick = {}, None
             return DraftTree.empty()
+        ask = None in cheap and self._unsure(cheap)
+        self._last = [t if t is not None else s.propose(context_ids, max_nodes if ask else 0)
+                      for s, t in zip(self.sources, cheap)]
         edges = self._merge()
         children: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
         for path in edges:
@@ -122,11 +138,7 @@ class HybridDrafter(Drafter):
         def push(parent: tuple[int, ...], score: float) -> None:
             nonlocal counter
             for path in children.get(parent, ()):
-                labels, confidence = edges[path]
-                coarse = (labels, bucket(confidence, _CONFIDENCE_EDGES))
-                fine = (*coarse, bucket(len(path), _DEPTH_EDGES))
-                cells[path] = (fine, coarse)
-                edge = self.calibrator.estimate(fine, coarse, self.prior_scale * confidence)
+                cells[path], edge = self._edge(path, *edges[path])
                 counter += 1
                 heapq.heappush(heap, (-score * edge, len(path), counter, path))
 
@@ -139,10 +151,31 @@ class HybridDrafter(Drafter):
         self._cells = cells  # every scored candidate, kept or not, is judged by the outcome
         return builder.build()
 
-    def _merge(self) -> dict[tuple[int, ...], tuple[tuple[str, ...], float]]:
-        """path -> (sorted labels of the sources proposing it, their best confidence)."""
+    def _unsure(self, cheap: Sequence[DraftTree | None]) -> bool:
+        """Should the expensive sources draft this step too? Picks the lookups' likeliest first
+        token for `observe` to judge."""
+        self._gate_pick, best = None, 0.0
+        for path, (labels, confidence) in self._merge(cheap).items():
+            if len(path) == 1:
+                cell = (labels, bucket(confidence, _CONFIDENCE_EDGES))
+                estimate = self.gate.estimate(cell, labels, self.prior_scale * confidence)
+                if estimate > best:
+                    self._gate_pick, best = ((cell, labels), path[0]), estimate
+        return self.confident >= 1.0 or best < self.confident
+
+    def _edge(self, path: tuple[int, ...], labels: tuple[str, ...], confidence: float) -> tuple[tuple, float]:
+        """An edge's calibration cells (fine, coarse) and its estimated acceptance."""
+        coarse = (labels, bucket(confidence, _CONFIDENCE_EDGES))
+        fine = (*coarse, bucket(len(path), _DEPTH_EDGES))
+        return (fine, coarse), self.calibrator.estimate(fine, coarse, self.prior_scale * confidence)
+
+    def _merge(self, trees: Sequence[DraftTree | None] | None = None) -> dict[tuple[int, ...], tuple[tuple[str, ...], float]]:
+        """path -> (sorted labels of the sources proposing it, their best confidence), over
+        `trees` (one per source, None for one not asked; default: the last proposals)."""
         merged: dict[tuple[int, ...], tuple[set[str], float]] = {}
-        for source, tree in zip(self.sources, self._last):
+        for source, tree in zip(self.sources, self._last if trees is None else trees):
+            if tree is None:
+                continue
             paths = _paths(tree)
             for i, path in enumerate(paths):
                 label = tree.sources[i] if tree.sources is not None and tree.sources[i] else source.name
@@ -158,8 +191,9 @@ class HybridDrafter(Drafter):
 
     # ------------------------------------------------------------------ learned state
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Its calibration and each learning source's state, keyed `source/name`."""
-        state = {"hybrid/calibration": np.array(self.calibrator.to_json())}
+        """Its calibrations and each learning source's state, keyed `source/name`."""
+        state = {"hybrid/calibration": np.array(self.calibrator.to_json()),
+                 "hybrid/gate": np.array(self.gate.to_json())}
         for source in self.sources:
             state.update({f"{source.name}/{k}": v for k, v in source.state_dict().items()})
         return state
@@ -176,12 +210,14 @@ class HybridDrafter(Drafter):
                 source.load_state_dict(mine)
         if "hybrid/calibration" in state:
             self.calibrator.load_json(str(state["hybrid/calibration"]))
+        if "hybrid/gate" in state:
+            self.gate.load_json(str(state["hybrid/gate"]))
 
     def spawn(self) -> "HybridDrafter":
         """A sibling whose sources are siblings of these; the calibration is shared."""
         sibling = copy.copy(self)
         sibling.sources = [source.spawn() for source in self.sources]
-        sibling._last, sibling._cells = [], {}
+        sibling._last, sibling._cells, sibling._gate_pick = [], {}, None
         return sibling
 
     def use_shared_counts(self, table: CountTable) -> bool:
@@ -189,6 +225,10 @@ class HybridDrafter(Drafter):
 
     # ------------------------------------------------------------------ feedback
     def observe(self, feedback: StepFeedback) -> None:
+        if self._gate_pick is not None:
+            (cell, labels), token = self._gate_pick
+            self.gate.update(cell, labels, token == (feedback.accepted_ids or (feedback.bonus_id,))[0])
+            self._gate_pick = None
         for path, accepted in judged_edges(self._cells, feedback):
             cells = self._cells.get(path)
             if cells is not None:
