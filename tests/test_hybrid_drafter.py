@@ -42,10 +42,10 @@ def oracle_pair(output, prompt_len):
 def test_registered_and_works_without_aded(monkeypatch):
     assert isinstance(make_drafter("hybrid", sources=["pld", "suffix"]), HybridDrafter)
     monkeypatch.setitem(DRAFTERS, "aded", "aded.drafters.no_such_module:AdedDrafter")
-    assert default_sources() == ["pld", "suffix"]
+    assert default_sources() == ["edit", "suffix"]
     monkeypatch.delitem(DRAFTERS, "aded")
     drafter = HybridDrafter()
-    assert [s.name for s in drafter.sources] == ["pld", "suffix"]
+    assert [s.name for s in drafter.sources] == ["edit", "suffix"]
     with pytest.raises(ValueError, match="own sources"):
         HybridDrafter(["hybrid"])
 
