@@ -202,7 +202,7 @@ def test_default_datastore_is_built_once_and_used(tmp_path, monkeypatch):
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the cat sat on the mat\nthe cat sat down\n")
-    monkeypatch.setattr(default, "default_corpus", lambda: [CorpusFile(corpus, corpus.stat().st_size)])
+    monkeypatch.setattr(default, "default_corpus", lambda identity=None: [CorpusFile(corpus, corpus.stat().st_size)])
     monkeypatch.setenv("ADED_CACHE_DIR", str(tmp_path / "cache"))
     tokenizer = WordTokenizer(["<unk>", "the", "cat", "sat", "on", "mat", "down"])
     path = default.default_datastore_path(tokenizer)
