@@ -122,10 +122,11 @@ class HybridDrafter(Drafter):
 
     # ------------------------------------------------------------------ drafting
     def propose(self, context_ids: Sequence[int], max_nodes: int) -> DraftTree:
+        self._gate_pick = None
         cheap = [s.propose(context_ids, max_nodes) if not s.expensive else None for s in self.sources]
         if max_nodes <= 0:
             self._last = [t if t is not None else s.propose(context_ids, 0) for s, t in zip(self.sources, cheap)]
-            self._cells, self._gate_pick = {}, None
+            self._cells = {}
             return DraftTree.empty()
         ask = None in cheap and self._unsure(cheap)
         self._last = [t if t is not None else s.propose(context_ids, max_nodes if ask else 0)
@@ -159,7 +160,7 @@ class HybridDrafter(Drafter):
     def _unsure(self, cheap: Sequence[DraftTree | None]) -> bool:
         """Should the expensive sources draft this step too? Picks the lookups' likeliest first
         token for `observe` to judge."""
-        self._gate_pick, best = None, 0.0
+        best = 0.0
         for path, (labels, confidence) in self._merge(cheap).items():
             if len(path) == 1:
                 cell = (labels, bucket(confidence, _CONFIDENCE_EDGES))
