@@ -163,3 +163,21 @@ def test_config_is_checked():
         RepresentativeConfig(max_order=1)
     with pytest.raises(ValueError, match="decay"):
         RepresentativeConfig(decay=0.0)
+
+
+@given(st.lists(st.tuples(st.dictionaries(st.integers(0, 9), st.floats(0.5, 50), max_size=6),
+                          st.floats(0.1, 5), st.one_of(st.none(), st.floats(60, 200))), max_size=6))
+@settings(max_examples=200, deadline=None)
+def test_interpolation_in_one_pass_equals_the_recursive_blend(levels):
+    """p = (n(c) + beta * p_below(c)) / (N + beta), most specific level first, computed the slow way."""
+    from aded.drafters.representative import _interpolate
+
+    expected: dict[int, float] = {}
+    for counts, beta, total in reversed(levels):
+        if not counts:
+            continue
+        norm = (total if total else sum(counts.values())) + beta
+        expected = {c: (counts.get(c, 0.0) + beta * expected.get(c, 0.0)) / norm for c in set(expected) | set(counts)}
+    got = _interpolate(levels)
+    assert set(got) == set(expected)
+    assert all(abs(got[c] - expected[c]) <= 1e-12 + 1e-9 * expected[c] for c in got)

@@ -233,12 +233,18 @@ def _interpolate(levels: list[tuple[Counts | None, float, float | None]]) -> Cou
 
     Each level is (counts, beta, total); a total (the unpruned count of a corpus context) replaces
     the sum of the kept counts, so pruned mass stays unassigned instead of inflating the rest.
+    Unrolled, level i adds n_i(c) / (N_i + beta_i) times the product of beta_j / (N_j + beta_j)
+    over the more specific levels j: one pass over the counts, no dict per level.
     """
     probs: Counts = {}
-    for counts, beta, total in reversed(levels):
+    scale = 1.0
+    for counts, beta, total in levels:
         if not counts:
             continue
         norm = (total if total else sum(counts.values())) + beta
-        keys = set(probs) | set(counts)
-        probs = {c: (counts.get(c, 0.0) + beta * probs.get(c, 0.0)) / norm for c in keys}
+        weight = scale / norm
+        get = probs.get
+        for c, n in counts.items():
+            probs[c] = get(c, 0.0) + weight * n
+        scale *= beta / norm
     return probs
