@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 from aded.drafters.counts import Bounds, CountTable, Counts
 from aded.store.datastore import Datastore
@@ -60,8 +60,7 @@ class RepresentativeConfig:
             raise ValueError("max_contexts, max_successors and per_level must be at least 1")
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):  # a tuple: made ~50 times a step (a frozen dataclass cost 1/4 of candidates)
     token: int
     prob: float  # blended P(token | context)
     level: int  # the most specific level with any evidence for this context
