@@ -17,6 +17,7 @@ import socket
 import string
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -108,7 +109,7 @@ class Server:
         else:
             command = [sys.executable, str(ROOT / "tests" / "serve_config.py"), str(model), drafter,
                        str(self.port), json.dumps(config)]
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"aded-serve-{self.port}.log", "w+")
+        self.log = tempfile.TemporaryFile("w+")  # the server's output, gone when the test is
         self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         try:
             wait_healthy(self.url, timeout, alive=lambda: self.proc.poll() is None)
@@ -119,9 +120,15 @@ class Server:
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
 
     def output(self) -> str:
-        if not self.log.closed:
-            self.log.flush()
-        return Path(self.log.name).read_text()
+        if self.log.closed:
+            return self._output
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def _close_log(self) -> None:
+        self._output = self.output()
+        self.log.close()
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=10).json()
@@ -129,13 +136,13 @@ class Server:
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(60)
-        self.log.close()
+        self._close_log()
         return code
 
     def kill(self) -> None:
         self.proc.kill()  # SIGKILL: no shutdown hook runs
         self.proc.wait(30)
-        self.log.close()
+        self._close_log()
 
     def __enter__(self) -> "Server":
         return self
