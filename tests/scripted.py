@@ -46,7 +46,9 @@ class ScriptedRunner:
         return logits
 
     def rewind(self, seq: dict, length: int) -> None:
-        raise NotImplementedError
+        """Refused on purpose: only timing runs rewind, and a script has no cost to measure (tests
+        build the decoder with a budget that never measures)."""
+        raise NotImplementedError("a scripted runner cannot be timed")
 
     def cost_identity(self) -> str:
         return "scripted"

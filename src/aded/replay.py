@@ -159,11 +159,10 @@ class RecordedRunner:
     def verify(self, seq: Any, root_id: int, tree: DraftTree) -> torch.Tensor:
         start = time.perf_counter()
         pos, output = self._pos, self.output
-        known = {0: pos}  # row -> the output position it predicts
-        for i in range(len(tree)):
-            depth = int(tree.depths[i])
-            if tree.path_tokens(i) == output[pos : pos + depth]:
-                known[i + 1] = pos + depth
+        # row -> the output position it predicts: the root's row, and the nodes of the one path
+        # that follows the recording (siblings carry distinct tokens)
+        path = tree.longest_match(output[pos : pos + len(tree)])
+        known = {0: pos, **{node + 1: pos + depth for depth, node in enumerate(path, start=1)}}
         logits = self._logits(1 + len(tree), known)
         if self.cost is not None:
             seconds = self.cost(len(tree))
@@ -175,7 +174,9 @@ class RecordedRunner:
         self._pos += len(accepted_nodes) + 1  # the accepted path and the bonus token
 
     def rewind(self, seq: Any, length: int) -> None:
-        raise NotImplementedError("a recording cannot be timed")
+        """Refused on purpose: only `budget.measure_costs` rewinds, to time steps, and a replay is
+        charged recorded costs (`cost`) instead; a recording has no steps to take back."""
+        raise NotImplementedError("a recording cannot be timed: replay charges the recorded t(k)")
 
     def cost_identity(self) -> str:
         return "replay"

@@ -32,7 +32,7 @@ from aded.grammar import json_schema_lark, response_format_schema
 if TYPE_CHECKING:
     from aded.grammar import Grammar
 
-__all__ = ["TOOL_CALL_OPEN", "TOOL_CALL_CLOSE", "supports_tools", "renders_tool_calls", "check_tools", "template_messages",
+__all__ = ["TOOL_CALL_OPEN", "TOOL_CALL_CLOSE", "supports_tools", "renders_tool_calls", "require_tool_template", "check_tools", "template_messages",
            "chat_prompt_ids", "output_grammar", "tool_call_lark", "parse_tool_calls"]
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -57,7 +57,7 @@ def renders_tool_calls(tokenizer) -> bool:
     return "tool_calls" in _template(tokenizer)
 
 
-def _require_tool_template(tokenizer, why: str) -> None:
+def require_tool_template(tokenizer, why: str) -> None:
     """ValueError unless the template renders tools, and its calls in the Hermes format aded parses
     and constrains."""
     if not supports_tools(tokenizer):
@@ -176,7 +176,7 @@ def chat_prompt_ids(tokenizer, messages: Sequence[Mapping], tools: Any = None,
         raise ValueError("this tokenizer has no chat template")
     tools, tool_choice = check_tools(tools, tool_choice)
     if tools and tool_choice != "none":
-        _require_tool_template(tokenizer, "tools were given")
+        require_tool_template(tokenizer, "tools were given")
     else:
         tools = None
     converted = template_messages(messages, tokenizer)
@@ -212,7 +212,7 @@ def tool_call_lark(tokenizer, tools: list[dict], tool_choice: str | dict, answer
     `{"name": <a tool>, "arguments": <its parameters>}`: one or more for "required" and "auto", one
     call of the function `tool_choice` names otherwise; "auto" also allows `answer` (a Lark
     right-hand side, e.g. a response_format's JSON) instead of calls. Arguments from `check_tools`."""
-    _require_tool_template(tokenizer, "tools were given")
+    require_tool_template(tokenizer, "tools were given")
     named = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
     chosen = [t["function"] for t in tools if named in (None, t["function"]["name"])]
     call_schema = {"anyOf": [{"type": "object", "properties": {"name": {"const": f["name"]},

@@ -135,7 +135,7 @@ class _TimingStreamer:
         else:
             self.step_lengths.append(count)
 
-    def end(self, emitted: int | None = None) -> None:
+    def end(self) -> None:
         pass
 
 

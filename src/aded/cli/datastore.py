@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 
+from aded.cli.common import BackendOpt, ModelOpt
 from aded.store.datastore import Datastore, DatastoreError
 
 datastore_app = typer.Typer(help="Build and inspect tri-gram datastores for the aded drafter.", no_args_is_help=True)
@@ -54,12 +55,12 @@ def build(
 
 @datastore_app.command()
 def answers(
-    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Model alias, folder or .gguf to answer with."),
+    model: str = ModelOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Answers file (JSON Lines). Default: the cache path the default datastore reads for this model's tokenizer."),
     count: int = typer.Option(320, "--count", min=1, max=100_000, help="How many of the built-in varied prompts to answer."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Your own prompts instead: a question file as `aded bench -q` reads (JSON Lines with id, category, turns; the first turn is asked)."),
     max_new_tokens: int = typer.Option(160, "--max-new-tokens", "-n", min=1, max=100_000, help="Most tokens per answer."),
-    backend: str = typer.Option("auto", "--backend", help="auto (llama.cpp when installed), llama.cpp or hf."),
+    backend: str = BackendOpt,
 ) -> None:
     """Answer a few hundred varied prompts with the model (greedy) into a corpus of its own words.
 
@@ -77,7 +78,6 @@ def answers(
         lm = aded.load(model, drafter="suffix", backend=backend)  # lossless: the model's greedy answers
         identity = tokenizer_identity(lm.tokenizer, model)
         out = out or cached_answers_file(identity)
-        out.parent.mkdir(parents=True, exist_ok=True)
         header = {"model": model, "tokenizer": identity.to_json(), "max_new_tokens": max_new_tokens}
 
         def generate(prompt: str) -> str:

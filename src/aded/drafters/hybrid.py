@@ -11,7 +11,8 @@ Cheap sources first: the lookups (prompt lookup, suffix, edit) are asked every s
 that searches (`Drafter.expensive`, ADED's Monte-Carlo search) only when the lookups' likeliest
 first token is right less often than `confident`, as learned every step by a separate calibration
 of the lookups alone (cell: which lookups propose it, their confidence), or when they found
-nothing. The expensive source still follows the context on the other steps (asked for 0 nodes).
+nothing. On the other steps it is asked for 0 nodes, which costs it nothing (ADED catches up with
+the context at its next real proposal) and tells it no proposal of its is judged.
 
 Agreement is learned, not assumed: prompt lookup and the per-request suffix index read the same
 text, so their agreement is weak evidence, while the suffix index agreeing with ADED's corpus
@@ -124,14 +125,15 @@ class HybridDrafter(Drafter):
     def propose(self, context_ids: Sequence[int], max_nodes: int) -> DraftTree:
         self._gate_pick = None
         cheap = [s.propose(context_ids, max_nodes) if not s.expensive else None for s in self.sources]
-        if max_nodes <= 0:
-            self._last = [t if t is not None else s.propose(context_ids, 0) for s, t in zip(self.sources, cheap)]
-            self._cells = {}
-            return DraftTree.empty()
-        ask = None in cheap and self._unsure(cheap)
+        edges = self._merge(cheap) if max_nodes > 0 else {}
+        ask = max_nodes > 0 and None in cheap and self._unsure(edges)
         self._last = [t if t is not None else s.propose(context_ids, max_nodes if ask else 0)
                       for s, t in zip(self.sources, cheap)]
-        edges = self._merge()
+        if max_nodes <= 0:
+            self._cells = {}
+            return DraftTree.empty()
+        if ask:  # the search's tree joins the lookups'; otherwise it proposed nothing
+            edges = self._merge(self._last)
         children: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
         for path in edges:
             children.setdefault(path[:-1], []).append(path)
@@ -157,11 +159,11 @@ class HybridDrafter(Drafter):
         self._cells = cells  # every scored candidate, kept or not, is judged by the outcome
         return builder.build()
 
-    def _unsure(self, cheap: Sequence[DraftTree | None]) -> bool:
-        """Should the expensive sources draft this step too? Picks the lookups' likeliest first
-        token for `observe` to judge."""
+    def _unsure(self, cheap_edges: dict[tuple[int, ...], tuple[tuple[str, ...], float]]) -> bool:
+        """Should the expensive sources draft this step too (given the lookups' merged edges)?
+        Picks the lookups' likeliest first token for `observe` to judge."""
         best = 0.0
-        for path, (labels, confidence) in self._merge(cheap).items():
+        for path, (labels, confidence) in cheap_edges.items():
             if len(path) == 1:
                 cell = (labels, bucket(confidence, _CONFIDENCE_EDGES))
                 estimate = self.gate.estimate(cell, labels, self.prior_scale * confidence)
@@ -175,11 +177,11 @@ class HybridDrafter(Drafter):
         fine = (*coarse, bucket(len(path), _DEPTH_EDGES))
         return (fine, coarse), self.calibrator.estimate(fine, coarse, self.prior_scale * confidence)
 
-    def _merge(self, trees: Sequence[DraftTree | None] | None = None) -> dict[tuple[int, ...], tuple[tuple[str, ...], float]]:
+    def _merge(self, trees: Sequence[DraftTree | None]) -> dict[tuple[int, ...], tuple[tuple[str, ...], float]]:
         """path -> (sorted labels of the sources proposing it, their best confidence), over
-        `trees` (one per source, None for one not asked; default: the last proposals)."""
+        `trees` (one per source, None for one not asked)."""
         merged: dict[tuple[int, ...], tuple[set[str], float]] = {}
-        for source, tree in zip(self.sources, self._last if trees is None else trees):
+        for source, tree in zip(self.sources, trees):
             if tree is None:
                 continue
             paths = _paths(tree)

@@ -250,11 +250,11 @@ def create_app(lm_or_factory: Union[Any, Callable[[], Any]], config: ServerConfi
             completion = await _result(job, request)
             calls = completion.tool_calls or None
             out = ChatCompletion(id=rid, created=created, model=config.model_name, usage=_usage(completion),
-                                 choices=[{"message": {"content": _content(completion), "tool_calls": calls},
+                                 choices=[{"message": {"content": completion.content, "tool_calls": calls},
                                            "finish_reason": completion.finish_reason,
                                            **logprobs(completion.logprobs)}],
                                  aded=service.stats(completion, generation.tenant)).model_dump(exclude_none=True)
-            out["choices"][0]["message"]["content"] = _content(completion)  # null stays null, as OpenAI's
+            out["choices"][0]["message"]["content"] = completion.content  # null stays null, as OpenAI's
             return out
 
         def chunk(delta: dict, finish: str | None = None, entries=None, **extra) -> str:
@@ -316,11 +316,6 @@ def create_app(lm_or_factory: Union[Any, Callable[[], Any]], config: ServerConfi
         return _streaming(job, [], lambda piece, entries: _sse(text(piece, None, entries)), final)
 
     return app
-
-
-def _content(completion) -> str | None:
-    """The message's content: the text without tool-call markup when tools were rendered."""
-    return completion.text if completion.tool_calls is None else completion.content
 
 
 class _CallHolder:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from aded.server.errors import RequestError
-from aded.tools import TOOL_CALL_OPEN, renders_tool_calls, supports_tools
+from aded.tools import renders_tool_calls, require_tool_template
 from aded.server.parsing import parse_json_object
 from aded.server.schemas import ChatMessage
 
@@ -35,8 +35,11 @@ class PromptEncoder:
         template = getattr(tokenizer, "chat_template", None)
         self.has_chat_template = bool(template)
         self.renders_tool_calls = renders_tool_calls(tokenizer)
-        self.renders_tools = supports_tools(tokenizer)
-        self.hermes_tools = isinstance(template, str) and TOOL_CALL_OPEN in template
+        try:  # why this template cannot take `tools`, once (the library's own check)
+            require_tool_template(tokenizer, "tools were given")
+            self._tools_refused: str | None = None
+        except ValueError as exc:
+            self._tools_refused = str(exc)
         self._free: queue.Queue = queue.Queue()
         for _ in range(copies):
             self._free.put(copy.deepcopy(tokenizer))
@@ -54,13 +57,8 @@ class PromptEncoder:
         template, which must support them in the Hermes format the library parses."""
         if not self.has_chat_template:
             raise RequestError("this model has no chat template; use /v1/completions", param="messages")
-        if tools and not self.renders_tools:
-            raise RequestError("tools were given, but this model's chat template has no tool support "
-                               "(it never renders `tools`)", param="tools", code="unsupported_parameter")
-        if tools and not self.hermes_tools:
-            raise RequestError(f"tools were given, but this model's chat template writes tool calls in a "
-                               f"format aded does not parse (only the Hermes/Qwen2.5 {TOOL_CALL_OPEN} "
-                               "JSON format)", param="tools", code="unsupported_parameter")
+        if tools and self._tools_refused:
+            raise RequestError(self._tools_refused, param="tools", code="unsupported_parameter")
         names: dict[str, str] = {}  # tool call id -> function name, for the tool messages answering them
         rendered = [self._template_message(i, m, names) for i, m in enumerate(messages)]
         with self._tokenizer() as tokenizer:

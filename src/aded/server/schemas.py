@@ -183,8 +183,11 @@ class _Sampling(_Strict):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def num_top_logprobs(self) -> int | None:
-        """Alternatives asked for per generated token; None when no logprobs are asked for."""
-        raise NotImplementedError
+        """Alternatives asked for per generated token; None when no logprobs are asked for.
+
+        Each endpoint answers it (the two spell the field differently: chat has `logprobs: true`
+        plus `top_logprobs: n`, completions `logprobs: n`); this base is never a request itself."""
+        raise NotImplementedError(f"{type(self).__name__} must say how it asks for logprobs")
 
 
 class ChatCompletionRequest(_Sampling):

@@ -39,11 +39,11 @@ _CATEGORIES = {  # category -> share of the prompts (they sum to 1)
 
 
 # ---------------------------------------------------------------------------- prompts
-def _functions(rng: random.Random, count: int) -> list[tuple[str, str, str]]:
-    """(name, source, docstring first line) of short standard-library functions."""
+def _functions(rng: random.Random, count: int) -> list[tuple[str, str]]:
+    """(name, source) of short, documented standard-library functions."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     modules = sorted(p for p in stdlib.glob("*.py") if not p.name.startswith(("_", "test")))
-    found: list[tuple[str, str, str]] = []
+    found: list[tuple[str, str]] = []
     for path in rng.sample(modules, len(modules)):
         try:
             source = path.read_text(encoding="utf-8")
@@ -55,7 +55,7 @@ def _functions(rng: random.Random, count: int) -> list[tuple[str, str, str]]:
                 text = ast.get_source_segment(source, node) or ""
                 doc = (ast.get_docstring(node) or "").strip().split("\n")[0]
                 if 4 <= text.count("\n") <= 18 and doc:
-                    found.append((node.name, text, doc))
+                    found.append((node.name, text))
                     break  # one per module: variety
         if len(found) >= count:
             break
@@ -78,26 +78,23 @@ def _module_docs(rng: random.Random, count: int) -> list[tuple[str, str]]:
 
 def _chat_openers(rng: random.Random, count: int) -> list[str]:
     """First messages of chitchat-dataset conversations (when installed), else built-in ones."""
-    import importlib.util
+    from aded.store.default import chitchat_file
 
-    spec = importlib.util.find_spec("chitchat_dataset")
+    path = chitchat_file()
     lines: list[str] = []
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(list(spec.submodule_search_locations)[0]) / "dataset.json"
-        if path.is_file():
-            data = json.loads(path.read_text(encoding="utf-8"))
-            for convo in data.values():
-                turns = [m.get("text", "") for group in convo.get("messages", []) for m in group]
-                first = " ".join(t for t in turns[:2] if t).strip()
-                if 20 <= len(first) <= 200:
-                    lines.append(first)
+    if path is not None:
+        for convo in json.loads(path.read_text(encoding="utf-8")).values():
+            turns = [m.get("text", "") for group in convo.get("messages", []) for m in group]
+            first = " ".join(t for t in turns[:2] if t).strip()
+            if 20 <= len(first) <= 200:
+                lines.append(first)
     if not lines:
         lines = ["hi! how was your weekend?", "do you have any pets?", "what music do you like?",
                  "I just got back from a trip to the mountains.", "what's your favourite book?"]
     return rng.sample(lines, min(count, len(lines)))
 
 
-def _rename_target(rng: random.Random, source: str, name: str) -> tuple[str, str] | None:
+def _rename_target(rng: random.Random, source: str) -> tuple[str, str] | None:
     import re
 
     names = sorted({n for n in re.findall(r"\b[a-z_][a-z0-9_]{2,}\b", source)
@@ -121,13 +118,13 @@ def answer_prompts(count: int = 320, seed: int = 0) -> list[dict[str, str]]:
     openers = _chat_openers(rng, want["chat"] + want["translation"])
     prompts: list[tuple[str, str]] = []
     prompts += [("chat", line) for line in openers[: want["chat"]]]
-    for name, source, _ in functions[: want["code-explain"]]:
+    for _, source in functions[: want["code-explain"]]:
         prompts.append(("code-explain", f"Explain what this Python function does:\n\n```python\n{source}\n```"))
     edits = ["Add type hints to this function and return the whole function.",
              "Add a docstring to this function and return the whole function.",
              "Rewrite this function to be easier to read, keeping its behaviour. Return the whole function."]
-    for name, source, _ in functions[want["code-explain"]: want["code-explain"] + want["code-edit"]]:
-        rename = _rename_target(rng, source, name)
+    for _, source in functions[want["code-explain"]: want["code-explain"] + want["code-edit"]]:
+        rename = _rename_target(rng, source)
         task = rng.choice(edits) if rename is None or rng.random() < 0.4 else (
             f"Rename `{rename[0]}` to `{rename[1]}` in this function and return the whole function.")
         prompts.append(("code-edit", f"{task}\n\n```python\n{source}\n```"))

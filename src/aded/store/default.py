@@ -23,7 +23,7 @@ from aded.store.build import BuildParams
 from aded.store.corpus import CorpusFile
 from aded.store.datastore import TokenizerIdentity, tokenizer_identity
 
-__all__ = ["cache_root", "ANSWERS_WEIGHT", "default_corpus", "default_datastore_file", "default_datastore_path", "DEFAULT_CORPUS_VERSION", "DEFAULT_PARAMS"]
+__all__ = ["cache_root", "chitchat_file", "ANSWERS_WEIGHT", "default_corpus", "default_datastore_file", "default_datastore_path", "DEFAULT_CORPUS_VERSION", "DEFAULT_PARAMS"]
 
 DEFAULT_CORPUS_VERSION = 2  # bump when the recipe changes, so caches rebuild
 #: the model's own answers are a small corpus (~40k tokens against ~6M); counted this many times
@@ -39,6 +39,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("ADED_CACHE_DIR") or Path.home() / ".cache" / "aded")
 
 
+def chitchat_file() -> Path | None:
+    """chitchat-dataset's conversations (`dataset.json`) when the package is installed."""
+    spec = importlib.util.find_spec("chitchat_dataset")  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    chat = Path(list(spec.submodule_search_locations)[0]) / "dataset.json"
+    return chat if chat.is_file() else None
+
+
 def default_corpus(identity: TokenizerIdentity | None = None) -> list[CorpusFile]:
     """The files the default datastore is built from, in a stable order; the answers of the model
     with tokenizer `identity` when there are some (repeated `ANSWERS_WEIGHT` times)."""
@@ -52,11 +61,9 @@ def default_corpus(identity: TokenizerIdentity | None = None) -> list[CorpusFile
             if name.endswith(".py"):
                 path = Path(root) / name
                 files.append(CorpusFile(path, path.stat().st_size))
-    spec = importlib.util.find_spec("chitchat_dataset")  # located, never imported
-    if spec is not None and spec.submodule_search_locations:
-        chat = Path(list(spec.submodule_search_locations)[0]) / "dataset.json"
-        if chat.is_file():
-            files.append(CorpusFile(chat, chat.stat().st_size))
+    chat = chitchat_file()
+    if chat is not None:
+        files.append(CorpusFile(chat, chat.stat().st_size))
     answers = answers_for(identity) if identity is not None else None
     if answers is not None:
         files += [CorpusFile(answers, answers.stat().st_size)] * ANSWERS_WEIGHT
@@ -67,8 +74,10 @@ def default_datastore_file(identity: TokenizerIdentity, files: list[CorpusFile] 
     """Where the default datastore of a tokenizer lives (named by the corpora present)."""
     files = default_corpus(identity) if files is None else files
     tag = "c" if any(f.path.name == "dataset.json" for f in files) else "s"
-    answers = next((f.path for f in files if f.path.name.startswith("answers-")), None)
-    if answers is not None:  # its content in the name: new answers, a new datastore
+    from aded.store.answers import answers_for
+
+    answers = answers_for(identity)
+    if answers is not None and any(f.path == answers for f in files):  # new answers, a new datastore
         tag += "a" + hashlib.sha256(answers.read_bytes()).hexdigest()[:8]
     return cache_root() / "datastores" / f"default-v{DEFAULT_CORPUS_VERSION}{tag}-{identity.vocab_hash[:16]}.aded"
 
