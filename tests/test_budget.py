@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 
 from aded.budget import BudgetPolicy, CostModel
@@ -90,6 +92,27 @@ def test_drafting_is_thinned_while_drafts_are_not_worth_verifying_and_resumes_wh
     assert len(policy.plan_step(hopeless)) == 3
     assert [policy.proposal_nodes(24) for _ in range(3)] == [8] * 3
     assert BudgetPolicy(enabled=False).proposal_nodes(24) == 24
+
+
+def test_measured_costs_time_a_plain_step_after_a_plain_step():
+    """A batch of another size costs more (llama.cpp rebuilds its graph); decoding meets a plain
+    step after a plain one, so that is how t(0) is timed."""
+    from aded.budget import measure_costs
+    from scripted import ScriptedRunner
+
+    class ShapeRunner(ScriptedRunner):
+        last = None
+
+        def verify(self, seq, root_id, tree):
+            time.sleep(0.004 if self.last == len(tree) else 0.008)
+            self.last = len(tree)
+            return super().verify(seq, root_id, tree)
+
+        def rewind(self, seq, length):
+            pass
+
+    costs = measure_costs(ShapeRunner([1] * 64, vocab_size=64), sizes=(0, 1, 2), past_len=8, repeats=2)
+    assert costs(0) < 0.0075 <= costs(1)
 
 
 def test_the_ask_follows_what_the_budget_verifies():

@@ -110,3 +110,38 @@ def test_simulate_needs_recorded_ids_and_known_drafters():
         simulate_results(results, ["nope"])
     with pytest.raises(ValueError, match="does not exist"):
         simulate_results(results, ["pld"], budget="sometimes")
+
+
+def test_recorded_topk_ranks_the_models_tokens_along_the_output_and_replay_hands_them_on(tiny_model):
+    """`--model-topk`: the model's own ranking on the recorded path, computed in a few chained
+    forwards, equals a plain forward over prompt + output; a drafter asking for top-k then gets
+    the runners-up on the path (and still nothing off it)."""
+    import torch
+
+    from aded.replay import recorded_topk
+
+    prompt = PROMPTS[0]
+    output = hf_greedy(tiny_model, prompt, 20)
+    record = Recorded(prompt, output)
+    table = recorded_topk(HFRunner(tiny_model), record, 4, chunk=6)  # chains shorter than the output
+    with torch.inference_mode():
+        logits = tiny_model(torch.tensor([prompt + output])).logits[0, len(prompt) - 1 : -1]
+    assert table.shape == (len(output), 4)
+    assert table[:, 0].tolist() == output
+    assert table.tolist() == logits.topk(4).indices.tolist()  # greedy: the output is the top-1
+
+    seen = []
+
+    class Spy(Drafter):
+        wants_topk = 4
+
+        def propose(self, context_ids, max_nodes):
+            return DraftTree.empty()
+
+        def observe(self, feedback):
+            seen.append(feedback.model_topk[0].tolist())
+
+    replay_one(Spy(), Recorded(prompt, output, model_topk=table), 8)
+    assert seen == table[1:].tolist()  # every step's root row: the model's ranking there
+    with pytest.raises(ValueError, match="led by that token"):
+        replay_one(Spy(), Recorded(prompt, output, model_topk=table[:, ::-1]), 8)

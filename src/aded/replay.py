@@ -28,10 +28,11 @@ import json
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 from aded.budget import BudgetPolicy
@@ -40,7 +41,7 @@ from aded.drafters.base import Drafter
 from aded.tree import DraftTree
 
 __all__ = ["Recorded", "ReplayStats", "RecordedRunner", "replay", "replay_one", "recorded_from_results",
-           "simulate_results", "render_simulation"]
+           "recorded_topk", "simulate_results", "render_simulation"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class Recorded:
     category: str = "all"
     id: str | int | None = None
     max_new_tokens: int | None = None  # the run's limit (None: the output's length), trims trees
+    #: [len(output), K] the model's top-K ids before each output token, best first (row j's first
+    #: is output[j]); None: the recording's token is the only model evidence (`recorded_topk`)
+    model_topk: Any = None
 
 
 @dataclass
@@ -109,7 +113,7 @@ def replay_one(drafter: Drafter, record: Recorded, max_nodes: int, budget: Budge
     max_new = (record.max_new_tokens or len(output)) if output[-1] in eos else len(output)
     policy = budget if budget is not None else BudgetPolicy(enabled=False)  # width limit only
     runner = RecordedRunner(record.prompt_token_ids, output, policy.cost if budget is not None else None,
-                            max_leaves, max_tree_nodes)
+                            max_leaves, max_tree_nodes, record.model_topk)
     decoder = SpeculativeDecoder(runner, drafter, eos, policy, clock=runner.clock)
     result = decoder.generate(list(record.prompt_token_ids),
                               GenerationConfig(max_new_tokens=max_new, max_draft_nodes=max_nodes))
@@ -124,8 +128,9 @@ def replay_one(drafter: Drafter, record: Recorded, max_nodes: int, budget: Budge
 class RecordedRunner:
     """A runner (backends/base.py) whose model is a recording: after the committed context and a
     tree path that follow the recorded output, the logits say the recorded next token (0 there,
-    -inf elsewhere); after anything else they say nothing (all -inf: no evidence, never accepted,
-    since acceptance only walks paths the recording follows).
+    -inf elsewhere; with `model_topk`, its runners-up too, at -1, -2, ...); after anything else
+    they say nothing (all -inf: no evidence, never accepted, since acceptance only walks paths the
+    recording follows).
 
     `cost(k)`, when given, is what a verification of k nodes takes on the loop's `clock`: the real
     time spent here is replaced by it, and summed in `simulated_s`.
@@ -134,9 +139,17 @@ class RecordedRunner:
     backend = "replay"
 
     def __init__(self, prompt_ids: Sequence[int], output_ids: Sequence[int], cost: Callable[[int], float] | None,
-                 max_tree_leaves: int | None = None, max_tree_nodes: int | None = None) -> None:
+                 max_tree_leaves: int | None = None, max_tree_nodes: int | None = None,
+                 model_topk: Any = None) -> None:
         self.output = [int(t) for t in output_ids]
-        self.vocab_size = max([*prompt_ids, *self.output, 0]) + 1
+        self.topk = None
+        if model_topk is not None:
+            self.topk = torch.from_numpy(np.array(model_topk, dtype=np.int64))  # a copy, any strides
+            if self.topk.ndim != 2 or len(self.topk) < len(self.output) or not bool(
+                    (self.topk[: len(self.output), 0] == torch.tensor(self.output, dtype=torch.int64)).all()):
+                raise ValueError("model_topk must hold a row per output token, led by that token")
+        extra = [] if self.topk is None else [int(self.topk.max())]
+        self.vocab_size = max([*prompt_ids, *self.output, *extra, 0]) + 1
         self.max_positions = len(prompt_ids) + len(self.output) + 4096
         self.max_tree_leaves = max_tree_leaves
         self.max_tree_nodes = max_tree_nodes
@@ -189,8 +202,41 @@ class RecordedRunner:
         logits = torch.full((num_rows, self.vocab_size), float("-inf"))
         for row, position in known.items():
             if position < len(self.output):
-                logits[row, self.output[position]] = 0.0
+                if self.topk is None:
+                    logits[row, self.output[position]] = 0.0
+                else:
+                    ids = self.topk[position]
+                    ids = ids[ids >= 0]
+                    logits[row, ids] = -torch.arange(len(ids), dtype=logits.dtype)
         return logits
+
+
+def recorded_topk(runner, record: Recorded, k: int, chunk: int = 64) -> np.ndarray:
+    """[len(output), k] the model's top-k ids before each recorded output token, best first, led by
+    the recorded token: what a drafter asking `wants_topk` is told about the recorded path.
+
+    The output is verified as chains through `runner` (a few forwards per record, not one per
+    token). Where the runner's top-1 is not the recorded token (another backend's rounding), the
+    recorded token leads and the runner's other choices follow."""
+    output = [int(t) for t in record.output_token_ids]
+    if not output or k < 1:
+        return np.zeros((len(output), max(k, 0)), dtype=np.int64)
+    chunk = max(1, min(chunk, runner.max_tree_nodes or chunk))
+    seq = runner.new_sequence(len(record.prompt_token_ids) + len(output) + 2)
+    rows = [runner.prefill(seq, list(record.prompt_token_ids))[None].topk(k + 1).indices]
+    root = 0
+    while root < len(output) - 1:
+        ids = output[root + 1 : root + 1 + chunk]
+        logits = runner.verify(seq, output[root], DraftTree.chain(ids))
+        rows.append(logits[: len(ids)].topk(k + 1).indices)  # row i says what comes at root + 1 + i
+        runner.commit(seq, tuple(range(len(ids) - 1)))  # the last node is the next chain's root
+        root += len(ids)
+    ranked = torch.cat(rows).numpy()[: len(output)]
+    table = np.empty((len(output), k), dtype=np.int64)
+    for j, token in enumerate(output):
+        table[j, 0] = token
+        table[j, 1:] = [t for t in ranked[j] if t != token][: k - 1]
+    return table
 
 
 def replay(
@@ -276,8 +322,13 @@ def cost_model_file(path: str | os.PathLike):
 
 def simulate_results(results: dict[str, Any], drafters: Sequence[str],
                      tokenizer_loader: Callable[[], Any] | None = None, budget: str = "recorded",
-                     max_nodes: int | None = None) -> list[dict[str, Any]]:
+                     max_nodes: int | None = None, model_topk: int = 0,
+                     runner_loader: Callable[[], Any] | None = None) -> list[dict[str, Any]]:
     """Summary rows per drafter and category ("all" first), replaying with a fresh drafter each.
+
+    `model_topk` > 0: the model (`runner_loader()`) ranks its top tokens along every recorded
+    output once, and drafters that ask for them (`wants_topk`) get them on the recorded path, as
+    a real run gives them; otherwise the recorded token is their only model evidence.
 
     `budget`: "recorded" (the run's cost curve, or a typical CPU one if it has none), "typical",
     "off" (every proposed node counts; no speedup prediction), or a file of measured t(k) (see
@@ -292,6 +343,11 @@ def simulate_results(results: dict[str, Any], drafters: Sequence[str],
         raise ValueError(f"unknown drafter(s) {', '.join(map(repr, unknown))}; choose from: "
                          f"{', '.join([*DRAFTERS, 'oracle'])}")
     records = recorded_from_results(results)
+    if model_topk > 0:
+        if runner_loader is None:
+            raise ValueError("model_topk needs the model: pass runner_loader")
+        runner = runner_loader()
+        records = [replace(r, model_topk=recorded_topk(runner, r, model_topk)) for r in records]
     costs = _cost_model(results, budget)
     nodes = max_nodes if max_nodes is not None else results.get("config", {}).get("max_draft_nodes", 24)
     max_leaves = results.get("machine", {}).get("max_tree_leaves")  # the recorded runner's width

@@ -117,6 +117,9 @@ def simulate_command(
                                     "cache file of either backend (~/.cache/aded/costs/*.json) or a results.json."),
     max_draft_nodes: Optional[int] = typer.Option(None, "--max-draft-nodes", min=0, max=1024,
                                                   help="Largest draft tree (default: the run's)."),
+    model_topk: int = typer.Option(0, "--model-topk", min=0, max=64,
+                                   help="Load the run's model and give drafters its top K tokens along the "
+                                        "recorded outputs, as real runs do (aded learns from them); 0: none."),
     as_json: bool = typer.Option(False, "--json", help='Print {"summary": [...]} as JSON.'),
 ) -> None:
     """Replay a benchmark's recorded outputs through drafters, without the model (seconds, not minutes)."""
@@ -128,8 +131,18 @@ def simulate_command(
     source = model or results.get("model")
     summary = simulate_results(results, split_list(drafters),
                                (lambda: load_tokenizer(source)) if source else None,
-                               budget=budget, max_nodes=max_draft_nodes)
+                               budget=budget, max_nodes=max_draft_nodes, model_topk=model_topk,
+                               runner_loader=lambda: _recorded_runner(results, source))
     if as_json:
         typer.echo(json.dumps({"summary": summary}))
     else:
         typer.echo(render_simulation(summary), nl=False)
+
+
+def _recorded_runner(results: dict, model: str | None):
+    """The model a run recorded, on the run's backend (for `--model-topk`)."""
+    from aded.backends.select import load_runner
+
+    if not model:
+        raise ValueError("the results name no model: pass --model")
+    return load_runner(model, backend=results.get("config", {}).get("backend") or "auto")[0]
