@@ -62,6 +62,11 @@ def test_simulate_recorded_bench_matches_bench_mat():
     oracle = [row for row in typical if row["drafter"] == "oracle" and row["category"] == "all"][0]
     assert oracle["mean_accepted_tokens"] >= typical[0]["mean_accepted_tokens"]  # the ceiling
     assert oracle["accepted_per_node"] == pytest.approx(1.0)  # it drafts nothing the model rejects
+    results["machine"]["max_tree_leaves"] = 1  # recorded on a chain-only runner (llama.cpp)
+    chains, trees = (simulate_results(results, ["pld"], budget="off", max_leaves=width)[0]
+                     for width in (-1, None))
+    assert chains["nodes_per_step"] < trees["nodes_per_step"]  # one path each step, or any tree
+    assert chains["mean_accepted_tokens"] <= trees["mean_accepted_tokens"]
 
 
 def test_a_cost_file_of_either_backend_or_a_results_file_prices_the_replay(tmp_path):

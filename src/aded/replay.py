@@ -323,12 +323,15 @@ def cost_model_file(path: str | os.PathLike):
 def simulate_results(results: dict[str, Any], drafters: Sequence[str],
                      tokenizer_loader: Callable[[], Any] | None = None, budget: str = "recorded",
                      max_nodes: int | None = None, model_topk: int = 0,
-                     runner_loader: Callable[[], Any] | None = None) -> list[dict[str, Any]]:
+                     runner_loader: Callable[[], Any] | None = None,
+                     max_leaves: int | None = -1) -> list[dict[str, Any]]:
     """Summary rows per drafter and category ("all" first), replaying with a fresh drafter each.
 
     `model_topk` > 0: the model (`runner_loader()`) ranks its top tokens along every recorded
     output once, and drafters that ask for them (`wants_topk`) get them on the recorded path, as
     a real run gives them; otherwise the recorded token is their only model evidence.
+    `max_leaves`: paths one verification may carry (-1: the recorded runner's; None: any, as
+    transformers verifies), to ask what a recording made on one backend would gain on the other.
 
     `budget`: "recorded" (the run's cost curve, or a typical CPU one if it has none), "typical",
     "off" (every proposed node counts; no speedup prediction), or a file of measured t(k) (see
@@ -350,7 +353,8 @@ def simulate_results(results: dict[str, Any], drafters: Sequence[str],
         records = [replace(r, model_topk=recorded_topk(runner, r, model_topk)) for r in records]
     costs = _cost_model(results, budget)
     nodes = max_nodes if max_nodes is not None else results.get("config", {}).get("max_draft_nodes", 24)
-    max_leaves = results.get("machine", {}).get("max_tree_leaves")  # the recorded runner's width
+    if max_leaves == -1:
+        max_leaves = results.get("machine", {}).get("max_tree_leaves")  # the recorded runner's width
     runner_nodes = results.get("machine", {}).get("max_tree_nodes")  # and its exact chain length
     eos = results.get("config", {}).get("eos_token_ids") or ()
     tokenizer = None

@@ -120,6 +120,9 @@ def simulate_command(
     model_topk: int = typer.Option(0, "--model-topk", min=0, max=64,
                                    help="Load the run's model and give drafters its top K tokens along the "
                                         "recorded outputs, as real runs do (aded learns from them); 0: none."),
+    max_tree_leaves: Optional[int] = typer.Option(None, "--max-tree-leaves", min=0, max=1024,
+                                                  help="Paths per verification (default: the run's runner's, "
+                                                       "1 on llama.cpp; 0: any tree, as transformers verifies)."),
     as_json: bool = typer.Option(False, "--json", help='Print {"summary": [...]} as JSON.'),
 ) -> None:
     """Replay a benchmark's recorded outputs through drafters, without the model (seconds, not minutes)."""
@@ -132,7 +135,8 @@ def simulate_command(
     summary = simulate_results(results, split_list(drafters),
                                (lambda: load_tokenizer(source)) if source else None,
                                budget=budget, max_nodes=max_draft_nodes, model_topk=model_topk,
-                               runner_loader=lambda: _recorded_runner(results, source))
+                               runner_loader=lambda: _recorded_runner(results, source),
+                               max_leaves=-1 if max_tree_leaves is None else (max_tree_leaves or None))
     if as_json:
         typer.echo(json.dumps({"summary": summary}))
     else:
