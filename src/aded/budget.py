@@ -231,7 +231,7 @@ def measure_costs(runner, sizes=DEFAULT_SIZES, past_len: int = 256, repeats: int
     step usually follows a step of another size, and pays that, as the interleaving has it do. A
     plain step usually follows a plain step, so k = 0 is timed after an untimed plain step. Timed
     after a 32-node step instead, it read 16 ms where decoding takes 13-14, and a node looked like
-    28% of a step when it costs ~50%.
+    28% of a step when it costs ~45%.
     """
     if runner.max_tree_nodes is not None:  # sizes the runner cannot verify exactly never run
         sizes = tuple(k for k in sizes if k <= runner.max_tree_nodes)

@@ -4,8 +4,9 @@ Greedy decoding is deterministic, so what a drafter would gain on a recorded (pr
 can be measured offline. Replay runs the engine's own loop (`SpeculativeDecoder`: the budget, tree
 trimming, acceptance, the drafter's `begin / propose / observe / end`) with a `RecordedRunner` in
 place of the model, whose logits name the recorded token after every context that follows the
-recording and nothing elsewhere; so replay and real runs cannot drift apart, and the model's top-1
-token is the only model evidence a drafter gets. For a deterministic drafter whose `wants_topk` is 0, mean
+recording and nothing elsewhere; so replay and real runs cannot drift apart. The recorded token is
+the only model evidence a drafter gets, unless the record carries the model's own top-k along the
+output (`recorded_topk`, `aded simulate --model-topk`). For a deterministic drafter whose `wants_topk` is 0, mean
 accepted tokens equal those of a real greedy run exactly, provided the replay sees what the engine
 did: pass the same `BudgetPolicy` kind (and cost curve) and each record's `max_new_tokens`.
 
@@ -223,19 +224,20 @@ def recorded_topk(runner, record: Recorded, k: int, chunk: int = 64) -> np.ndarr
         return np.zeros((len(output), max(k, 0)), dtype=np.int64)
     chunk = max(1, min(chunk, runner.max_tree_nodes or chunk))
     seq = runner.new_sequence(len(record.prompt_token_ids) + len(output) + 2)
-    rows = [runner.prefill(seq, list(record.prompt_token_ids))[None].topk(k + 1).indices]
+    ranks = min(k + 1, runner.vocab_size)
+    rows = [runner.prefill(seq, list(record.prompt_token_ids))[None].topk(ranks).indices]
     root = 0
     while root < len(output) - 1:
         ids = output[root + 1 : root + 1 + chunk]
         logits = runner.verify(seq, output[root], DraftTree.chain(ids))
-        rows.append(logits[: len(ids)].topk(k + 1).indices)  # row i says what comes at root + 1 + i
+        rows.append(logits[: len(ids)].topk(ranks).indices)  # row i says what comes at root + 1 + i
         runner.commit(seq, tuple(range(len(ids) - 1)))  # the last node is the next chain's root
         root += len(ids)
     ranked = torch.cat(rows).numpy()[: len(output)]
-    table = np.empty((len(output), k), dtype=np.int64)
+    table = np.full((len(output), k), -1, dtype=np.int64)  # -1: no more ranks (a tiny vocabulary)
     for j, token in enumerate(output):
-        table[j, 0] = token
-        table[j, 1:] = [t for t in ranked[j] if t != token][: k - 1]
+        others = [t for t in ranked[j] if t != token][: k - 1]
+        table[j, : 1 + len(others)] = [token, *others]
     return table
 
 
@@ -349,8 +351,11 @@ def simulate_results(results: dict[str, Any], drafters: Sequence[str],
     if model_topk > 0:
         if runner_loader is None:
             raise ValueError("model_topk needs the model: pass runner_loader")
+        from aded.progress import status
+
         runner = runner_loader()
-        records = [replace(r, model_topk=recorded_topk(runner, r, model_topk)) for r in records]
+        with status(f"Ranking the model's top {model_topk} along {len(records)} recorded outputs"):
+            records = [replace(r, model_topk=recorded_topk(runner, r, model_topk)) for r in records]
     costs = _cost_model(results, budget)
     nodes = max_nodes if max_nodes is not None else results.get("config", {}).get("max_draft_nodes", 24)
     if max_leaves == -1:
