@@ -222,17 +222,18 @@ def recorded_topk(runner, record: Recorded, k: int, chunk: int = 64) -> np.ndarr
     output = [int(t) for t in record.output_token_ids]
     if not output or k < 1:
         return np.zeros((len(output), max(k, 0)), dtype=np.int64)
-    chunk = max(1, min(chunk, runner.max_tree_nodes or chunk))
-    seq = runner.new_sequence(len(record.prompt_token_ids) + len(output) + 2)
+    if runner.max_tree_nodes is not None:  # 0: a runner that verifies no drafts, one token a step
+        chunk = min(chunk, runner.max_tree_nodes)
+    seq = runner.new_sequence(len(record.prompt_token_ids) + len(output) + chunk + 2)
     ranks = min(k + 1, runner.vocab_size)
     rows = [runner.prefill(seq, list(record.prompt_token_ids))[None].topk(ranks).indices]
     root = 0
-    while root < len(output) - 1:
+    while root < len(output) - 1:  # as the decoding loop steps: the chain accepted, the next root its bonus
         ids = output[root + 1 : root + 1 + chunk]
         logits = runner.verify(seq, output[root], DraftTree.chain(ids))
-        rows.append(logits[: len(ids)].topk(ranks).indices)  # row i says what comes at root + 1 + i
-        runner.commit(seq, tuple(range(len(ids) - 1)))  # the last node is the next chain's root
-        root += len(ids)
+        rows.append(logits.topk(ranks).indices)  # row i says what comes at root + 1 + i
+        runner.commit(seq, tuple(range(len(ids))))
+        root += len(ids) + 1
     ranked = torch.cat(rows).numpy()[: len(output)]
     table = np.full((len(output), k), -1, dtype=np.int64)  # -1: no more ranks (a tiny vocabulary)
     for j, token in enumerate(output):
