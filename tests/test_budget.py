@@ -73,7 +73,16 @@ def test_a_policy_that_verifies_nothing_explores_now_and_then():
     policy = BudgetPolicy(CostModel((0, 1, 8), (0.1, 1.0, 1.0)), explore_every=8)
     tree = scored([[1, 2, 3]], [0.5, 0.4, 0.3])
     sizes = [len(policy.plan_step(tree)) for _ in range(16)]
-    assert sizes.count(0) == 14 and sizes[7] == sizes[15] == 3
+    # a node costs 9 plain steps here: exploring verifies one, the least it can learn from
+    assert sizes.count(0) == 14 and sizes[7] == sizes[15] == 1
+
+
+def test_exploration_verifies_as_many_nodes_as_cost_little():
+    costs = CostModel((0, 2, 3, 8), (1.0, 1.2, 1.6, 4.0))  # up to 2 nodes within 1.5 plain steps
+    policy = BudgetPolicy(costs, explore_every=4)
+    tree = scored([[1, 2, 3, 4, 5]], [0.05, 0.04, 0.03, 0.02, 0.01])
+    sizes = [len(policy.plan_step(tree)) for _ in range(8)]
+    assert sizes == [0, 0, 0, 2, 0, 0, 0, 2]
 
 
 def test_drafting_is_thinned_while_drafts_are_not_worth_verifying_and_resumes_when_they_are():

@@ -77,7 +77,8 @@ class BudgetPolicy:
     # load, threads, thermal) corrects the once-measured curve where steps actually run
     _cost_ratio_sum: np.ndarray = field(default_factory=lambda: np.zeros(len(COST_BUCKETS)))
     _cost_ratio_n: np.ndarray = field(default_factory=lambda: np.zeros(len(COST_BUCKETS)))
-    explore_every: int = 32  # after this many steps that verified nothing, try a small tree
+    explore_every: int = 32  # after this many steps that verified nothing, try a small tree:
+    explore_cost: float = 1.5  # the most nodes (up to 4) whose step costs at most this many plain steps
     # Drafting costs time even when nothing of it is verified. After `thin_after` proposals in a
     # row that were not worth verifying, ask for one only every `thin_every` steps until one is.
     # (Backing off further, doubling the interval up to 32 while thinned proposals lose time, was
@@ -171,7 +172,8 @@ class BudgetPolicy:
             # keep the estimates honest: a policy that never verifies never learns it was wrong
             self._idle_steps += 1
             if self._idle_steps >= self.explore_every:
-                best_k = min(len(order), 4)
+                affordable = np.flatnonzero(costs[: min(len(order), 4) + 1] <= self.explore_cost * costs[0])
+                best_k = max(1, int(affordable[-1]))
         if best_k:
             self._idle_steps = 0
         self._verified_mean = 0.9 * self._verified_mean + 0.1 * best_k
