@@ -93,6 +93,9 @@ def test_bench_command_writes_files_and_schema(model_dir, questions_file, tmp_pa
     summary = json.loads(sim.stdout)["summary"]
     assert {(s["drafter"], s["category"]) for s in summary} >= {("pld", "all"), ("suffix", "math")}
     assert {"drafter", "category", "mean_accepted_tokens", "nodes_per_step", "accepted_per_node"} <= set(summary[0])
+    twice = cli.invoke(app, ["simulate", "--recorded", str(out), "--drafters", "pld", "--repeats", "2"])
+    assert twice.exit_code == 0, twice.output
+    assert "| pld | all |" in twice.stdout and "x (" in twice.stdout  # speedup with its range
 
     diff = cli.invoke(app, ["bench", "compare", str(out), str(out / "results.json")])
     assert diff.exit_code == 0 and "| pld | all |" in diff.stdout and "+0.0%" in diff.stdout

@@ -11,7 +11,7 @@ import pytest
 from aded.backends.hf import HFRunner
 from aded.bench.questions import Question
 from aded.bench.runner import BenchConfig, run_bench
-from aded.replay import recorded_from_results, simulate_results
+from aded.replay import recorded_from_results, render_simulation, simulate_results
 from aded.budget import BudgetPolicy, CostModel
 from aded.decoding import GenerationConfig, SpeculativeDecoder
 from aded.drafters import make_drafter
@@ -67,6 +67,27 @@ def test_simulate_recorded_bench_matches_bench_mat():
                      for width in (-1, None))
     assert chains["nodes_per_step"] < trees["nodes_per_step"]  # one path each step, or any tree
     assert chains["mean_accepted_tokens"] <= trees["mean_accepted_tokens"]
+
+
+def test_simulate_repeats_report_means_and_ranges():
+    model = tiny_llama(vocab_size=160, seed=5, logit_scale=4.0)
+    questions = [Question(str(q["id"]), q["category"], tuple(q["turns"])) for q in QUESTIONS]
+    results = run_bench(model, tiny_char_tokenizer(), questions, ["pld"],
+                        BenchConfig(max_new_tokens=20, budget="off", warmup=False))
+    once = simulate_results(results, ["pld"], budget="off")
+    thrice = simulate_results(results, ["pld"], budget="off", repeats=3)
+    assert [(r["drafter"], r["category"]) for r in thrice] == [(r["drafter"], r["category"]) for r in once]
+    for single, repeated in zip(once, thrice):  # without a budget, pld replays the same each time
+        mat = single["mean_accepted_tokens"]
+        assert repeated["repeats"] == 3
+        assert repeated["mean_accepted_tokens"] == pytest.approx(mat)
+        assert repeated["mean_accepted_tokens_range"] == [mat, mat]
+    budgeted = simulate_results(results, ["pld"], budget="typical", repeats=2)[0]
+    low, high = budgeted["predicted_speedup_range"]
+    assert low <= budgeted["predicted_speedup"] <= high
+    assert f"({low:.2f}-{high:.2f})" in render_simulation([budgeted])
+    with pytest.raises(ValueError, match="repeats"):
+        simulate_results(results, ["pld"], repeats=0)
 
 
 def test_a_cost_file_of_either_backend_or_a_results_file_prices_the_replay(tmp_path):

@@ -327,8 +327,14 @@ def simulate_results(results: dict[str, Any], drafters: Sequence[str],
                      tokenizer_loader: Callable[[], Any] | None = None, budget: str = "recorded",
                      max_nodes: int | None = None, model_topk: int = 0,
                      runner_loader: Callable[[], Any] | None = None,
-                     max_leaves: int | None = -1) -> list[dict[str, Any]]:
+                     max_leaves: int | None = -1, repeats: int = 1) -> list[dict[str, Any]]:
     """Summary rows per drafter and category ("all" first), replaying with a fresh drafter each.
+
+    `repeats` > 1 replays each drafter that many times, each with a fresh drafter and budget, and
+    reports the means with the range of MAT and speedup (`*_range`). Under a budget, replay charges
+    each step the drafter's real drafting time, and the budget's thinning follows it: the same
+    replay differs a little from run to run, and a choice between two drafters closer than that
+    range is noise.
 
     `model_topk` > 0: the model (`runner_loader()`) ranks its top tokens along every recorded
     output once, and drafters that ask for them (`wants_topk`) get them on the recorded path, as
@@ -344,6 +350,8 @@ def simulate_results(results: dict[str, Any], drafters: Sequence[str],
     from aded.budget import BudgetPolicy
     from aded.drafters import DRAFTERS, drafter_class, make_drafter
 
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     unknown = [d for d in drafters if d not in DRAFTERS and d != "oracle"]
     if unknown:
         raise ValueError(f"unknown drafter(s) {', '.join(map(repr, unknown))}; choose from: "
@@ -366,23 +374,26 @@ def simulate_results(results: dict[str, Any], drafters: Sequence[str],
     tokenizer = None
     summary: list[dict[str, Any]] = []
     for name in drafters:
-        before_each = None
-        if name == "oracle":
-            from aded.bench.methods import OracleDrafter
+        runs: list[list[dict[str, Any]]] = []
+        for _ in range(repeats):
+            before_each = None
+            if name == "oracle":
+                from aded.bench.methods import OracleDrafter
 
-            drafter = OracleDrafter()
-            before_each = lambda record, oracle=drafter: oracle.expect(record.output_token_ids)  # noqa: E731
-        else:
-            if drafter_class(name).needs_tokenizer and tokenizer is None and tokenizer_loader is not None:
-                tokenizer = tokenizer_loader()
-            drafter = make_drafter(name, tokenizer)
-        policy = BudgetPolicy(costs) if costs is not None else None
-        start = time.perf_counter()
-        stats = replay(drafter, records, nodes, policy, max_leaves, eos, runner_nodes, before_each)
-        elapsed = time.perf_counter() - start
-        plain = costs(0) if costs is not None else None
-        for category in ["all", *[c for c in stats if c != "all"]]:
-            summary.append(_row(name, category, stats[category], plain, elapsed if category == "all" else None))
+                drafter = OracleDrafter()
+                before_each = lambda record, oracle=drafter: oracle.expect(record.output_token_ids)  # noqa: E731
+            else:
+                if drafter_class(name).needs_tokenizer and tokenizer is None and tokenizer_loader is not None:
+                    tokenizer = tokenizer_loader()
+                drafter = make_drafter(name, tokenizer)
+            policy = BudgetPolicy(costs) if costs is not None else None
+            start = time.perf_counter()
+            stats = replay(drafter, records, nodes, policy, max_leaves, eos, runner_nodes, before_each)
+            elapsed = time.perf_counter() - start
+            plain = costs(0) if costs is not None else None
+            runs.append([_row(name, category, stats[category], plain, elapsed if category == "all" else None)
+                         for category in ["all", *[c for c in stats if c != "all"]]])
+        summary.extend(runs[0] if repeats == 1 else [_mean_row(rows) for rows in zip(*runs)])
     return summary
 
 
@@ -405,13 +416,33 @@ def _row(drafter: str, category: str, stats: ReplayStats, plain_step_s: float | 
     return row
 
 
+def _mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One row for repeated replays of a drafter and category: means, and the range of MAT and
+    predicted speedup."""
+    mean = dict(rows[0])
+    for key, value in rows[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in rows if r[key] is not None]
+            mean[key] = round(sum(values) / len(values), 4) if values else None
+    for key in ("mean_accepted_tokens", "predicted_speedup"):
+        values = [r[key] for r in rows if r[key] is not None]
+        mean[f"{key}_range"] = [min(values), max(values)] if values else None
+    mean["repeats"] = len(rows)
+    return mean
+
+
 def render_simulation(summary: Sequence[dict[str, Any]]) -> str:
     """A markdown table of `simulate_results` rows."""
     lines = ["| Drafter | Category | MAT | nodes/step | accepted/node | draft ms/step | predicted speedup |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in summary:
         speedup = "-" if r["predicted_speedup"] is None else f"{r['predicted_speedup']:.2f}x"
+        mat = f"{r['mean_accepted_tokens']:.2f}"
+        if r.get("predicted_speedup_range"):
+            speedup += " ({:.2f}-{:.2f})".format(*r["predicted_speedup_range"])
+        if r.get("mean_accepted_tokens_range"):
+            mat += " ({:.2f}-{:.2f})".format(*r["mean_accepted_tokens_range"])
         draft = "-" if r["draft_ms_per_step"] is None else f"{r['draft_ms_per_step']:.2f}"
-        lines.append(f"| {r['drafter']} | {r['category']} | {r['mean_accepted_tokens']:.2f} | "
+        lines.append(f"| {r['drafter']} | {r['category']} | {mat} | "
                      f"{r['nodes_per_step']:.1f} | {r['accepted_per_node']:.3f} | {draft} | {speedup} |")
     return "\n".join(lines) + "\n"

@@ -123,6 +123,9 @@ def simulate_command(
     max_tree_leaves: Optional[int] = typer.Option(None, "--max-tree-leaves", min=0, max=1024,
                                                   help="Paths per verification (default: the run's runner's, "
                                                        "1 on llama.cpp; 0: any tree, as transformers verifies)."),
+    repeats: int = typer.Option(1, "--repeats", min=1, max=100,
+                                help="Replay each drafter N times and report means with the range (a budget "
+                                     "follows real drafting time, so replays differ a little)."),
     as_json: bool = typer.Option(False, "--json", help='Print {"summary": [...]} as JSON.'),
 ) -> None:
     """Replay a benchmark's recorded outputs through drafters, without the model (seconds, not minutes)."""
@@ -136,7 +139,8 @@ def simulate_command(
                                (lambda: load_tokenizer(source)) if source else None,
                                budget=budget, max_nodes=max_draft_nodes, model_topk=model_topk,
                                runner_loader=lambda: _recorded_runner(results, source),
-                               max_leaves=-1 if max_tree_leaves is None else (max_tree_leaves or None))
+                               max_leaves=-1 if max_tree_leaves is None else (max_tree_leaves or None),
+                               repeats=repeats)
     if as_json:
         typer.echo(json.dumps({"summary": summary}))
     else:
