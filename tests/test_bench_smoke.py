@@ -10,7 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from aded.bench.questions import Question
+from aded.bench.report import render_report
 from aded.bench.runner import BenchConfig, run_bench
+from aded.replay import recorded_from_results
 from aded.cli import app
 from conftest import tiny_llama
 
@@ -146,3 +148,23 @@ def test_sampling_run_reports_no_identity():
         assert entry["identical"] is None and entry["tokens_per_s"] is not None
     pld = next(r for r in results["questions"] if r["method"] == "pld")
     assert pld["identical_to_baseline"] is None and len(pld["turns"]) == 2
+
+
+def test_repeats_run_every_turn_again_and_keep_one_recording_per_turn():
+    model = tiny_llama(vocab_size=160, seed=5, logit_scale=4.0)
+    questions = [Question(str(q["id"]), q["category"], tuple(q["turns"])) for q in QUESTIONS]
+    config = BenchConfig(max_new_tokens=12, budget="off", warmup=False)
+    once = run_bench(model, tiny_char_tokenizer(), questions, ["pld", "oracle"], config)
+    thrice = run_bench(model, tiny_char_tokenizer(), questions, ["pld", "oracle"],
+                       BenchConfig(max_new_tokens=12, budget="off", warmup=False, repeats=3))
+    rows = {(r["id"], r["method"]): r for r in once["questions"]}
+    for row in thrice["questions"]:
+        single = rows[(row["id"], row["method"])]
+        assert [t["repeat"] for t in row["turns"]] == [r for _ in single["turns"] for r in range(3)]
+        assert row["tokens"] == 3 * single["tokens"] and row["steps"] == 3 * single["steps"]
+        assert row["identical_to_baseline"] is True
+        assert row.get("output_token_ids") == single.get("output_token_ids")  # one per turn
+    assert recorded_from_results(thrice) == recorded_from_results(once)
+    assert "every turn run 3 times per method" in render_report(thrice)
+    with pytest.raises(ValueError, match="repeats"):
+        BenchConfig(repeats=0)

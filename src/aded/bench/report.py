@@ -122,7 +122,8 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
         f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('threads')} threads; {engine}.",
         f"Run: {config.get('questions')} questions{_skipped_note(results)}, max_new_tokens {config.get('max_new_tokens')}, "
         f"temperature {config.get('temperature')}, max_draft_nodes {config.get('max_draft_nodes')}, "
-        f"budget {config.get('budget')}.",
+        f"budget {config.get('budget')}"
+        + (f", every turn run {config['repeats']} times per method." if config.get("repeats", 1) > 1 else "."),
         "",
         f"## Speedup over {base} (decode tokens/s after prefill)",
         "",

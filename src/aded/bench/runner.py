@@ -5,6 +5,9 @@ Fairness, as the field expects it:
 - a warm-up of every code path (transformers' generate, prompt lookup, the tree verifier) first;
 - methods interleaved per turn (the baseline first, the others in an order rotated per question),
   so a slow moment of the machine hits all methods alike;
+- with `repeats` R > 1, each turn runs R times per method (the others' order rotated again each
+  time), and rates are over all R: per-question timings on a small CPU spread by +-5-8%, so a
+  category of one or two questions needs repeats before a few percent mean anything;
 - decode time measured after the first token, prefill reported separately; drafting included;
 - multi-turn questions feed the baseline's answer back through the chat template, so every method
   sees the same prompt ids at every turn;
@@ -39,10 +42,13 @@ class BenchConfig:
     max_draft_nodes: int = 24
     budget: str = "measured"  # measured (cached t(k)), fresh (t(k) timed now), typical or off
     warmup: bool = True
+    repeats: int = 1  # runs of every turn per method; rates are over all of them
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {self.repeats}")
         sampling_fields(self.temperature)  # the one place that checks it
         if self.budget not in ("measured", "fresh", "typical", "off"):
             raise ValueError(f"budget must be measured, fresh, typical or off, got {self.budget!r}")
@@ -120,7 +126,7 @@ class _Row:
         self.identical: bool | None = True
 
     def add(self, result: TurnResult, prompt_ids: list[int], baseline: list[int] | None,
-            greedy: bool) -> None:
+            greedy: bool, repeat: int = 0) -> None:
         identical = None
         if greedy and baseline is not None:
             identical = result.output_ids == baseline
@@ -136,9 +142,9 @@ class _Row:
             "tokens": result.tokens, "decode_tokens": result.decode_tokens, "steps": result.steps,
             "decode_s": round(result.decode_s, 6), "prefill_s": round(result.prefill_s, 6),
             "draft_s": round(result.draft_s, 6), "draft_nodes": result.draft_nodes,
-            "prompt_tokens": len(prompt_ids), "identical_to_baseline": identical,
+            "prompt_tokens": len(prompt_ids), "identical_to_baseline": identical, "repeat": repeat,
         })
-        if self.keep_ids:
+        if self.keep_ids and repeat == 0:  # one recording per turn (replay reads them)
             self.prompts.append(list(prompt_ids))
             self.outputs.append(list(result.output_ids))
 
@@ -297,27 +303,30 @@ class _Session:
 
     def _turn(self, index: int, question: Question, order: list[Method], rows: dict[str, _Row],
               prompt_ids: list[int]) -> list[int]:
-        baseline: list[int] = []
-        for method in order:
-            if method not in self.active:
-                continue
-            if self.progress is not None:
-                self.progress.update(index, question, method.name)
-            try:
-                result = method.run(prompt_ids, baseline)
-            except (RuntimeError, ValueError) as exc:
+        first: list[int] | None = None  # the baseline's answer, fed to the next turn
+        for repeat in range(self.config.repeats):
+            baseline: list[int] = []
+            for method in order[:1] + _rotate(order[1:], repeat):
+                if method not in self.active:
+                    continue
+                if self.progress is not None:
+                    self.progress.update(index, question, method.name)
+                try:
+                    result = method.run(prompt_ids, baseline)
+                except (RuntimeError, ValueError) as exc:
+                    if method.name == self.baseline:
+                        raise
+                    self.built.skipped[method.name] = f"failed on question {question.key}: {exc}"
+                    self.active.remove(method)
+                    rows.pop(method.name, None)
+                    continue
                 if method.name == self.baseline:
-                    raise
-                self.built.skipped[method.name] = f"failed on question {question.key}: {exc}"
-                self.active.remove(method)
-                rows.pop(method.name, None)
-                continue
-            if method.name == self.baseline:
-                baseline = result.output_ids
-            rows[method.name].add(result, prompt_ids, baseline, self.greedy)
-            if self.progress is not None:
-                self.progress.record(method.name, result)
-        return baseline
+                    baseline = result.output_ids
+                    first = baseline if first is None else first
+                rows[method.name].add(result, prompt_ids, baseline, self.greedy, repeat)
+                if self.progress is not None:
+                    self.progress.record(method.name, result)
+        return first or []
 
 
 TIMING_NOTE = ("decode_s starts when the first generated token is known: for aded methods after the "

@@ -40,16 +40,19 @@ def bench(
     budget: str = typer.Option("measured", "--budget", help="measured (cached t(k)), fresh (time t(k) now), typical, or off: how aded methods size trees."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling."),
     warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="Run every code path once before timing."),
+    repeats: int = typer.Option(1, "--repeats", min=1, max=20,
+                                help="Run every turn R times per method; rates are over all R (per-question "
+                                     "timings spread by several percent on a small CPU)."),
 ) -> None:
     """Run the benchmark (the default action); `aded bench compare A B` compares two runs."""
     if ctx.invoked_subcommand is not None:
         return
     friendly(_run)(model, questions, methods, backend, max_new_tokens, limit, temperature, out, dtype,
-              threads, max_draft_nodes, budget, seed, warmup)
+              threads, max_draft_nodes, budget, seed, warmup, repeats)
 
 
 def _run(model, questions, methods, backend, max_new_tokens, limit, temperature, out, dtype, threads,
-         max_draft_nodes, budget, seed, warmup) -> None:
+         max_draft_nodes, budget, seed, warmup, repeats) -> None:
     import torch
 
     from aded.backends.select import choose_backend, load_runner
@@ -65,7 +68,7 @@ def _run(model, questions, methods, backend, max_new_tokens, limit, temperature,
     if unknown:  # before the model loads: a typo should cost nothing
         raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(known)}")
     config = BenchConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                         max_draft_nodes=max_draft_nodes, budget=budget, warmup=warmup)
+                         max_draft_nodes=max_draft_nodes, budget=budget, warmup=warmup, repeats=repeats)
     selected = load_questions(questions, limit)
     torch.set_num_threads(threads or physical_cores())
     out_dir = out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
