@@ -154,8 +154,9 @@ def test_repeats_run_every_turn_again_and_keep_one_recording_per_turn():
     model = tiny_llama(vocab_size=160, seed=5, logit_scale=4.0)
     questions = [Question(str(q["id"]), q["category"], tuple(q["turns"])) for q in QUESTIONS]
     config = BenchConfig(max_new_tokens=12, budget="off", warmup=False)
-    once = run_bench(model, tiny_char_tokenizer(), questions, ["pld", "oracle"], config)
-    thrice = run_bench(model, tiny_char_tokenizer(), questions, ["pld", "oracle"],
+    # suffix learns every output: a repeat drafting from its own earlier answer would take fewer steps
+    once = run_bench(model, tiny_char_tokenizer(), questions, ["pld", "suffix", "oracle"], config)
+    thrice = run_bench(model, tiny_char_tokenizer(), questions, ["pld", "suffix", "oracle"],
                        BenchConfig(max_new_tokens=12, budget="off", warmup=False, repeats=3))
     rows = {(r["id"], r["method"]): r for r in once["questions"]}
     for row in thrice["questions"]:

@@ -20,6 +20,7 @@ returned as skipped with the reason instead of failing the run.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import time
 from abc import ABC, abstractmethod
@@ -83,6 +84,14 @@ class Method(ABC):
 
     def warm_up(self, prompt_ids: list[int]) -> None:
         """Run each code path once (a short generation) so first-call costs land in no timing."""
+
+    def snapshot(self) -> Any:
+        """What the method has learned so far (None: nothing), for `restore` before a repeated run."""
+        return None
+
+    def restore(self, snapshot: Any) -> None:
+        """Forget what was learned since `snapshot`: a repeated turn must not draft from its own
+        earlier answer."""
 
 
 @dataclass(frozen=True)
@@ -285,6 +294,17 @@ class AdedMethod(Method):
             seed=settings.seed,
             max_draft_nodes=settings.max_draft_nodes,
         )
+
+    def snapshot(self) -> Any:
+        state = self.drafter.state_dict() if self.drafter.learns else None
+        state = None if state is None else {k: np.array(v, copy=True) for k, v in state.items()}
+        return state, copy.deepcopy(self.decoder.budget)
+
+    def restore(self, snapshot: Any) -> None:
+        state, budget = snapshot
+        if state is not None:
+            self.drafter.load_state_dict(state)
+        self.decoder.budget = copy.deepcopy(budget)
 
     def run(self, prompt_ids: list[int], baseline_ids: list[int] | None) -> TurnResult:
         if isinstance(self.drafter, OracleDrafter):

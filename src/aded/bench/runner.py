@@ -7,7 +7,9 @@ Fairness, as the field expects it:
   so a slow moment of the machine hits all methods alike;
 - with `repeats` R > 1, each turn runs R times per method (the others' order rotated again each
   time), and rates are over all R: per-question timings on a small CPU spread by +-5-8%, so a
-  category of one or two questions needs repeats before a few percent mean anything;
+  category of one or two questions needs repeats before a few percent mean anything. Learning
+  drafters and their budgets start every repeat from what they knew before the turn's first run,
+  so no repeat drafts from its own earlier answer;
 - decode time measured after the first token, prefill reported separately; drafting included;
 - multi-turn questions feed the baseline's answer back through the chat template, so every method
   sees the same prompt ids at every turn;
@@ -304,11 +306,14 @@ class _Session:
     def _turn(self, index: int, question: Question, order: list[Method], rows: dict[str, _Row],
               prompt_ids: list[int]) -> list[int]:
         first: list[int] | None = None  # the baseline's answer, fed to the next turn
+        learned = {m.name: m.snapshot() for m in order} if self.config.repeats > 1 else {}
         for repeat in range(self.config.repeats):
             baseline: list[int] = []
             for method in order[:1] + _rotate(order[1:], repeat):
                 if method not in self.active:
                     continue
+                if repeat:
+                    method.restore(learned[method.name])
                 if self.progress is not None:
                     self.progress.update(index, question, method.name)
                 try:
