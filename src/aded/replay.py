@@ -371,28 +371,32 @@ def simulate_results(results: dict[str, Any], drafters: Sequence[str],
         max_leaves = results.get("machine", {}).get("max_tree_leaves")  # the recorded runner's width
     runner_nodes = results.get("machine", {}).get("max_tree_nodes")  # and its exact chain length
     eos = results.get("config", {}).get("eos_token_ids") or ()
+    plain = costs(0) if costs is not None else None
     tokenizer = None
+
+    def replay_once(name: str) -> list[dict[str, Any]]:
+        """One replay of `name` with a fresh drafter and budget: its rows, "all" first."""
+        nonlocal tokenizer
+        before_each = None
+        if name == "oracle":
+            from aded.bench.methods import OracleDrafter
+
+            drafter = OracleDrafter()
+            before_each = lambda record, oracle=drafter: oracle.expect(record.output_token_ids)  # noqa: E731
+        else:
+            if drafter_class(name).needs_tokenizer and tokenizer is None and tokenizer_loader is not None:
+                tokenizer = tokenizer_loader()
+            drafter = make_drafter(name, tokenizer)
+        policy = BudgetPolicy(costs) if costs is not None else None
+        start = time.perf_counter()
+        stats = replay(drafter, records, nodes, policy, max_leaves, eos, runner_nodes, before_each)
+        elapsed = time.perf_counter() - start
+        return [_row(name, category, stats[category], plain, elapsed if category == "all" else None)
+                for category in ["all", *[c for c in stats if c != "all"]]]
+
     summary: list[dict[str, Any]] = []
     for name in drafters:
-        runs: list[list[dict[str, Any]]] = []
-        for _ in range(repeats):
-            before_each = None
-            if name == "oracle":
-                from aded.bench.methods import OracleDrafter
-
-                drafter = OracleDrafter()
-                before_each = lambda record, oracle=drafter: oracle.expect(record.output_token_ids)  # noqa: E731
-            else:
-                if drafter_class(name).needs_tokenizer and tokenizer is None and tokenizer_loader is not None:
-                    tokenizer = tokenizer_loader()
-                drafter = make_drafter(name, tokenizer)
-            policy = BudgetPolicy(costs) if costs is not None else None
-            start = time.perf_counter()
-            stats = replay(drafter, records, nodes, policy, max_leaves, eos, runner_nodes, before_each)
-            elapsed = time.perf_counter() - start
-            plain = costs(0) if costs is not None else None
-            runs.append([_row(name, category, stats[category], plain, elapsed if category == "all" else None)
-                         for category in ["all", *[c for c in stats if c != "all"]]])
+        runs = [replay_once(name) for _ in range(repeats)]
         summary.extend(runs[0] if repeats == 1 else [_mean_row(rows) for rows in zip(*runs)])
     return summary
 

@@ -305,33 +305,37 @@ class _Session:
 
     def _turn(self, index: int, question: Question, order: list[Method], rows: dict[str, _Row],
               prompt_ids: list[int]) -> list[int]:
-        first: list[int] | None = None  # the baseline's answer, fed to the next turn
         learned = {m.name: m.snapshot() for m in order} if self.config.repeats > 1 else {}
-        for repeat in range(self.config.repeats):
-            baseline: list[int] = []
-            for method in order[:1] + _rotate(order[1:], repeat):
-                if method not in self.active:
-                    continue
-                if repeat:
-                    method.restore(learned[method.name])
-                if self.progress is not None:
-                    self.progress.update(index, question, method.name)
-                try:
-                    result = method.run(prompt_ids, baseline)
-                except (RuntimeError, ValueError) as exc:
-                    if method.name == self.baseline:
-                        raise
-                    self.built.skipped[method.name] = f"failed on question {question.key}: {exc}"
-                    self.active.remove(method)
-                    rows.pop(method.name, None)
-                    continue
+        answers = [self._run_turn_once(index, question, order, rows, prompt_ids, repeat, learned)
+                   for repeat in range(self.config.repeats)]
+        return answers[0]  # the baseline's answer, fed to the next turn
+
+    def _run_turn_once(self, index: int, question: Question, order: list[Method], rows: dict[str, _Row],
+                       prompt_ids: list[int], repeat: int, learned: dict[str, Any]) -> list[int]:
+        """Every active method once on this turn; a repeat first restores what each had learned."""
+        baseline: list[int] = []
+        for method in order[:1] + _rotate(order[1:], repeat):
+            if method not in self.active:
+                continue
+            if repeat:
+                method.restore(learned[method.name])
+            if self.progress is not None:
+                self.progress.update(index, question, method.name)
+            try:
+                result = method.run(prompt_ids, baseline)
+            except (RuntimeError, ValueError) as exc:
                 if method.name == self.baseline:
-                    baseline = result.output_ids
-                    first = baseline if first is None else first
-                rows[method.name].add(result, prompt_ids, baseline, self.greedy, repeat)
-                if self.progress is not None:
-                    self.progress.record(method.name, result)
-        return first or []
+                    raise
+                self.built.skipped[method.name] = f"failed on question {question.key}: {exc}"
+                self.active.remove(method)
+                rows.pop(method.name, None)
+                continue
+            if method.name == self.baseline:
+                baseline = result.output_ids
+            rows[method.name].add(result, prompt_ids, baseline, self.greedy, repeat)
+            if self.progress is not None:
+                self.progress.record(method.name, result)
+        return baseline
 
 
 TIMING_NOTE = ("decode_s starts when the first generated token is known: for aded methods after the "
