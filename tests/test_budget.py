@@ -54,6 +54,27 @@ def test_disabled_policy_verifies_everything():
 def test_cost_model_interpolates():
     cost = CostModel((0, 4, 8), (1.0, 2.0, 4.0))
     assert cost(2) == 1.5 and cost(6) == 3.0 and cost(100) == 4.0
+    assert cost(2.5) == 1.625 and cost(-1) == 1.0  # off the table of whole sizes: interpolated
+    assert all(cost(k) == float(np.interp(k, cost.sizes, cost.seconds)) for k in range(12))
+
+
+def test_steps_that_verify_nothing_decay_the_evidence_as_any_step_does():
+    """The decay of empty steps is deferred to the next read; it must equal decaying every step
+    (a tree whose one node scores 0 and is rejected adds nothing but that step's decay)."""
+    tree = scored([[1, 2, 3]], [0.9, 0.8, 0.7])
+    nothing = scored([[1]], [0.0])
+    lazy, eager = BudgetPolicy(CostModel.typical_cpu()), BudgetPolicy(CostModel.typical_cpu())
+    rng = np.random.default_rng(0)
+    for step in range(60):
+        if rng.random() < 0.6:
+            lazy.observe(DraftTree.empty(), ())
+            eager.observe(nothing, ())
+        else:
+            accepted = tuple(range(int(rng.integers(0, 4))))
+            lazy.observe(tree, accepted)
+            eager.observe(tree, accepted)
+        if step % 7 == 6:  # several empty steps may pass between reads
+            np.testing.assert_allclose(lazy.calibrated(tree), eager.calibrated(tree), rtol=1e-12)
 
 
 def test_observed_step_times_correct_a_wrong_cost_curve():

@@ -16,6 +16,7 @@ that was pruned to nothing is tried again now and then, at the cost of an occasi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import json
@@ -46,7 +47,15 @@ class CostModel:
             raise ValueError("a cost model needs matching sizes and seconds, starting at k = 0")
 
     def __call__(self, k: int) -> float:
+        if isinstance(k, int) and k >= 0:  # the loop asks for a whole k every step: no numpy call
+            table = self._whole_sizes
+            return table[min(k, len(table) - 1)]
         return float(np.interp(k, self.sizes, self.seconds))
+
+    @functools.cached_property
+    def _whole_sizes(self) -> list[float]:
+        """t(0), t(1), ... up to the largest measured size (beyond it t stays flat, as interp has it)."""
+        return np.interp(np.arange(int(self.sizes[-1]) + 1), self.sizes, self.seconds).tolist()
 
     @classmethod
     def flat(cls) -> "CostModel":
@@ -73,10 +82,12 @@ class BudgetPolicy:
     cost_memory: float = 0.95  # per timing of a size bucket: ~20 recent timings count
     _predicted: np.ndarray = field(default_factory=lambda: np.zeros(MAX_DEPTH + 1))
     _accepted: np.ndarray = field(default_factory=lambda: np.zeros(MAX_DEPTH + 1))
+    _unapplied_decay: float = 1.0  # steps that verified nothing only decay: applied when next read
     # observed / prior cost per size bucket, as decayed sums: the machine's state today (other
     # load, threads, thermal) corrects the once-measured curve where steps actually run
-    _cost_ratio_sum: np.ndarray = field(default_factory=lambda: np.zeros(len(COST_BUCKETS)))
-    _cost_ratio_n: np.ndarray = field(default_factory=lambda: np.zeros(len(COST_BUCKETS)))
+    # (Python lists: they are updated every step, where numpy's per-call cost would show)
+    _cost_ratio_sum: list[float] = field(default_factory=lambda: [0.0] * len(COST_BUCKETS))
+    _cost_ratio_n: list[float] = field(default_factory=lambda: [0.0] * len(COST_BUCKETS))
     explore_every: int = 32  # after this many steps that verified nothing, try a small tree:
     explore_cost: float = 1.5  # the most nodes (up to 4) whose step costs at most this many plain steps
     # Drafting costs time even when nothing of it is verified. After `thin_after` proposals in a
@@ -113,25 +124,32 @@ class BudgetPolicy:
             self._thinned = 0
         return min(max_nodes, max(self.min_proposal, math.ceil(2.0 * self._verified_mean)))
 
+    def _cost_ratios(self) -> list[float] | None:
+        """Observed / prior cost per size bucket, None before any timing; a bucket with few
+        timings leans on the overall ratio (3 pseudo-timings)."""
+        total = sum(self._cost_ratio_n)
+        if total == 0:
+            return None
+        overall = sum(self._cost_ratio_sum) / total
+        return [(s + 3.0 * overall) / (n + 3.0) for s, n in zip(self._cost_ratio_sum, self._cost_ratio_n)]
+
     def step_cost(self, k: int) -> float:
         """t(k) in the prior's units, corrected by timings observed in this process."""
-        return float(self.step_costs(k)[k])
+        ratios = self._cost_ratios()
+        return self.cost(k) if ratios is None else self.cost(k) * ratios[_bucket(k)]
 
     def step_costs(self, max_k: int) -> np.ndarray:
         """[max_k + 1] corrected t(0..max_k), computed at once (the budget asks every step)."""
         ks = np.arange(max_k + 1)
         prior = np.interp(ks, self.cost.sizes, self.cost.seconds)
-        n = self._cost_ratio_n
-        total = n.sum()
-        if total == 0:
+        ratios = self._cost_ratios()
+        if ratios is None:
             return prior
-        overall = self._cost_ratio_sum.sum() / total
-        ratio = (self._cost_ratio_sum + 3.0 * overall) / (n + 3.0)  # per bucket
-        return prior * ratio[_BUCKET_OF[np.minimum(ks, len(_BUCKET_OF) - 1)]]
+        return prior * np.asarray(ratios)[_BUCKET_OF[np.minimum(ks, len(_BUCKET_OF) - 1)]]
 
     def observe_step(self, drafted: bool, tokens: int, seconds: float) -> None:
         """A whole step (drafting, verification, bookkeeping) emitted `tokens` in `seconds`."""
-        if not self.enabled or not drafted or seconds <= 0 or not self._cost_ratio_n.any():
+        if not self.enabled or not drafted or seconds <= 0 or not any(self._cost_ratio_n):
             return
         ratio = tokens * self.step_cost(0) / seconds  # step_cost(0) is in seconds once observed
         self._gain = self.gain_memory * self._gain + (1.0 - self.gain_memory) * ratio
@@ -148,6 +166,7 @@ class BudgetPolicy:
         """[k] calibrated acceptance estimates, never above the parent's."""
         raw = tree.scores if tree.scores is not None else np.ones(len(tree))
         depths = np.minimum(tree.depths, MAX_DEPTH)
+        self._apply_decay()
         ratio = (self._accepted + self.prior_weight) / (self._predicted + self.prior_weight)
         scores = np.clip(raw * ratio[depths], 0.0, 1.0)
         for i, parent in enumerate(tree.parents.tolist()):
@@ -179,14 +198,20 @@ class BudgetPolicy:
         self._verified_mean = 0.9 * self._verified_mean + 0.1 * best_k
         return tree.subtree(order[:best_k])
 
+    def _apply_decay(self) -> None:
+        if self._unapplied_decay != 1.0:
+            self._predicted *= self._unapplied_decay
+            self._accepted *= self._unapplied_decay
+            self._unapplied_decay = 1.0
+
     def observe(self, tree: DraftTree, accepted_nodes: tuple[int, ...]) -> None:
         """Fold one verified tree's outcome into the per-depth calibration."""
         if not self.enabled:
             return
-        self._predicted *= self.decay
-        self._accepted *= self.decay
+        self._unapplied_decay *= self.decay
         if len(tree) == 0:
             return
+        self._apply_decay()
         raw = tree.scores if tree.scores is not None else np.ones(len(tree))
         depths = np.minimum(tree.depths, MAX_DEPTH)
         np.add.at(self._predicted, depths, raw)
@@ -195,11 +220,12 @@ class BudgetPolicy:
 
 
 def _bucket(k: int) -> int:
-    return int(_BUCKET_OF[min(k, len(_BUCKET_OF) - 1)])
+    return _BUCKETS[min(k, len(_BUCKETS) - 1)]
 
 
 #: the nearest cost bucket of every k up to the largest bucket (ties to the smaller bucket)
 _BUCKET_OF = np.abs(COST_BUCKETS[None, :] - np.arange(COST_BUCKETS[-1] + 1)[:, None]).argmin(axis=1)
+_BUCKETS: list[int] = _BUCKET_OF.tolist()
 
 
 def _best_first(tree: DraftTree, scores: np.ndarray) -> list[int]:
