@@ -161,3 +161,17 @@ def test_the_expensive_source_is_asked_only_when_the_cheap_ones_are_unsure():
     assert search.asked == stats.steps
     with pytest.raises(ValueError, match="confident"):
         HybridDrafter(["pld"], confident=1.5)
+
+
+def test_the_search_is_asked_every_step_where_steps_verify_trees():
+    """A search whose drafts branch off the lookups' path is gated where steps verify one path
+    (llama.cpp's chains), and asked every step where they verify trees (its branches land there)."""
+    rng = np.random.default_rng(4)
+    output = rng.integers(10, 500, size=400).tolist()
+    record = Recorded([1, 2, 3], output, "all", "q", len(output))
+    shares = {}
+    for leaves in (1, None):  # chains, any tree
+        search = Searching("search", output, 3, wrong=True)
+        stats = replay(HybridDrafter([Oracle("cheap", output, 3), search]), [record], 8, max_leaves=leaves)["all"]
+        shares[leaves] = search.asked / stats.steps
+    assert shares[1] <= 0.2 and shares[None] > 0.9, shares

@@ -12,7 +12,11 @@ that searches (`Drafter.expensive`, ADED's Monte-Carlo search) only when the loo
 first token is right less often than `confident`, as learned every step by a separate calibration
 of the lookups alone (cell: which lookups propose it, their confidence), or when they found
 nothing. On the other steps it is asked for 0 nodes, which costs it nothing (ADED catches up with
-the context at its next real proposal) and tells it no proposal of its is judged.
+the context at its next real proposal) and tells it no proposal of its is judged. That gate pays
+where steps verify one path (llama.cpp's chains: a search's branches are not verified there),
+not where they verify trees (transformers): there the search's branches land beside the lookups'
+path. So once a verified tree has branched (the verifier takes trees), the search is asked every
+step.
 
 Agreement is learned, not assumed: prompt lookup and the per-request suffix index read the same
 text, so their agreement is weak evidence, while the suffix index agreeing with ADED's corpus
@@ -110,6 +114,7 @@ class HybridDrafter(Drafter):
         self.wants_topk = max(s.wants_topk for s in self.sources)
         self.prior_scale = prior_scale
         self.confident = confident
+        self._verifies_trees = False  # set by the first verified tree with two paths or more
         self.calibrator = EdgeCalibrator()
         self.gate = EdgeCalibrator()  # P(the lookups' likeliest first token is right | its cell)
         self._gate_pick: tuple[tuple, int] | None = None  # (cells, token) judged by the next observe
@@ -129,7 +134,8 @@ class HybridDrafter(Drafter):
         self._gate_pick = None
         cheap = [s.propose(context_ids, max_nodes) if not s.expensive else None for s in self.sources]
         edges = self._merge(cheap) if max_nodes > 0 else {}
-        ask = max_nodes > 0 and None in cheap and self._unsure(edges)
+        unsure = max_nodes > 0 and None in cheap and self._unsure(edges)  # the gate learns every step
+        ask = unsure or (max_nodes > 0 and None in cheap and self._verifies_trees)
         self._last = [t if t is not None else s.propose(context_ids, max_nodes if ask else 0)
                       for s, t in zip(self.sources, cheap)]
         if max_nodes <= 0:
@@ -244,6 +250,8 @@ class HybridDrafter(Drafter):
             cells = self._cells.get(path)
             if cells is not None:
                 self.calibrator.update(*cells, accepted)
+        if not self._verifies_trees and len(feedback.tree) > 1:
+            self._verifies_trees = len(feedback.tree.leaves()) > 1
         verified = {path: i for i, path in enumerate(_paths(feedback.tree))}
         committed = [*feedback.accepted_ids, feedback.bonus_id]
         for source, tree in zip(self.sources, self._last or [DraftTree.empty()] * len(self.sources)):
