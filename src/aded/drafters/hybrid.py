@@ -134,8 +134,8 @@ class HybridDrafter(Drafter):
         self._gate_pick = None
         cheap = [s.propose(context_ids, max_nodes) if not s.expensive else None for s in self.sources]
         edges = self._merge(cheap) if max_nodes > 0 else {}
-        unsure = max_nodes > 0 and None in cheap and self._unsure(edges)  # the gate learns every step
-        ask = unsure or (max_nodes > 0 and None in cheap and self._verifies_trees)
+        searchable = max_nodes > 0 and None in cheap
+        ask = searchable and (self._unsure(edges) or self._verifies_trees)  # the gate learns every step
         self._last = [t if t is not None else s.propose(context_ids, max_nodes if ask else 0)
                       for s, t in zip(self.sources, cheap)]
         if max_nodes <= 0:
