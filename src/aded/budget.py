@@ -52,10 +52,14 @@ class CostModel:
             return table[min(k, len(table) - 1)]
         return float(np.interp(k, self.sizes, self.seconds))
 
+    def upto(self, max_k: int) -> np.ndarray:
+        """[max_k + 1] t(0), t(1), ..., t(max_k) (beyond the largest measured size t stays flat)."""
+        return np.interp(np.arange(max_k + 1), self.sizes, self.seconds)
+
     @functools.cached_property
     def _whole_sizes(self) -> list[float]:
-        """t(0), t(1), ... up to the largest measured size (beyond it t stays flat, as interp has it)."""
-        return np.interp(np.arange(int(self.sizes[-1]) + 1), self.sizes, self.seconds).tolist()
+        """`upto` the largest measured size, as Python floats."""
+        return self.upto(int(self.sizes[-1])).tolist()
 
     @classmethod
     def flat(cls) -> "CostModel":
@@ -140,12 +144,11 @@ class BudgetPolicy:
 
     def step_costs(self, max_k: int) -> np.ndarray:
         """[max_k + 1] corrected t(0..max_k), computed at once (the budget asks every step)."""
-        ks = np.arange(max_k + 1)
-        prior = np.interp(ks, self.cost.sizes, self.cost.seconds)
+        prior = self.cost.upto(max_k)
         ratios = self._cost_ratios()
         if ratios is None:
             return prior
-        return prior * np.asarray(ratios)[_BUCKET_OF[np.minimum(ks, len(_BUCKET_OF) - 1)]]
+        return prior * np.asarray(ratios)[_BUCKET_OF[np.minimum(np.arange(max_k + 1), len(_BUCKET_OF) - 1)]]
 
     def observe_step(self, drafted: bool, tokens: int, seconds: float) -> None:
         """A whole step (drafting, verification, bookkeeping) emitted `tokens` in `seconds`."""

@@ -114,7 +114,7 @@ class HybridDrafter(Drafter):
         self.wants_topk = max(s.wants_topk for s in self.sources)
         self.prior_scale = prior_scale
         self.confident = confident
-        self._verifies_trees = False  # set by the first verified tree with two paths or more
+        self._verifies_trees = False  # set by the first verified tree that is not a chain
         self.calibrator = EdgeCalibrator()
         self.gate = EdgeCalibrator()  # P(the lookups' likeliest first token is right | its cell)
         self._gate_pick: tuple[tuple, int] | None = None  # (cells, token) judged by the next observe
@@ -250,8 +250,8 @@ class HybridDrafter(Drafter):
             cells = self._cells.get(path)
             if cells is not None:
                 self.calibrator.update(*cells, accepted)
-        if not self._verifies_trees and len(feedback.tree) > 1:
-            self._verifies_trees = len(feedback.tree.leaves()) > 1
+        if not self._verifies_trees:  # `is_chain` is cached on the tree; the real runners ask it too
+            self._verifies_trees = not feedback.tree.is_chain
         verified = {path: i for i, path in enumerate(_paths(feedback.tree))}
         committed = [*feedback.accepted_ids, feedback.bonus_id]
         for source, tree in zip(self.sources, self._last or [DraftTree.empty()] * len(self.sources)):
