@@ -1,6 +1,7 @@
 import time
 
 import numpy as np
+import pytest
 
 from aded.budget import BudgetPolicy, CostModel
 from aded.tree import DraftTree
@@ -88,6 +89,33 @@ def test_observed_step_times_correct_a_wrong_cost_curve():
         policy.observe_cost(3, 0.12)
     assert policy.step_cost(3) < 1.5 * policy.step_cost(0)
     assert len(policy.plan_step(tree)) == 3
+
+
+def test_one_slow_step_does_not_price_its_size_out():
+    """The first step of a size once took 10x (a kernel tuned on first use): the size stays
+    affordable, and ordinary timings bring its cost back to what they say."""
+    curve = CostModel((0, 1, 8), (0.1, 0.11, 0.2))
+    policy = BudgetPolicy(curve)
+    tree = scored([[1]], [0.6])
+    for _ in range(5):
+        policy.observe_cost(0, 0.1)
+    policy.observe_cost(1, 1.1)  # ten times the curve
+    assert policy.step_cost(1) < 1.2 * curve(1)
+    assert len(policy.plan_step(tree)) == 1
+    for _ in range(40):
+        policy.observe_cost(1, 0.11)
+    assert policy.step_cost(1) == pytest.approx(curve(1), rel=0.02)
+
+
+def test_a_machine_slower_than_its_curve_is_still_followed():
+    """Every step takes twice the curve (another tenant): the correction gets there, by steps."""
+    curve = CostModel((0, 1, 8), (0.1, 0.11, 0.2))
+    policy = BudgetPolicy(curve)
+    for _ in range(60):
+        policy.observe_cost(0, 0.2)
+        policy.observe_cost(4, 2 * curve(4))
+    assert policy.step_cost(0) == pytest.approx(0.2, rel=0.05)
+    assert policy.step_cost(4) == pytest.approx(2 * curve(4), rel=0.05)
 
 
 def test_a_policy_that_verifies_nothing_explores_now_and_then():

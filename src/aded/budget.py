@@ -75,6 +75,7 @@ class CostModel:
 # bump when the runner's kernels change: t(k) cached on disk is then measured anew
 COSTS_VERSION = "3"
 COST_BUCKETS = np.array([0, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 1024])
+_BUCKET_PRIOR = 3.0  # pseudo-timings at the overall ratio in every bucket's estimate
 
 
 @dataclass
@@ -84,6 +85,7 @@ class BudgetPolicy:
     prior_weight: float = 2.0  # pseudo-observations per depth pulling the ratio toward 1
     enabled: bool = True  # False: verify every proposed node (no pruning, no calibration)
     cost_memory: float = 0.95  # per timing of a size bucket: ~20 recent timings count
+    cost_step: float = 1.5  # a timing counts as at most this factor off its bucket's estimate
     _predicted: np.ndarray = field(default_factory=lambda: np.zeros(MAX_DEPTH + 1))
     _accepted: np.ndarray = field(default_factory=lambda: np.zeros(MAX_DEPTH + 1))
     _unapplied_decay: float = 1.0  # steps that verified nothing only decay: applied when next read
@@ -135,7 +137,7 @@ class BudgetPolicy:
         if total == 0:
             return None
         overall = sum(self._cost_ratio_sum) / total
-        return [(s + 3.0 * overall) / (n + 3.0) for s, n in zip(self._cost_ratio_sum, self._cost_ratio_n)]
+        return [_blended(s, n, overall) for s, n in zip(self._cost_ratio_sum, self._cost_ratio_n)]
 
     def step_cost(self, k: int) -> float:
         """t(k) in the prior's units, corrected by timings observed in this process."""
@@ -162,7 +164,16 @@ class BudgetPolicy:
         if not self.enabled or seconds <= 0:
             return
         bucket = _bucket(k)
-        self._cost_ratio_sum[bucket] = self._cost_ratio_sum[bucket] * self.cost_memory + seconds / self.cost(k)
+        ratio = seconds / self.cost(k)
+        # A timing counts as at most `cost_step` times its bucket's estimate (and at least
+        # 1 / cost_step): one slow step (a kernel tuned on first use, a collection, the OS) would
+        # otherwise price its size out for good, since the budget then stops choosing that size
+        # and no later timing corrects it.
+        total = sum(self._cost_ratio_n)
+        overall = sum(self._cost_ratio_sum) / total if total else 1.0
+        estimate = _blended(self._cost_ratio_sum[bucket], self._cost_ratio_n[bucket], overall)
+        ratio = min(max(ratio, estimate / self.cost_step), estimate * self.cost_step)
+        self._cost_ratio_sum[bucket] = self._cost_ratio_sum[bucket] * self.cost_memory + ratio
         self._cost_ratio_n[bucket] = self._cost_ratio_n[bucket] * self.cost_memory + 1.0
 
     def calibrated(self, tree: DraftTree) -> np.ndarray:
@@ -220,6 +231,11 @@ class BudgetPolicy:
         np.add.at(self._predicted, depths, raw)
         for node in accepted_nodes:
             self._accepted[depths[node]] += 1.0
+
+
+def _blended(ratio_sum: float, timings: float, overall: float) -> float:
+    """A bucket's cost ratio, leaning on the overall ratio while it has few timings."""
+    return (ratio_sum + _BUCKET_PRIOR * overall) / (timings + _BUCKET_PRIOR)
 
 
 def _bucket(k: int) -> int:

@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from aded.backends.kernels import fast_linears
+from aded.backends.kernels import fast_linears, tune_all
 from aded.tree import DraftTree
 
 __all__ = ["HFRunner", "HFSequence", "SlotLayer"]
@@ -136,6 +136,9 @@ class HFRunner:
         self._decoder, self._head = self._split_head(model)
         if self._decoder is not None:  # a view of it, with kernels for few rows; `model` is untouched
             self._decoder = fast_linears(self._decoder)
+            tune_all(self._decoder)  # now, not in the first steps of a request (kernels.py)
+            if self._head.choice is not None:
+                self._head.choice.tune()
         self._cache_arg = _cache_argument(self._decoder if self._decoder is not None else model)
 
     @staticmethod

@@ -6,7 +6,8 @@ of 2 rows costs ~1.7x a step of 1 row although the weights, which dominate the t
 either way. Computing `(W @ x.T).T` and making the result contiguous is the same product with the
 roles swapped (the weight is the big left operand, read in place); it brought that step to ~1.15x.
 Which kernel wins depends on the row count, the machine and the BLAS, so it is timed, once per row
-bucket, on the real workload: a sweep over all the weights that share the choice.
+bucket, on the real workload: a sweep over all the weights that share the choice. The runner times
+every bucket when it is built (~2 s for SmolLM2-135M), not inside a request.
 
 Every candidate computes the same fp32 product; they differ only in summation order (~1e-6
 relative), as any two BLAS kernels do. The tree already runs at other shapes than plain decoding,
@@ -22,7 +23,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["BUCKETS", "KERNELS", "FastLinear", "KernelChoice", "fast_linears", "row_bucket", "tunable"]
+__all__ = ["BUCKETS", "KERNELS", "FastLinear", "KernelChoice", "fast_linears", "row_bucket", "tunable",
+           "tune_all"]
 
 BUCKETS = (1, 2, 4, 8, 16, 32)
 Kernel = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -54,7 +56,8 @@ KERNELS: dict[str, Kernel] = {"linear": linear, "transposed": transposed}
 
 
 class KernelChoice:
-    """Per row bucket, the name of the fastest candidate, timed on first use of the bucket.
+    """Per row bucket, the name of the fastest candidate, timed on first use of the bucket (the
+    transformers runner times them all when it is built: `tune`).
 
     `candidates` maps a name to a workload run on a [rows, in_features] sample: the whole sweep
     the choice will serve, so the timing sees the weights stream from memory as they will.
@@ -75,6 +78,13 @@ class KernelChoice:
         if name is None:
             name = self.choice[bucket] = self._fastest(bucket, default)
         return name
+
+    def tune(self) -> None:
+        """Time every bucket now. Tuned lazily, a bucket's first step takes ~10x a step (0.3-0.6 s
+        on SmolLM2-135M, 2 threads): a request would pay it, and the budget would read it as what
+        that tree size costs."""
+        for bucket in BUCKETS:
+            self.pick(bucket)
 
     @torch.inference_mode()
     def _fastest(self, rows: int, default: str) -> str:
@@ -130,6 +140,13 @@ def fast_linears(module: torch.nn.Module) -> torch.nn.Module:
         choices[in_features] = KernelChoice(candidates, in_features, linears[0].weight.dtype,
                                             linears[0].weight.device)
     return _swap(module, lambda m: FastLinear(m, choices[m.in_features]))
+
+
+def tune_all(module: torch.nn.Module) -> None:
+    """Tune every kernel choice of a `fast_linears` view now (each choice once)."""
+    choices = {id(m.choice): m.choice for m in module.modules() if isinstance(m, FastLinear) and m.choice}
+    for choice in choices.values():
+        choice.tune()
 
 
 def _sweep(kernel: Kernel, weights) -> Callable[[torch.Tensor], None]:
