@@ -104,6 +104,24 @@ def test_calibration_lowers_scores_of_edges_that_get_rejected():
     assert after < before / 2
 
 
+def test_what_long_matches_earned_does_not_lend_trust_to_short_ones():
+    """Long matches that always land (an answer repeated verbatim) leave a two-token match with
+    one occurrence at its own prior, not at their rate."""
+    drafter = SuffixDrafter(use_global=False)
+    long_text = list(range(100, 140))
+    drafter.begin(long_text)
+    context = long_text + long_text[:20]  # a 20-token match, continued by 120, 121, ...
+    for _ in range(40):
+        tree = drafter.propose(context, 1)
+        drafter.observe(StepFeedback(context, tree, (0,), (int(tree.token_ids[0]),), bonus_id=0))
+        drafter.begin(long_text)
+    assert drafter.propose(context, 1).scores[0] > 0.9
+    short = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    drafter.begin(short)
+    score = drafter.propose(short + [11, 4, 5], 1).scores[0]  # `4 5` once, then 6
+    assert score < 0.75  # the prior (0.6 of an edge probability of 1), lifted a little at most
+
+
 def test_replay_is_deterministic_and_learns_across_requests():
     rng = np.random.default_rng(2)
     code = rng.integers(0, 40, size=120).tolist()

@@ -9,8 +9,12 @@ is the product along it, paths under `min_prob` are dropped, and no path is long
 SuffixDecoding; `mode="union"` merges both instead (the hybrid drafter uses that).
 
 Node scores are calibrated acceptance probabilities (`aded.drafters.calibration`): the raw edge
-probability is bucketed together with the parent's count and the matched context length, and
-verification teaches how often such edges are accepted. The tree order uses calibrated scores.
+probability is bucketed together with the matched context length (the coarse cell) and the
+parent's count (the fine cell), and verification teaches how often such edges are accepted. The
+match length belongs in the coarse cell: a fine cell with few edges falls back to it, and without
+the length a two-token match in earlier outputs borrowed the rate of whole answers repeated
+verbatim (0.99) and drafted another answer's words into this one. The tree order uses calibrated
+scores.
 
 Example: context `... x a b` with `a b c` seen 3 times and `a b d` once in the request; the match
 is `a b` (length 2), so paths are at most 2 long: `c` (raw 0.75), `d` (raw 0.25), and below `c`
@@ -154,8 +158,8 @@ class SuffixDrafter(Drafter):
             length = match.length + len(path)  # tokens of context the prediction rests on
             for child in index.children(ends, min_count):
                 edge = child.count / total
-                coarse = (label, bucket(edge, _PROB_EDGES))
-                fine = (*coarse, bucket(total, _SUPPORT_EDGES), bucket(length, _LENGTH_EDGES))
+                coarse = (label, bucket(edge, _PROB_EDGES), bucket(length, _LENGTH_EDGES))
+                fine = (*coarse, bucket(total, _SUPPORT_EDGES))
                 child_score = score * self.calibrator.estimate(fine, coarse, self.prior_scale * edge)
                 counter += 1
                 item = (-child_score, len(path) + 1, counter, path + (child.token,), raw * edge, child.ends, (fine, coarse))
