@@ -158,7 +158,10 @@ class AdedDrafter(Drafter):
         rollout_depth: int = 1,
         c_puct: float = 1.0,
         branching: int = 6,
-        topk: int = 8,
+        # the model's top-k at verified nodes as extra evidence (Token Recycling); off: replay with the
+        # model's real top-8 on five recordings, both backends, gave 1.20-1.69x without it against
+        # 1.17-1.67x with it (never better with), and drafting cost 35-40% less (benchmarks/drafts.md)
+        topk: int = 0,
         seed: int = 0,
         learn: bool = True,
         learned: str | os.PathLike | None = None,

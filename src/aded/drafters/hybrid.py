@@ -93,12 +93,9 @@ class HybridDrafter(Drafter):
             raise ValueError(f"prior_scale must be in (0, 1], got {prior_scale}")
         if not 0.0 <= confident <= 1.0:
             raise ValueError(f"confident must be in [0, 1] (1 asks every source every step), got {confident}")
-        # ADED's source without the model's top-k evidence: inside the hybrid it added no accepted
-        # tokens (replay with the model's real top-8: +-0.03 MAT on trees and chains, both
-        # backends) and cost 0.3-0.6 ms a step (the top-k of every verified row, and its upkeep)
-        options = {"suffix": {"mode": "union"}, "aded": {"topk": 0}}
+        options: dict[str, dict[str, Any]] = {"suffix": {"mode": "union"}}
         if tokenizer is not None or datastore is not None:
-            options["aded"].update(tokenizer=tokenizer, datastore=datastore)
+            options["aded"] = {"tokenizer": tokenizer, "datastore": datastore}
         for name, extra in (source_options or {}).items():
             options.setdefault(name, {}).update(extra)
         self.sources: list[Drafter] = []
