@@ -133,11 +133,14 @@ class BudgetPolicy:
     def _cost_ratios(self) -> list[float] | None:
         """Observed / prior cost per size bucket, None before any timing; a bucket with few
         timings leans on the overall ratio (3 pseudo-timings)."""
-        total = sum(self._cost_ratio_n)
-        if total == 0:
+        overall = self._overall_cost_ratio()
+        if overall is None:
             return None
-        overall = sum(self._cost_ratio_sum) / total
         return [_blended(s, n, overall) for s, n in zip(self._cost_ratio_sum, self._cost_ratio_n)]
+
+    def _overall_cost_ratio(self) -> float | None:
+        total = sum(self._cost_ratio_n)
+        return sum(self._cost_ratio_sum) / total if total else None
 
     def step_cost(self, k: int) -> float:
         """t(k) in the prior's units, corrected by timings observed in this process."""
@@ -169,9 +172,9 @@ class BudgetPolicy:
         # 1 / cost_step): one slow step (a kernel tuned on first use, a collection, the OS) would
         # otherwise price its size out for good, since the budget then stops choosing that size
         # and no later timing corrects it.
-        total = sum(self._cost_ratio_n)
-        overall = sum(self._cost_ratio_sum) / total if total else 1.0
-        estimate = _blended(self._cost_ratio_sum[bucket], self._cost_ratio_n[bucket], overall)
+        overall = self._overall_cost_ratio()
+        estimate = _blended(self._cost_ratio_sum[bucket], self._cost_ratio_n[bucket],
+                            1.0 if overall is None else overall)
         ratio = min(max(ratio, estimate / self.cost_step), estimate * self.cost_step)
         self._cost_ratio_sum[bucket] = self._cost_ratio_sum[bucket] * self.cost_memory + ratio
         self._cost_ratio_n[bucket] = self._cost_ratio_n[bucket] * self.cost_memory + 1.0
