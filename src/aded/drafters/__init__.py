@@ -11,11 +11,12 @@ from typing import Any
 
 from aded.drafters.base import Drafter, NoDrafter, StepFeedback
 
-#: what `aded generate`, the API and the server use unless told otherwise, chosen by measurement:
-#: on the shipped mixed set and on MT-Bench questions (benchmarks/results/) suffix was fastest on
-#: this CPU (1.34x over plain decoding in both), ahead of aded (1.30x, 1.27x) and hybrid (1.25x,
-#: 1.20x): its small, precise trees suit a CPU where every verified node costs, and it drafts in
-#: well under a millisecond. Where verification is nearly free (a GPU), hybrid's larger trees win.
+#: what `aded generate`, the API and the server use unless told otherwise, chosen by measurement
+#: (benchmarks/drafts.md): suffix is the fastest on llama.cpp, the default backend (1.23x over plain
+#: decoding against aded's 1.21x and hybrid's 1.20x, results/llama-smollm2-repeats-xeon-evening),
+#: where a verified node costs ~45% of a step and its small, precise trees pay; it drafts in under
+#: half a millisecond and needs no datastore, so it serves any model. On transformers aded leads
+#: (1.64x against 1.58x, results/hf-smollm2-xeon-evening); the hybrid is fastest on neither.
 DEFAULT_DRAFTER = "suffix"
 
 __all__ = ["DEFAULT_DRAFTER", "Drafter", "NoDrafter", "StepFeedback", "DRAFTERS", "make_drafter", "drafter_names"]
