@@ -142,10 +142,15 @@ class BudgetPolicy:
         total = sum(self._cost_ratio_n)
         return sum(self._cost_ratio_sum) / total if total else None
 
+    def _bucket_ratio(self, bucket: int) -> float | None:
+        """One bucket's entry of `_cost_ratios`, without computing the others."""
+        overall = self._overall_cost_ratio()
+        return None if overall is None else _blended(self._cost_ratio_sum[bucket], self._cost_ratio_n[bucket], overall)
+
     def step_cost(self, k: int) -> float:
         """t(k) in the prior's units, corrected by timings observed in this process."""
-        ratios = self._cost_ratios()
-        return self.cost(k) if ratios is None else self.cost(k) * ratios[_bucket(k)]
+        ratio = self._bucket_ratio(_bucket(k))
+        return self.cost(k) if ratio is None else self.cost(k) * ratio
 
     def step_costs(self, max_k: int) -> np.ndarray:
         """[max_k + 1] corrected t(0..max_k), computed at once (the budget asks every step)."""
@@ -172,9 +177,8 @@ class BudgetPolicy:
         # 1 / cost_step): one slow step (a kernel tuned on first use, a collection, the OS) would
         # otherwise price its size out for good, since the budget then stops choosing that size
         # and no later timing corrects it.
-        overall = self._overall_cost_ratio()
-        estimate = _blended(self._cost_ratio_sum[bucket], self._cost_ratio_n[bucket],
-                            1.0 if overall is None else overall)
+        estimate = self._bucket_ratio(bucket)
+        estimate = 1.0 if estimate is None else estimate  # before any timing: the curve itself
         ratio = min(max(ratio, estimate / self.cost_step), estimate * self.cost_step)
         self._cost_ratio_sum[bucket] = self._cost_ratio_sum[bucket] * self.cost_memory + ratio
         self._cost_ratio_n[bucket] = self._cost_ratio_n[bucket] * self.cost_memory + 1.0
