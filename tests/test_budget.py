@@ -184,3 +184,19 @@ def test_the_ask_follows_what_the_budget_verifies():
         assert len(policy.plan_step(tree)) == ask
     assert asks == sorted(asks) and asks[-1] == 64
     assert policy.proposal_nodes(6) == 6  # never above the caller's limit
+
+
+def test_a_step_that_accepted_all_it_verified_doubles_the_ask():
+    """A verbatim copy reaches long chains at once, not at the pace of a decayed mean; a step
+    that rejected something leaves the ask to that mean."""
+    policy = BudgetPolicy(CostModel.flat(), min_proposal=4)
+    asks = []
+    for _ in range(4):
+        ask = policy.proposal_nodes(64)
+        asks.append(ask)
+        tree = policy.plan_step(scored([list(range(1, ask + 1))], [0.99] * ask))
+        policy.observe(tree, tuple(range(len(tree))))  # a chain: node i is the i-th token
+    assert asks == [4, 8, 16, 32]
+    tree = policy.plan_step(scored([list(range(1, 33))], [0.99] * 32))
+    policy.observe(tree, tuple(range(5)))  # the copy diverged after 5 tokens
+    assert 4 <= policy.proposal_nodes(64) < 32  # back to twice the recent mean, not 2 x 32
