@@ -108,7 +108,7 @@ class BudgetPolicy:
     # step that accepted every node it verified, ask for at least twice that many: a verbatim copy
     # (a whole function returned with one line changed) reaches the longest chains in a few steps
     # instead of the ten a decayed mean takes, where on a CPU each longer chain pays (replay of
-    # such a copy on llama.cpp's curve: 9.8 -> 12.8 tokens a step for suffix, 2.15x -> 2.26x).
+    # such a copy on a Xeon's llama.cpp curve: 9.8 -> 12.8 tokens a step for suffix, 2.15x -> 2.26x).
     min_proposal: int = 8
     _verified_mean: float = 0.0  # decayed mean of nodes verified per step
     _all_accepted: int = 0  # nodes the last step verified, if it accepted them all (else 0)
