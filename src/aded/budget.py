@@ -132,8 +132,8 @@ class BudgetPolicy:
             if self._thinned < self.thin_every:
                 return 0
             self._thinned = 0
-        return min(max_nodes, max(self.min_proposal, math.ceil(2.0 * self._verified_mean),
-                                      2 * self._all_accepted))
+        recent = max(math.ceil(2.0 * self._verified_mean), 2 * self._all_accepted)
+        return min(max_nodes, max(self.min_proposal, recent))
 
     def _cost_ratios(self) -> list[float] | None:
         """Observed / prior cost per size bucket, None before any timing; a bucket with few

@@ -12,14 +12,11 @@ from typing import Any
 from aded.drafters.base import Drafter, NoDrafter, StepFeedback
 
 #: what `aded generate`, the API and the server use unless told otherwise, chosen by measurement
-#: (benchmarks/drafts.md): suffix is the fastest on llama.cpp, the default backend (1.23x over plain
-#: decoding against aded's 1.21x and hybrid's 1.20x, results/llama-smollm2-repeats-xeon-evening),
-#: where a verified node costs ~45% of a step and its small, precise trees pay; it drafts in under
-#: half a millisecond and needs no datastore, so it serves any model. On transformers aded leads
-#: (1.64x against 1.58x, results/hf-smollm2-xeon-evening); the hybrid is fastest on neither. On an
-#: EPYC where a node costs 88% of a step, edit ties it (1.10x against 1.09x, 1.30x against 1.29x on
-#: 256-token edits; results/llama-smollm2-repeats-epyc-night, -edits-256-epyc); suffix also drafts
-#: from earlier requests' outputs (its global index), which edit does not.
+#: (benchmarks/drafts.md, runs in benchmarks/results/): on llama.cpp, the default backend, where a
+#: verified node costs 45-90% of a step, suffix's small, precise trees are the fastest or tied with
+#: edit's in every run; it drafts in well under a millisecond, needs no datastore (so it serves any
+#: model) and also drafts from earlier requests' outputs. On transformers aded leads by 4-9%; the
+#: hybrid is fastest on neither backend.
 DEFAULT_DRAFTER = "suffix"
 
 __all__ = ["DEFAULT_DRAFTER", "Drafter", "NoDrafter", "StepFeedback", "DRAFTERS", "make_drafter", "drafter_names"]
