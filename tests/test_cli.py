@@ -84,3 +84,16 @@ def test_bad_parameters_are_one_clear_line(model_dir, args, message):
 def test_missing_prompt_is_explained(model_dir):
     proc = run("generate", "--model", model_dir)
     assert proc.returncode == 2 and "no prompt" in proc.stderr
+
+
+def test_drafters_lists_every_source_with_what_it_does():
+    from aded.drafters import DEFAULT_DRAFTER, DRAFTERS
+
+    proc = run("drafters")
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()}
+    assert set(lines) == set(DRAFTERS)
+    assert "(default)" in lines[DEFAULT_DRAFTER]
+    assert sum("(default)" in line for line in lines.values()) == 1
+    assert "Monte Carlo tree search" in lines["aded"] and "Proposes nothing" in lines["none"]
+    assert "Traceback" not in proc.stderr

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import typer
 
-from aded.drafters import DEFAULT_DRAFTER
+from aded.drafters import DEFAULT_DRAFTER, drafter_names
 from aded.models import DEFAULT_MODEL, ModelError
 
 __all__ = ["friendly", "split_list", "datastore_option", "ModelOpt", "DrafterOpt", "DtypeOpt",
@@ -58,7 +58,8 @@ def datastore_option(datastore: Optional[Path]) -> dict:
 
 
 ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face folder, or .gguf file.")
-DrafterOpt = typer.Option(DEFAULT_DRAFTER, "--drafter", "-d", help="Draft source: none, pld, suffix, aded, hybrid (see `aded drafters`).")
+DRAFTER_HELP = f"Draft source: {', '.join(drafter_names())} (see `aded drafters`)."
+DrafterOpt = typer.Option(DEFAULT_DRAFTER, "--drafter", "-d", help=DRAFTER_HELP)
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 or bfloat16.")
 MaxNewOpt = typer.Option(256, "--max-new-tokens", "-n", min=1, help="Most tokens to generate.")
 TempOpt = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples.")

@@ -15,11 +15,16 @@ models_app = typer.Typer(help="Built-in model aliases.", no_args_is_help=True)
 
 
 def drafters() -> None:
-    """List the draft sources."""
-    from aded.drafters import DRAFTERS
+    """List the draft sources, the default marked."""
+    from aded.drafters import DEFAULT_DRAFTER, DRAFTERS, drafter_summary
 
-    for name, target in DRAFTERS.items():
-        typer.echo(f"{name:16s} {target}")
+    for name in DRAFTERS:
+        try:
+            summary = drafter_summary(name)
+        except ImportError as exc:  # an optional dependency of that one drafter
+            summary = f"(unavailable: {exc})"
+        mark = " (default)" if name == DEFAULT_DRAFTER else ""
+        typer.echo(f"{name + mark:26s} {summary}")
 
 
 @models_app.command("list")

@@ -12,8 +12,7 @@ from typing import Optional
 
 import typer
 
-from aded.cli.common import ModelOpt, NodesOpt, friendly
-from aded.drafters import DEFAULT_DRAFTER
+from aded.cli.common import DrafterOpt, ModelOpt, NodesOpt, friendly
 
 __all__ = ["serve_command"]
 
@@ -21,7 +20,7 @@ __all__ = ["serve_command"]
 @friendly
 def serve_command(
     model: str = ModelOpt,
-    drafter: str = typer.Option(DEFAULT_DRAFTER, "--drafter", "-d", help="Draft source: none, pld, suffix, hybrid, aded, ..."),
+    drafter: str = DrafterOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port to listen on."),
     state: Optional[Path] = typer.Option(None, "--state", dir_okay=False,

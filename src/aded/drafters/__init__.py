@@ -19,7 +19,8 @@ from aded.drafters.base import Drafter, NoDrafter, StepFeedback
 #: hybrid is fastest on neither backend.
 DEFAULT_DRAFTER = "suffix"
 
-__all__ = ["DEFAULT_DRAFTER", "Drafter", "NoDrafter", "StepFeedback", "DRAFTERS", "make_drafter", "drafter_names"]
+__all__ = ["DEFAULT_DRAFTER", "Drafter", "NoDrafter", "StepFeedback", "DRAFTERS", "make_drafter", "drafter_names",
+           "drafter_summary"]
 
 DRAFTERS: dict[str, str] = {
     "none": "aded.drafters.base:NoDrafter",
@@ -34,6 +35,18 @@ DRAFTERS: dict[str, str] = {
 
 def drafter_names() -> list[str]:
     return list(DRAFTERS)
+
+
+def drafter_summary(name: str) -> str:
+    """One line on what a drafter does: its module's docstring opens with it (the protocol module
+    holds `none`, whose own docstring says it)."""
+    import inspect
+    import sys
+
+    cls = drafter_class(name)
+    module = sys.modules[cls.__module__]
+    doc = inspect.getdoc(cls) if module is sys.modules[Drafter.__module__] else inspect.getdoc(module)
+    return (doc or "").strip().splitlines()[0] if doc else ""
 
 
 def drafter_class(name: str) -> type[Drafter]:
