@@ -133,3 +133,16 @@ def test_unknown_drafter_is_a_clear_error():
 
     with pytest.raises(ValueError, match="unknown drafter 'nope'"):
         make_drafter("nope")
+    with pytest.raises(ValueError, match="backend's default drafter"):
+        make_drafter("auto")  # only a runner knows its backend
+
+
+def test_the_default_drafter_is_the_backends(tiny_lm):
+    from aded.api import Aded
+    from aded.drafters import DEFAULT_DRAFTERS, default_drafter
+
+    lm = Aded(tiny_lm.model, tiny_lm.tokenizer, budget="off")  # drafter="auto"
+    assert lm.backend == "hf" and lm.drafter.name == DEFAULT_DRAFTERS["hf"]
+    ids = lm.prompt_ids("abcabcabc abcabc", chat=False)
+    assert lm.generate(ids, max_new_tokens=20).token_ids == hf_greedy(lm.model, ids, 20)
+    assert default_drafter("vllm") == DEFAULT_DRAFTERS["llama.cpp"]  # one path a step, as llama.cpp

@@ -87,13 +87,14 @@ def test_missing_prompt_is_explained(model_dir):
 
 
 def test_drafters_lists_every_source_with_what_it_does():
-    from aded.drafters import DEFAULT_DRAFTER, DRAFTERS
+    from aded.drafters import DEFAULT_DRAFTERS, DRAFTERS
 
     proc = run("drafters")
     assert proc.returncode == 0, proc.stderr
     lines = {line.split()[0]: line for line in proc.stdout.splitlines()}
     assert set(lines) == set(DRAFTERS)
-    assert "(default)" in lines[DEFAULT_DRAFTER]
-    assert sum("(default)" in line for line in lines.values()) == 1
+    assert "(default on llama.cpp)" in lines[DEFAULT_DRAFTERS["llama.cpp"]]
+    assert "(default on hf)" in lines[DEFAULT_DRAFTERS["hf"]]
+    assert sum("(default on" in line for line in lines.values()) == len(set(DEFAULT_DRAFTERS.values()))
     assert "Monte Carlo tree search" in lines["aded"] and "Proposes nothing" in lines["none"]
     assert "Traceback" not in proc.stderr

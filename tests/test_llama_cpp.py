@@ -206,8 +206,8 @@ def test_a_file_llama_cpp_cannot_load_is_a_clear_error(tmp_path):
 def test_aded_api_on_a_runner(runner):
     from aded.models import load_tokenizer
 
-    lm = Aded(runner, load_tokenizer("smollm2-135m-instruct"), drafter="suffix", budget="off")
-    assert lm.backend == "llama.cpp" and lm.model is None
+    lm = Aded(runner, load_tokenizer("smollm2-135m-instruct"), budget="off")  # drafter="auto"
+    assert lm.backend == "llama.cpp" and lm.model is None and lm.drafter.name == "suffix"
     out = lm.generate("Say hi", max_new_tokens=12)
     assert out.token_ids and out.stats.steps >= 1
 

@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 from aded.budget import BudgetPolicy, CostModel, load_or_measure_costs
 from aded.decoding import GenerationConfig, GenerationResult, GenerationStats, SpeculativeDecoder, sampling_fields
 from aded.detokenize import IncrementalDetokenizer, StopFinder
-from aded.drafters import DEFAULT_DRAFTER, Drafter, make_drafter
+from aded.drafters import DEFAULT_DRAFTER, Drafter, default_drafter, make_drafter
 from aded.models import DEFAULT_MODEL
 from aded.processors import TokenLogprob
 from aded.tools import chat_prompt_ids, check_tools, output_grammar, parse_tool_calls
@@ -129,6 +129,8 @@ class Aded:
         self.model = getattr(self.runner, "model", None)  # the transformers model, if any
         self.tokenizer = tokenizer
         self.model_id = model_id
+        if isinstance(drafter, str) and drafter == DEFAULT_DRAFTER:
+            drafter = default_drafter(self.runner.backend)
         if isinstance(drafter, str):
             drafter = make_drafter(drafter, tokenizer, **drafter_options)
         self.drafter = drafter

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import typer
 
-from aded.drafters import DEFAULT_DRAFTER, drafter_names
+from aded.drafters import DEFAULT_DRAFTER, DEFAULT_DRAFTERS, drafter_names
 from aded.models import DEFAULT_MODEL, ModelError
 
 __all__ = ["friendly", "split_list", "datastore_option", "ModelOpt", "DrafterOpt", "DtypeOpt",
@@ -58,7 +58,9 @@ def datastore_option(datastore: Optional[Path]) -> dict:
 
 
 ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face folder, or .gguf file.")
-DRAFTER_HELP = f"Draft source: {', '.join(drafter_names())} (see `aded drafters`)."
+DRAFTER_HELP = (f"Draft source: {DEFAULT_DRAFTER} (the backend's default: "
+                + ", ".join(f"{name} on {backend}" for backend, name in DEFAULT_DRAFTERS.items())
+                + f"), {', '.join(drafter_names())} (see `aded drafters`).")
 DrafterOpt = typer.Option(DEFAULT_DRAFTER, "--drafter", "-d", help=DRAFTER_HELP)
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 or bfloat16.")
 MaxNewOpt = typer.Option(256, "--max-new-tokens", "-n", min=1, help="Most tokens to generate.")

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from aded.cli.common import BackendOpt, DtypeOpt, ModelOpt, friendly
-from aded.drafters import DEFAULT_DRAFTER
+from aded.cli.common import BackendOpt, DrafterOpt, DtypeOpt, ModelOpt, friendly
 
 __all__ = ["demo", "run_demo", "print_demo", "DEMO_PROMPTS"]
 
@@ -40,7 +39,7 @@ DEMO_PROMPTS = {
 @friendly
 def demo(
     model: str = ModelOpt,
-    drafter: str = typer.Option(DEFAULT_DRAFTER, "--drafter", "-d", help="Draft source to show."),
+    drafter: str = DrafterOpt,
     max_new_tokens: int = typer.Option(160, "--max-new-tokens", "-n", min=1),
     dtype: str = DtypeOpt,
     backend: str = BackendOpt,
@@ -50,7 +49,7 @@ def demo(
 
     lm = load(model, drafter=drafter, dtype=dtype, backend=backend)
     rows, baseline = run_demo(lm, max_new_tokens)
-    print_demo(rows, drafter, baseline)
+    print_demo(rows, lm.drafter.name, baseline)
 
 
 def run_demo(lm, max_new_tokens: int) -> tuple[list[dict], str]:

@@ -15,16 +15,17 @@ models_app = typer.Typer(help="Built-in model aliases.", no_args_is_help=True)
 
 
 def drafters() -> None:
-    """List the draft sources, the default marked."""
-    from aded.drafters import DEFAULT_DRAFTER, DRAFTERS, drafter_summary
+    """List the draft sources, each backend's default marked."""
+    from aded.drafters import DEFAULT_DRAFTERS, DRAFTERS, drafter_summary
 
     for name in DRAFTERS:
         try:
             summary = drafter_summary(name)
         except ImportError as exc:  # an optional dependency of that one drafter
             summary = f"(unavailable: {exc})"
-        mark = " (default)" if name == DEFAULT_DRAFTER else ""
-        typer.echo(f"{name + mark:26s} {summary}")
+        backends = [backend for backend, default in DEFAULT_DRAFTERS.items() if default == name]
+        mark = f" (default on {', '.join(backends)})" if backends else ""
+        typer.echo(f"{name + mark:30s} {summary}")
 
 
 @models_app.command("list")

@@ -11,16 +11,20 @@ from typing import Any
 
 from aded.drafters.base import Drafter, NoDrafter, StepFeedback
 
-#: what `aded generate`, the API and the server use unless told otherwise, chosen by measurement
-#: (benchmarks/drafts.md, runs in benchmarks/results/): on llama.cpp, the default backend, where a
-#: verified node costs 45-90% of a step, suffix's small, precise trees are the fastest or tied with
-#: edit's in every run; it drafts in well under a millisecond, needs no datastore (so it serves any
-#: model) and also drafts from earlier requests' outputs. On transformers aded leads by 4-9%; the
-#: hybrid is fastest on neither backend.
-DEFAULT_DRAFTER = "suffix"
+#: The drafter each backend uses unless told otherwise, chosen by measurement (benchmarks/drafts.md,
+#: runs in benchmarks/results/). llama.cpp verifies one path a step, and a verified node costs 45-90%
+#: of a CPU step there: suffix's small, precise trees are the fastest or tied with edit's in every
+#: run; it drafts in a tenth of a millisecond, needs no datastore (so it serves any model) and also
+#: drafts from earlier requests' outputs. transformers verifies a whole tree for little more than
+#: one node: there the hybrid's merged trees accept the most tokens a step, and it is the fastest
+#: over mixed tasks and edits together (aded leads on mixed tasks by 2%, the hybrid on edits by 9%).
+#: A backend not listed (vLLM's proposer verifies one path) takes llama.cpp's.
+DEFAULT_DRAFTERS = {"llama.cpp": "suffix", "hf": "hybrid"}
+#: `drafter="auto"`: the default of the backend the model runs on (`default_drafter`)
+DEFAULT_DRAFTER = "auto"
 
-__all__ = ["DEFAULT_DRAFTER", "Drafter", "NoDrafter", "StepFeedback", "DRAFTERS", "make_drafter", "drafter_names",
-           "drafter_summary"]
+__all__ = ["DEFAULT_DRAFTER", "DEFAULT_DRAFTERS", "DRAFTERS", "Drafter", "NoDrafter", "StepFeedback",
+           "default_drafter", "drafter_names", "drafter_summary", "make_drafter"]
 
 DRAFTERS: dict[str, str] = {
     "none": "aded.drafters.base:NoDrafter",
@@ -31,6 +35,11 @@ DRAFTERS: dict[str, str] = {
     "hybrid": "aded.drafters.hybrid:HybridDrafter",
     "edit": "aded.drafters.edit:EditDrafter",
 }
+
+
+def default_drafter(backend: str) -> str:
+    """The drafter `backend` uses when asked for "auto"."""
+    return DEFAULT_DRAFTERS.get(backend, DEFAULT_DRAFTERS["llama.cpp"])
 
 
 def drafter_names() -> list[str]:
@@ -53,6 +62,9 @@ def drafter_class(name: str) -> type[Drafter]:
     try:
         target = DRAFTERS[name]
     except KeyError:
+        if name == DEFAULT_DRAFTER:
+            raise ValueError(f"{name!r} names the backend's default drafter: resolve it with "
+                             "default_drafter(backend)") from None
         raise ValueError(f"unknown drafter {name!r}; choose one of: {', '.join(DRAFTERS)}") from None
     module_name, class_name = target.split(":")
     return getattr(importlib.import_module(module_name), class_name)

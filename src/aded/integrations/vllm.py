@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from aded.drafters import DEFAULT_DRAFTER, Drafter, StepFeedback, make_drafter
+from aded.drafters import DEFAULT_DRAFTER, Drafter, StepFeedback, default_drafter, make_drafter
 from aded.tree import DraftTree
 
 __all__ = ["AdedProposer", "ProposerStats", "best_path", "spec_decode_counters"]
@@ -112,6 +112,8 @@ class AdedProposer:
         if self.k < 1:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {self.k}")
         self.drafter_name = drafter or os.environ.get("ADED_VLLM_DRAFTER") or DEFAULT_DRAFTER
+        if self.drafter_name == DEFAULT_DRAFTER:  # vLLM verifies one path a step
+            self.drafter_name = default_drafter("vllm")
         self.max_nodes = max_nodes or max(4 * self.k, 16)  # a tree to choose the best chain from
         self.tokenizer = tokenizer
         self.template = make_drafter(self.drafter_name, tokenizer, **drafter_options)  # fails now, not later
