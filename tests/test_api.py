@@ -146,3 +146,20 @@ def test_the_default_drafter_is_the_backends(tiny_lm):
     ids = lm.prompt_ids("abcabcabc abcabc", chat=False)
     assert lm.generate(ids, max_new_tokens=20).token_ids == hf_greedy(lm.model, ids, 20)
     assert default_drafter("vllm") == DEFAULT_DRAFTERS["llama.cpp"]  # one path a step, as llama.cpp
+
+
+def test_learned_state_saved_by_one_aded_starts_the_next(tiny_lm, tmp_path):
+    import numpy as np
+
+    from aded.api import Aded
+
+    learner = Aded(tiny_lm.model, tiny_lm.tokenizer, drafter="suffix", budget="off")
+    learner.generate("abcabcabc abcabc", chat=False, max_new_tokens=20)
+    learner.save_learned(tmp_path / "s.npz")
+    later = Aded(tiny_lm.model, tiny_lm.tokenizer, drafter="suffix", budget="off")
+    assert "loaded learned state" in later.load_learned(tmp_path / "s.npz")
+    saved, loaded = learner.drafter.state_dict(), later.drafter.state_dict()
+    assert saved.keys() == loaded.keys() and saved
+    assert all(np.array_equal(saved[k], loaded[k]) for k in saved)
+    ids = later.prompt_ids("abcabcabc abcabc", chat=False)
+    assert later.generate(ids, max_new_tokens=20).token_ids == hf_greedy(later.model, ids, 20)

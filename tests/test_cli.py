@@ -98,3 +98,22 @@ def test_drafters_lists_every_source_with_what_it_does():
     assert sum("(default on" in line for line in lines.values()) == len(set(DEFAULT_DRAFTERS.values()))
     assert "Monte Carlo tree search" in lines["aded"] and "Proposes nothing" in lines["none"]
     assert "Traceback" not in proc.stderr
+
+
+def test_state_carries_what_the_drafter_learned_from_one_run_to_the_next(model_dir, tmp_path):
+    state = tmp_path / "learned.npz"
+    args = ("generate", "--model", model_dir, "--budget", "off", "--drafter", "suffix", "--state", state, "--json")
+    first = run(*args, "abc abc abc")
+    assert first.returncode == 0, first.stderr
+    assert "no state in learned.npz yet" in first.stderr and state.exists()
+    second = run(*args, "abc abc abc")
+    assert second.returncode == 0 and "loaded learned state from learned.npz" in second.stderr
+    assert json.loads(second.stdout)["token_ids"] == json.loads(first.stdout)["token_ids"]
+    other = run("generate", "--model", model_dir, "--drafter", "pld", "--state", state, "hi")
+    assert other.returncode == 2 and "'suffix' drafter, not 'pld'" in other.stderr and "Traceback" not in other.stderr
+    state.write_bytes(b"not a state file")
+    third = run(*args, "abc")
+    assert third.returncode == 0 and "corrupt state set aside" in third.stderr
+    assert state.exists() and list(tmp_path.glob("learned.npz.corrupt-*"))  # a fresh file, the bad one kept
+    missing = run(*args[:-3], "--state", tmp_path / "no" / "such.npz", "abc")
+    assert missing.returncode == 2 and "directory does not exist" in missing.stderr

@@ -30,6 +30,7 @@ the output; `tools` are rendered by the model's chat template and `tool_choice` 
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -134,6 +135,7 @@ class Aded:
         if isinstance(drafter, str):
             drafter = make_drafter(drafter, tokenizer, **drafter_options)
         self.drafter = drafter
+        self._drafter_options = drafter_options  # for a fresh one of the same kind
         policies = {
             "measured": lambda: BudgetPolicy(load_or_measure_costs(self.runner, model_id)),
             "typical": lambda: BudgetPolicy(CostModel.typical_cpu()),
@@ -149,6 +151,39 @@ class Aded:
     @property
     def backend(self) -> str:
         return self.runner.backend
+
+    # ------------------------------------------------------------------ the drafter and what it learned
+    def use_drafter(self, drafter: Drafter) -> None:
+        """Draft the next requests with `drafter` (the server swaps its tenants' drafters this way)."""
+        self.drafter = self.decoder.drafter = drafter
+
+    def load_learned(self, path: str | os.PathLike) -> str:
+        """Start the drafter from the learned state in `path` (what `save_learned` wrote), if the
+        file exists; returns what happened, in words. A file that cannot be read is set aside
+        (renamed `.corrupt-<time>`) and the drafter starts fresh; one made for another drafter or
+        tokenizer raises `StateError`."""
+        from aded.drafters.state_file import load_learned
+
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"cannot keep learned state in {path}: its directory does not exist")
+
+        def fresh() -> Drafter:
+            return make_drafter(self.drafter.name, self.tokenizer, **self._drafter_options)
+
+        drafter, note = load_learned(self.drafter, self._state_file(path), fresh)
+        self.use_drafter(drafter)
+        return note
+
+    def save_learned(self, path: str | os.PathLike) -> None:
+        """Write what the drafter has learned to `path`, atomically; nothing for one that never learns."""
+        if self.drafter.learns:
+            self._state_file(path).save(self.drafter.state_dict())
+
+    def _state_file(self, path: str | os.PathLike):
+        from aded.drafters.state_file import StateFile
+        from aded.store.datastore import tokenizer_identity
+
+        return StateFile(path, self.drafter.name, tokenizer_identity(self.tokenizer))
 
     # ------------------------------------------------------------------ prompts
     @property

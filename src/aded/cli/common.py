@@ -16,7 +16,7 @@ from aded.models import DEFAULT_MODEL, ModelError
 
 __all__ = ["friendly", "split_list", "datastore_option", "ModelOpt", "DrafterOpt", "DtypeOpt",
            "MaxNewOpt", "TempOpt", "TopPOpt", "TopKOpt", "SeedOpt", "NodesOpt", "BudgetOpt",
-           "DatastoreOpt", "BackendOpt", "ThreadsOpt", "ChatOpt"]
+           "DatastoreOpt", "BackendOpt", "ThreadsOpt", "ChatOpt", "StateOpt"]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -75,3 +75,5 @@ DatastoreOpt = typer.Option(None, "--datastore", exists=True, dir_okay=False,
 BackendOpt = typer.Option("auto", "--backend", help="auto (llama.cpp for GGUF files when installed, else transformers), hf, or llama.cpp.")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores).")
 ChatOpt = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: when the tokenizer has one).")
+StateOpt = typer.Option(None, "--state", dir_okay=False,
+                        help="File of the drafter's learned state: loaded at start (if it exists), saved after each reply.")

@@ -10,6 +10,8 @@ the previous file or the new one.
 A file that cannot be read (truncated, garbage, wrong format or version) raises `CorruptState`; a
 readable file made for another drafter or tokenizer raises `StateError`, a configuration mistake.
 Files of the server's earlier format ("aded-server-state" version 1) hold the same arrays and load.
+`load_learned` is how every holder loads one (the server, its tenants, `Aded.load_learned`): a bad
+file is set aside with a `.corrupt-<timestamp>` suffix and the drafter starts fresh.
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ import os
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from aded.fileio import write_atomic
 from aded.store.datastore import TokenizerIdentity
 
-__all__ = ["STATE_FORMAT", "STATE_VERSION", "StateError", "CorruptState", "StateFile"]
+if TYPE_CHECKING:
+    from aded.drafters.base import Drafter
+
+__all__ = ["STATE_FORMAT", "STATE_VERSION", "StateError", "CorruptState", "StateFile", "load_learned"]
 
 log = logging.getLogger("aded.state")
 
@@ -123,3 +128,44 @@ class StateFile:
             except OSError as exc:
                 log.warning("cannot remove stale temporary %s: %s", tmp, exc)
         return removed
+
+
+def load_learned(drafter: Drafter, state_file: StateFile, fresh: Callable[[], Drafter],
+                 mismatch_is_fatal: bool = True) -> tuple[Drafter, str]:
+    """`drafter` with what `state_file` holds (or `fresh()` if a failed load may have half-filled
+    it), and what happened, for /health: the file's name only, never its directory."""
+    name = state_file.path.name
+    removed = state_file.remove_stale_temporaries()
+    note = f" (removed {removed} temporary file(s) of interrupted saves)" if removed else ""
+    if not state_file.path.exists():
+        return drafter, f"no state in {name} yet; starting fresh{note}"
+    try:
+        header, arrays = state_file.read()
+    except CorruptState as exc:
+        return drafter, _set_aside(state_file, f"{exc}", "corrupt") + note
+    except StateError as exc:
+        if mismatch_is_fatal and not _lacks_tokenizer(state_file):
+            raise
+        return drafter, _set_aside(state_file, f"{exc}", "unusable") + note
+    try:
+        drafter.load_state_dict(arrays)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        return fresh(), _set_aside(state_file, f"its arrays do not load ({exc})", "unloadable") + note
+    saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(header.get("saved_at", 0)))
+    return drafter, f"loaded learned state from {name} (saved {saved}, {len(arrays)} arrays){note}"
+
+
+def _lacks_tokenizer(state_file: StateFile) -> bool:
+    """Whether the file records no tokenizer at all (it then reads without an identity): such a
+    file cannot be checked against this model, so it is set aside rather than trusted."""
+    try:
+        StateFile(state_file.path, state_file.drafter_name, None).read()
+    except ValueError:
+        return False
+    return True
+
+
+def _set_aside(state_file: StateFile, why: str, kind: str) -> str:
+    aside = state_file.set_aside()
+    log.error("%s: %s; moved it to %s and starting fresh", state_file.path, why, aside)
+    return f"{kind} state set aside as {aside.name}; starting fresh"

@@ -7,10 +7,11 @@ learned as soon as no request runs, then writes the files atomically. At most on
 and one more is pending, so a `kill -9` loses at most what the requests finished during the last
 save taught. `min_interval` spaces saves further apart if wanted.
 
-Loading never crashes the server on a bad file: a file that cannot be read (garbage, a `.npy`, no
-header, no tokenizer identity), or whose arrays do not load into the drafter, is renamed with a
-`.corrupt-<timestamp>` suffix and the drafter starts fresh. A readable file made for another
-tokenizer or drafter is a configuration mistake: `StateError`, which the CLI reports in one line.
+Loading (`aded.drafters.state_file.load_learned`) never crashes the server on a bad file: a file
+that cannot be read (garbage, a `.npy`, no header, no tokenizer identity), or whose arrays do not
+load into the drafter, is renamed with a `.corrupt-<timestamp>` suffix and the drafter starts fresh.
+A readable file made for another tokenizer or drafter is a configuration mistake: `StateError`,
+which the CLI reports in one line.
 """
 
 from __future__ import annotations
@@ -21,53 +22,11 @@ import threading
 import time
 from typing import Callable
 
-from aded.drafters.base import Drafter
-from aded.drafters.state_file import CorruptState, StateError, StateFile
+from aded.drafters.state_file import CorruptState, StateError, StateFile, load_learned
 
 __all__ = ["StateError", "CorruptState", "StateFile", "load_learned", "StateSaver"]
 
 log = logging.getLogger("aded.server")
-
-
-def load_learned(drafter: Drafter, state_file: StateFile, fresh: Callable[[], Drafter],
-                 mismatch_is_fatal: bool = True) -> tuple[Drafter, str]:
-    """`drafter` with what `state_file` holds (or `fresh()` if a failed load may have half-filled
-    it), and what happened, for /health: the file's name only, never its directory."""
-    name = state_file.path.name
-    removed = state_file.remove_stale_temporaries()
-    note = f" (removed {removed} temporary file(s) of interrupted saves)" if removed else ""
-    if not state_file.path.exists():
-        return drafter, f"no state in {name} yet; starting fresh{note}"
-    try:
-        header, arrays = state_file.read()
-    except CorruptState as exc:
-        return drafter, _set_aside(state_file, f"{exc}", "corrupt") + note
-    except StateError as exc:
-        if mismatch_is_fatal and not _lacks_tokenizer(state_file):
-            raise
-        return drafter, _set_aside(state_file, f"{exc}", "unusable") + note
-    try:
-        drafter.load_state_dict(arrays)
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        return fresh(), _set_aside(state_file, f"its arrays do not load ({exc})", "unloadable") + note
-    saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(header.get("saved_at", 0)))
-    return drafter, f"loaded learned state from {name} (saved {saved}, {len(arrays)} arrays){note}"
-
-
-def _lacks_tokenizer(state_file: StateFile) -> bool:
-    """Whether the file records no tokenizer at all (it then reads without an identity): such a
-    file cannot be checked against this model, so it is set aside rather than trusted."""
-    try:
-        StateFile(state_file.path, state_file.drafter_name, None).read()
-    except ValueError:
-        return False
-    return True
-
-
-def _set_aside(state_file: StateFile, why: str, kind: str) -> str:
-    aside = state_file.set_aside()
-    log.error("%s: %s; moved it to %s and starting fresh", state_file.path, why, aside)
-    return f"{kind} state set aside as {aside.name}; starting fresh"
 
 
 class StateSaver:

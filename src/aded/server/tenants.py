@@ -88,8 +88,7 @@ class Tenants:
 
     # ------------------------------------------------------------------ internals
     def _use(self, drafter: Drafter) -> None:
-        self.lm.drafter = drafter
-        self.lm.decoder.drafter = drafter
+        self.lm.use_drafter(drafter)
 
     def _drafter(self, tenant: str) -> Drafter:
         if tenant in self._drafters:
