@@ -166,13 +166,13 @@ class Aded:
 
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise ValueError(f"cannot keep learned state in {path}: its directory does not exist")
-
-        def fresh() -> Drafter:
-            return make_drafter(self.drafter.name, self.tokenizer, **self._drafter_options)
-
-        drafter, note = load_learned(self.drafter, self._state_file(path), fresh)
+        drafter, note = load_learned(self.drafter, self._state_file(path), self.fresh_drafter)
         self.use_drafter(drafter)
         return note
+
+    def fresh_drafter(self) -> Drafter:
+        """A new drafter of the loaded kind and options, knowing nothing."""
+        return make_drafter(self.drafter.name, self.tokenizer, **self._drafter_options)
 
     def save_learned(self, path: str | os.PathLike) -> None:
         """Write what the drafter has learned to `path`, atomically; nothing for one that never learns."""

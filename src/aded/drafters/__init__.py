@@ -56,7 +56,7 @@ def drafter_summary(name: str) -> str:
     cls = drafter_class(name)
     module = sys.modules[cls.__module__]
     doc = inspect.getdoc(cls) if module is sys.modules[Drafter.__module__] else inspect.getdoc(module)
-    return (doc or "").strip().splitlines()[0] if doc else ""
+    return doc.strip().splitlines()[0] if doc else ""
 
 
 def drafter_class(name: str) -> type[Drafter]:

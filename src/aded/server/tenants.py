@@ -18,7 +18,6 @@ import logging
 from collections import OrderedDict
 from typing import Callable
 
-from aded.drafters import make_drafter
 from aded.drafters.base import Drafter
 from aded.server.state import StateFile, load_learned
 
@@ -59,7 +58,7 @@ class Tenants:
 
     def fresh(self) -> Drafter:
         """A new drafter of the shared one's kind, knowing nothing."""
-        return make_drafter(self.shared.name, self.lm.tokenizer)
+        return self.lm.fresh_drafter()
 
     def set_shared(self, drafter: Drafter) -> None:
         self.shared = drafter
