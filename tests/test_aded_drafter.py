@@ -82,6 +82,17 @@ def test_budget_is_respected(branching_store, max_nodes):
     assert AdedDrafter(branching_store).propose([], max_nodes).token_ids.size == 0
 
 
+def test_a_large_ask_grows_the_search_unless_the_hybrid_turns_it_off():
+    # one simulation expands one node, so a path 10 deep needs 10 simulations
+    store = store_from(list(range(1, 16)))
+    deep = AdedDrafter(store, num_simulations=2).propose([0, 1, 2], 10)
+    shallow = AdedDrafter(store, num_simulations=2, simulations_follow_ask=False).propose([0, 1, 2], 10)
+    assert deep.max_depth == 10 and deep.is_chain
+    assert shallow.max_depth == 2 and list(shallow.token_ids) == list(deep.token_ids[:2])
+    hybrid = make_drafter("hybrid", datastore=store)
+    assert [s.simulations_follow_ask for s in hybrid.sources if isinstance(s, AdedDrafter)] == [False]
+
+
 def test_nothing_known_drafts_nothing():
     drafter = AdedDrafter()  # no datastore, no tokenizer: request and learned layers only
     drafter.begin([])

@@ -36,6 +36,7 @@ def test_longest_match_and_chain():
 @pytest.mark.parametrize("tokens,parents,message", [
     ([1, 2], [-1], "parents"),
     ([1, 2], [0, -1], "earlier"),
+    ([1], [-2], "earlier"),
     ([1, 1], [-1, -1], "duplicate"),
     ([-3], [-1], "non-negative"),
 ])

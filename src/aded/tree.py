@@ -50,15 +50,20 @@ class DraftTree:
             object.__setattr__(self, "scores", scores)
         if self.sources is not None and len(self.sources) != len(token_ids):
             raise ValueError(f"{len(token_ids)} tokens but {len(self.sources)} sources")
-        if len(token_ids) and (token_ids.min() < 0):
+        # checked on lists: drafters make several small trees a step, and numpy calls on a few
+        # elements cost more than the loops
+        tokens, parent_list = token_ids.tolist(), parents.tolist()
+        if tokens and min(tokens) < 0:
             raise ValueError("token ids must be non-negative")
-        if np.any(parents >= np.arange(len(parents))) or np.any(parents < -1):
+        if any(parent >= i or parent < -1 for i, parent in enumerate(parent_list)):
             raise ValueError("each parent must be -1 or an earlier node index (topological order)")
-        seen: set[tuple[int, int]] = set()
-        for parent, token in zip(parents.tolist(), token_ids.tolist()):
-            if (parent, token) in seen:
-                raise ValueError(f"duplicate child token {token} under node {parent}")
-            seen.add((parent, token))
+        edges = list(zip(parent_list, tokens))
+        if len(set(edges)) != len(edges):
+            seen: set[tuple[int, int]] = set()
+            for parent, token in edges:
+                if (parent, token) in seen:
+                    raise ValueError(f"duplicate child token {token} under node {parent}")
+                seen.add((parent, token))
 
     # ------------------------------------------------------------------ construction
     @classmethod

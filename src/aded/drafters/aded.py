@@ -154,6 +154,9 @@ class AdedDrafter(Drafter):
         tokenizer: Any = None,
         *,
         num_simulations: int = 8,  # replay: 8 and 24 give the same MAT at 8 and 16 nodes, 8 costs half
+        # at least one simulation per asked node, so a large ask can grow a path that deep (each
+        # simulation expands one node); the hybrid turns it off: its lookups draft the deep paths
+        simulations_follow_ask: bool = True,
         max_depth: int = 16,
         rollout_depth: int = 1,
         c_puct: float = 1.0,
@@ -185,6 +188,7 @@ class AdedDrafter(Drafter):
         self.rep = Representative(store, config or RepresentativeConfig())
         self.calibrator = Calibrator()
         self.num_simulations = num_simulations
+        self.simulations_follow_ask = simulations_follow_ask
         self.max_depth = max_depth
         self.rollout_depth = rollout_depth
         self.c_puct = c_puct
@@ -245,7 +249,7 @@ class AdedDrafter(Drafter):
         seed = zlib.crc32(np.asarray(context_ids[-8:], dtype=np.int64).tobytes()) ^ self.seed
         rng = random.Random(seed)
         cache: dict[tuple[int, ...], list[tuple[int, float, tuple]]] = {}
-        simulations = max(self.num_simulations, max_nodes)
+        simulations = max(self.num_simulations, max_nodes) if self.simulations_follow_ask else self.num_simulations
         for _ in range(simulations):
             self._simulate(root, cache, rng)
             if not root.children:

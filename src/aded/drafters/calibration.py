@@ -22,6 +22,7 @@ Counts are capped (older evidence is scaled down), so the estimates follow a dri
 from __future__ import annotations
 
 import json
+from bisect import bisect_right
 from typing import Hashable, Iterable
 
 from aded.drafters.base import StepFeedback
@@ -31,10 +32,7 @@ __all__ = ["EdgeCalibrator", "bucket", "judged_edges"]
 
 def bucket(value: float, edges: tuple[float, ...]) -> int:
     """Index of the first edge above `value` (len(edges) if none): a small fixed histogram bin."""
-    for i, edge in enumerate(edges):
-        if value < edge:
-            return i
-    return len(edges)
+    return bisect_right(edges, value)
 
 
 class EdgeCalibrator:

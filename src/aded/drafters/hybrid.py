@@ -93,9 +93,10 @@ class HybridDrafter(Drafter):
             raise ValueError(f"prior_scale must be in (0, 1], got {prior_scale}")
         if not 0.0 <= confident <= 1.0:
             raise ValueError(f"confident must be in [0, 1] (1 asks every source every step), got {confident}")
-        options: dict[str, dict[str, Any]] = {"suffix": {"mode": "union"}}
+        # the search drafts the branches near the root; the lookups draft the deep paths
+        options: dict[str, dict[str, Any]] = {"suffix": {"mode": "union"}, "aded": {"simulations_follow_ask": False}}
         if tokenizer is not None or datastore is not None:
-            options["aded"] = {"tokenizer": tokenizer, "datastore": datastore}
+            options["aded"].update(tokenizer=tokenizer, datastore=datastore)
         for name, extra in (source_options or {}).items():
             options.setdefault(name, {}).update(extra)
         self.sources: list[Drafter] = []
@@ -191,13 +192,15 @@ class HybridDrafter(Drafter):
             if tree is None:
                 continue
             paths = _paths(tree)
+            parents = tree.parents.tolist()
+            scores = tree.scores.tolist() if tree.scores is not None else None
             for i, path in enumerate(paths):
                 label = tree.sources[i] if tree.sources is not None and tree.sources[i] else source.name
                 confidence = _UNSCORED
-                if tree.scores is not None:
-                    parent = int(tree.parents[i])
-                    above = tree.scores[parent] if parent >= 0 else 1.0
-                    confidence = float(min(max(tree.scores[i] / above, 0.0), 1.0)) if above > 0 else 0.0
+                if scores is not None:
+                    parent = parents[i]
+                    above = scores[parent] if parent >= 0 else 1.0
+                    confidence = min(max(scores[i] / above, 0.0), 1.0) if above > 0 else 0.0
                 labels, best = merged.get(path, (set(), 0.0))
                 labels.add(label)
                 merged[path] = (labels, max(best, confidence))
