@@ -184,7 +184,7 @@ class Representative:
                     probs[c] *= cfg.reject_factor**rejections
         top_level, top_counts = chain[0][0], chain[0][1]
         best = sorted(probs.items(), key=_by_probability)[:limit]
-        make = tuple.__new__  # Candidate(...) runs a Python-level __new__: a quarter of this call
+        make = tuple.__new__  # Candidate(...) runs a Python-level __new__: ~18% of this call (line profile)
         return [make(Candidate, (c, p, top_level, c in top_counts)) for c, p in best]
 
     def _corpus(self, context: tuple[int, ...]) -> tuple[Counts, float]:
