@@ -59,11 +59,8 @@ class DraftTree:
             raise ValueError("each parent must be -1 or an earlier node index (topological order)")
         edges = list(zip(parent_list, tokens))
         if len(set(edges)) != len(edges):
-            seen: set[tuple[int, int]] = set()
-            for parent, token in edges:
-                if (parent, token) in seen:
-                    raise ValueError(f"duplicate child token {token} under node {parent}")
-                seen.add((parent, token))
+            parent, token = next(edge for i, edge in enumerate(edges) if edge in edges[:i])
+            raise ValueError(f"duplicate child token {token} under node {parent}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
