@@ -85,6 +85,21 @@ def test_a_learned_substitution_is_drafted_where_the_old_tokens_come_again():
     assert len(old) == 3 and tree.scores[old[-1]] < tree.scores[renamed[2]]
 
 
+def test_right_after_a_change_the_copy_is_guessed_to_resume_past_the_replaced_tokens():
+    # the output replaces `40 41` by `98 99`: before any of the old text comes again, the drafter
+    # already offers the source after the replaced tokens (and after none of them: an insertion)
+    source = [20, 21, 22, 23, 24, 25, 40, 41, 30, 31, 32, 33, 34]
+    trees = []
+    for drafter in (EditDrafter(), EditDrafter(resume_within=0)):
+        drafter.begin(source)
+        context = feed(drafter, list(source), [20, 21, 22, 23, 24, 25, 98, 99])
+        trees.append(drafter.propose(context, 8))
+    guessed, silent = trees
+    assert len(guessed.longest_match([30, 31, 32])) >= 2  # two replaced by two
+    assert len(guessed.longest_match([40])) == 1  # or inserted before them
+    assert len(silent) == 0  # without guessing, nothing matches the new text yet
+
+
 def test_a_declined_substitution_is_dropped():
     source = [50, 51, FOO, 52, 53, 54, 55, 56, 57, FOO, 58, 59, 60, 61, 62, FOO, 63]
     drafter = EditDrafter()
@@ -99,8 +114,8 @@ def test_no_draft_once_the_output_stops_copying():
     drafter.begin(source)
     context = feed(drafter, list(source), source[:12])
     assert len(drafter.propose(context, 8)) == 8
-    context = feed(drafter, context, [900, 901, 902])  # new text that occurs nowhere
-    assert len(drafter.propose(context, 8)) == 0
+    context = feed(drafter, context, [900, 901, 902, 903, 904])  # new text that occurs nowhere
+    assert len(drafter.propose(context, 8)) == 0  # past `resume_within`: writing, not editing
     assert len(drafter.propose(source + source[:12], 0)) == 0
 
 
@@ -129,7 +144,7 @@ def test_replay_is_deterministic():
 
 def test_bad_arguments_name_the_value():
     for kwargs, text in (({"min_recent": 0}, "min_recent"), ({"min_score": 1.5}, "min_score"),
-                         ({"confirm": 0}, "confirm")):
+                         ({"confirm": 0}, "confirm"), ({"resume_within": -1}, "resume_within")):
         with pytest.raises(ValueError, match=text):
             EditDrafter(**kwargs)
 

@@ -12,7 +12,10 @@ the new. This drafter keeps an *alignment* instead:
   after an inserted or replaced fragment copying resumes at the right place. A match anywhere
   (prompt lookup's most recent one) takes over only when it is 2 tokens longer: lists and loops
   that repeat the output's own last lines. A short excursion (a name quoted from the instruction)
-  does not move the anchor;
+  does not move the anchor. Until a copy holds again (for the new text's first few tokens), the
+  drafter guesses that it replaced as many old tokens as it has (or one fewer, one more, or none)
+  and offers the source after each guess as a branch: the step that would emit the first copied
+  token alone is saved;
 - once a resumed copy has predicted `confirm` tokens right, the replaced fragment (old source tokens ->
   new output tokens) is learned as a *substitution* and applied wherever the source ahead holds
   the old tokens again: a renamed identifier is drafted renamed. Until the model has followed it
@@ -51,6 +54,7 @@ _OLD = -1  # calibration feature of the old text drafted where a substitution ap
 _SUB_PRIOR = {1: 0.5, 2: 0.85, _OLD: 0.4}  # a substitution not yet followed: as likely as the old text
 _LOOP = 4  # a copy from at most this many tokens back repeats a short loop (`a a a`, `a b a b`)
 _NEXT = 8  # a copy resuming at most this many source tokens past the anchor: a small edit
+_WEAK = 2  # an alignment that has explained at most this many tokens may be a chance match
 
 
 def _prior(run: int) -> float:
@@ -133,7 +137,8 @@ class EditDrafter(Drafter):
     `min_recent`: shortest match anywhere that may take over; `confirm`: tokens a resumed copy
     must predict right before its edit is learned and its break may move the anchor;
     `near`/`settle`: a copy that breaks moves the anchor if it began within `near` tokens of it
-    or held `settle` tokens (else it was an excursion)."""
+    or held `settle` tokens (else it was an excursion); `resume_within`: for this many new tokens
+    after a break, guess where the copy resumes (`_guesses`)."""
 
     name = "edit"
 
@@ -149,9 +154,12 @@ class EditDrafter(Drafter):
         max_depth: int = 32,
         near: int = 48,
         settle: int = 16,
+        resume_within: int = 4,
     ) -> None:
         if max_ngram < 1 or window < 1 or back < 0 or confirm < 1 or max_sub_len < 1 or max_depth < 1:
             raise ValueError("max_ngram, window, confirm, max_sub_len and max_depth must be at least 1, back >= 0")
+        if resume_within < 0:
+            raise ValueError(f"resume_within must be >= 0 (0: never guess), got {resume_within}")
         if not 1 <= min_recent <= max_ngram:
             raise ValueError(f"need 1 <= min_recent <= max_ngram, got {min_recent}, {max_ngram}")
         if not 0.0 <= min_score < 1.0:
@@ -166,6 +174,7 @@ class EditDrafter(Drafter):
         self.max_depth = max_depth
         self.near = near
         self.settle = settle
+        self.resume_within = resume_within
         self.calibrator = EdgeCalibrator()
         self.begin(())
 
@@ -339,38 +348,76 @@ class EditDrafter(Drafter):
         self._cells = {}
         if self._align is None and self._len:
             self._resync()
-        if max_nodes <= 0 or self._align is None:
+        if max_nodes <= 0:
             return DraftTree.empty()
-        return self._draft(min(max_nodes, self.max_depth))
+        max_nodes = min(max_nodes, self.max_depth)
+        guesses = self._guesses(max_nodes)
+        if self._align is None:
+            return self._tree(guesses, max_nodes) if guesses else DraftTree.empty()
+        return self._draft(max_nodes, guesses)
 
-    def _draft(self, max_nodes: int) -> DraftTree:
+    def _guesses(self, max_nodes: int) -> list[tuple[tuple[int, ...], float]]:
+        """Scored branches where the copy may resume once the new text since the break ends.
+
+        While the new text has no alignment that held (its first `resume_within` tokens),
+        guess that it replaced as many old tokens at the anchor as it has (a renamed name, a changed
+        value), one fewer or one more, or none (an insertion), and copy the source after each guess,
+        each kind calibrated apart. A right guess saves the step that would emit the first copied
+        token alone before `_resync` can find it. An alignment of at most `_WEAK` tokens does not
+        stop the guessing: right after new text a short match somewhere is common and often wrong
+        (`= 5` matching the `5` of `0.5`); the guesses and its chain then compete by score.
+        """
+        written = self._len - self._break_out
+        align = self._align
+        if self._anchor is None or not 1 <= written <= self.resume_within or \
+                (align is not None and align.run > _WEAK):
+            return []
+        guesses = {0: "insert"}
+        for old, guess in ((written, "same"), (written - 1, "fewer"), (written + 1, "more")):
+            guesses.setdefault(old, guess)
+        nodes = []
+        for old, guess in guesses.items():
+            if self._anchor + old < self._break_out:  # the old tokens lie before the new text
+                path, scores, _ = self._copy(self._anchor + old, [], 0, [], 1.0, max_nodes, f"resume-{guess}", 0)
+                nodes += [(tuple(path[: i + 1]), s) for i, s in enumerate(scores)]
+        return nodes
+
+    def _draft(self, max_nodes: int, guesses: list[tuple[tuple[int, ...], float]]) -> DraftTree:
         """The chain the alignment predicts; where it applies a substitution the model has not
-        followed yet (about as likely as not), also a branch with the old text, and the
-        `max_nodes` best-scored nodes of both."""
+        followed yet (about as likely as not), also a branch with the old text; with any `guesses`,
+        the `max_nodes` best-scored nodes of all."""
         align = self._align
         trust = _trust(align.sub) if align.pending else 0
-        path, scores, fork = self._copy(align.ptr, list(align.pending), trust, [], 1.0, max_nodes)
-        if not path:
-            return DraftTree.empty()
-        if fork is None:
+        path, scores, fork = self._copy(align.ptr, list(align.pending), trust, [], 1.0, max_nodes,
+                                        align.origin, align.run)
+        if fork is None and not guesses:
+            if not path:
+                return DraftTree.empty()
             return DraftTree(np.asarray(path, np.int64), np.arange(-1, len(path) - 1), scores=np.asarray(scores),
                              sources=(self.name,) * len(path))
-        depth, ptr, score = fork
-        old, old_scores, _ = self._copy(ptr, [], _OLD, path[:depth], score, max_nodes - depth)
         nodes = [(tuple(path[: i + 1]), s) for i, s in enumerate(scores)]
-        nodes += [(tuple(old[: depth + i + 1]), s) for i, s in enumerate(old_scores)]
+        if fork is not None:
+            depth, ptr, score = fork
+            old, old_scores, _ = self._copy(ptr, [], _OLD, path[:depth], score, max_nodes - depth,
+                                            align.origin, align.run)
+            nodes += [(tuple(old[: depth + i + 1]), s) for i, s in enumerate(old_scores)]
+        return self._tree(nodes + guesses, max_nodes)
+
+    def _tree(self, nodes: list[tuple[tuple[int, ...], float]], max_nodes: int) -> DraftTree:
+        """The `max_nodes` best of several scored branches (path, score) as one tree."""
         nodes.sort(key=lambda node: (-node[1], len(node[0])))  # best first, parents first
         return merge_proposals([(p, s, None, self.name) for p, s in nodes], max_nodes)
 
     def _copy(self, ptr: int, pending: list[int], trust: int, prefix: list[int], score: float,
-              max_nodes: int) -> tuple[list[int], list[float], tuple[int, int, float] | None]:
-        """Copy the source from `ptr` below `prefix` (substitutions applied), scoring each edge.
+              max_nodes: int, origin: str, held: int) -> tuple[list[int], list[float], tuple[int, int, float] | None]:
+        """Copy the source from `ptr` below `prefix` (substitutions applied), scoring each edge by
+        its cell: how the copy was found (`origin`) and how many tokens it held before (`held`).
 
         Returns the path (prefix included), the new nodes' scores, and where the first substitution
         not yet followed was applied: (its depth, its source position, the score before it).
         `trust=_OLD` copies the old text at `ptr` even where a substitution would apply.
         """
-        align, end, origin, base = self._align, self._len, self._align.origin, ptr
+        end, base = self._len, ptr
         ahead = self._tokens[ptr : min(end, ptr + 2 * max_nodes)].tolist()
         path, scores, fork = list(prefix), [], None
         rates: dict[tuple, float] = {}  # cell -> calibrated edge rate, looked up once a call
@@ -393,7 +440,7 @@ class EditDrafter(Drafter):
                     pending = [ahead[ptr - base] if ptr - base < len(ahead) else int(self._tokens[ptr])]
                     ptr += 1
                 old_first = False
-            run = bucket(align.run + len(path), _RUN_EDGES)
+            run = bucket(held + len(path), _RUN_EDGES)
             fine = (origin, trust, run)
             coarse = ("sub", trust) if trust else ("run", run)
             rate = rates.get(fine)
