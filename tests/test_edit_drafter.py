@@ -100,6 +100,20 @@ def test_right_after_a_change_the_copy_is_guessed_to_resume_past_the_replaced_to
     assert len(silent) == 0  # without guessing, nothing matches the new text yet
 
 
+def test_a_chance_one_token_match_after_a_change_does_not_stop_the_guess():
+    # `A = 3 ; B = 0.5 ; C`: the output changes 3 to 5, whose only match is the 5 of `0.5`
+    source = [30, 31, 32, 33, 20, 21, 3, 22, 23, 21, 24, 5, 22, 25, 21, 26, 27]
+    trees = []
+    for drafter in (EditDrafter(), EditDrafter(resume_within=0)):
+        drafter.begin(source)
+        context = feed(drafter, list(source), [30, 31, 32, 33, 20, 21, 5])
+        trees.append(drafter.propose(context, 16))
+    guessed, matched_only = trees
+    assert len(guessed.longest_match([22, 25])) == 2  # the chance match: after `0.5` comes C
+    assert len(guessed.longest_match([22, 23])) == 2  # the guess: one token replaced, B follows
+    assert len(matched_only.longest_match([22, 23])) < 2
+
+
 def test_a_declined_substitution_is_dropped():
     source = [50, 51, FOO, 52, 53, 54, 55, 56, 57, FOO, 58, 59, 60, 61, 62, FOO, 63]
     drafter = EditDrafter()
