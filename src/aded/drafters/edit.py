@@ -378,7 +378,8 @@ class EditDrafter(Drafter):
         nodes = []
         for old, guess in guesses.items():
             if self._anchor + old < self._break_out:  # the old tokens lie before the new text
-                path, scores, _ = self._copy(self._anchor + old, [], 0, [], 1.0, max_nodes, f"resume-{guess}", 0)
+                path, scores, _ = self._copy(self._anchor + old, [], 0, [], 1.0, max_nodes,
+                                             origin=f"resume-{guess}", held=0)
                 nodes += [(tuple(path[: i + 1]), s) for i, s in enumerate(scores)]
         return nodes
 
@@ -389,7 +390,7 @@ class EditDrafter(Drafter):
         align = self._align
         trust = _trust(align.sub) if align.pending else 0
         path, scores, fork = self._copy(align.ptr, list(align.pending), trust, [], 1.0, max_nodes,
-                                        align.origin, align.run)
+                                        origin=align.origin, held=align.run)
         if fork is None and not guesses:
             if not path:
                 return DraftTree.empty()
@@ -399,7 +400,7 @@ class EditDrafter(Drafter):
         if fork is not None:
             depth, ptr, score = fork
             old, old_scores, _ = self._copy(ptr, [], _OLD, path[:depth], score, max_nodes - depth,
-                                            align.origin, align.run)
+                                            origin=align.origin, held=align.run)
             nodes += [(tuple(old[: depth + i + 1]), s) for i, s in enumerate(old_scores)]
         return self._tree(nodes + guesses, max_nodes)
 
@@ -409,7 +410,7 @@ class EditDrafter(Drafter):
         return merge_proposals([(p, s, None, self.name) for p, s in nodes], max_nodes)
 
     def _copy(self, ptr: int, pending: list[int], trust: int, prefix: list[int], score: float,
-              max_nodes: int, origin: str, held: int) -> tuple[list[int], list[float], tuple[int, int, float] | None]:
+              max_nodes: int, *, origin: str, held: int) -> tuple[list[int], list[float], tuple[int, int, float] | None]:
         """Copy the source from `ptr` below `prefix` (substitutions applied), scoring each edge by
         its cell: how the copy was found (`origin`) and how many tokens it held before (`held`).
 
