@@ -86,6 +86,14 @@ def test_runner_speaks_the_protocol(runner):
     assert 2 in runner.eos_token_ids  # <|im_end|>, where llama.cpp's own generation ends
 
 
+def test_cached_costs_are_keyed_by_the_builds_instruction_set(runner):
+    """Two wheels of one llama-cpp-python version (AVX2, AVX-512) differ in t(k) and exactness."""
+    features = runner.cpu_features()
+    assert features and " " not in features and "=" not in features
+    assert features in runner.cost_identity()
+    assert runner.describe()["cpu_features"] == features
+
+
 def test_default_runner_verifies_one_path_and_stays_greedy(tiny_path, reference_llm):
     chain_runner = LlamaCppRunner(tiny_path, n_ctx=N_CTX, n_threads=1)
     try:

@@ -330,16 +330,24 @@ class LlamaCppRunner:
         seq.step_keep, seq.step_width = None, 1
 
     def cost_identity(self) -> str:
-        return (f"llama.cpp|{self._lib.__version__}|threads={self.n_threads}|n_batch={self.n_batch}"
-                f"|leaves={self.max_tree_leaves}")
+        # the kernels' instruction set is part of the build: an AVX-512 wheel of the same version
+        # has another t(k), and its own answer to whether batches are exact
+        return (f"llama.cpp|{self._lib.__version__}|{self.cpu_features()}|threads={self.n_threads}"
+                f"|n_batch={self.n_batch}|leaves={self.max_tree_leaves}")
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "llama.cpp", "llama_cpp_python": self._lib.__version__,
                 "threads": self.n_threads, "n_ctx": self.n_ctx, "n_batch": self.n_batch,
                 "max_tree_leaves": self.max_tree_leaves, "max_tree_nodes": self.max_tree_nodes,
-                "file": self.path.name, "file_type": self.file_type()}
+                "file": self.path.name, "file_type": self.file_type(), "cpu_features": self.cpu_features()}
 
     # ------------------------------------------------------------------ llama.cpp specifics
+    def cpu_features(self) -> str:
+        """The instruction sets this build of llama.cpp computes with, e.g. `AVX2+FMA+F16C`."""
+        info = self._lib.llama_print_system_info().decode("utf-8", "replace")
+        on = [part.split("=")[0].strip() for part in info.split("|") if part.strip().endswith("= 1")]
+        return "+".join(name.split(":")[-1].strip() for name in on) or "unknown"
+
     def file_type(self) -> str:
         buf = ctypes.create_string_buffer(256)
         self._lib.llama_model_desc(self._model, buf, len(buf))

@@ -112,7 +112,8 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
     methods = _ordered(s["method"] for s in summary)
     base = baseline_name(results)
     if machine.get("backend") == "llama.cpp":
-        engine = (f"llama.cpp (llama-cpp-python {machine.get('llama_cpp_python')}), "
+        build = f", {machine['cpu_features']} kernels" if machine.get("cpu_features") else ""
+        engine = (f"llama.cpp (llama-cpp-python {machine.get('llama_cpp_python')}{build}), "
                   f"{machine.get('file_type')}, n_ctx {machine.get('n_ctx')}")
     else:
         engine = f"transformers, torch {machine.get('torch')}, {machine.get('dtype')} on {machine.get('device')}"
