@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -344,9 +345,8 @@ class LlamaCppRunner:
     # ------------------------------------------------------------------ llama.cpp specifics
     def cpu_features(self) -> str:
         """The instruction sets this build of llama.cpp computes with, e.g. `AVX2+FMA+F16C`."""
-        info = self._lib.llama_print_system_info().decode("utf-8", "replace")
-        on = [part.split("=")[0].strip() for part in info.split("|") if part.strip().endswith("= 1")]
-        return "+".join(name.split(":")[-1].strip() for name in on) or "unknown"
+        info = self._lib.llama_print_system_info().decode("utf-8", "replace")  # "CPU : SSE3 = 1 | ..."
+        return "+".join(re.findall(r"(\w+) = 1\b", info)) or "unknown"
 
     def file_type(self) -> str:
         buf = ctypes.create_string_buffer(256)
