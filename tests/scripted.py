@@ -19,6 +19,7 @@ class ScriptedRunner:
     max_tree_leaves = None
     max_tree_nodes = None
     eos_token_ids = ()
+    reused_tokens = 0
 
     def __init__(self, script: Sequence[int], vocab_size: int, max_positions: int = 100_000) -> None:
         self.script = list(script)
@@ -49,6 +50,9 @@ class ScriptedRunner:
         """Refused on purpose: only timing runs rewind, and a script has no cost to measure (tests
         build the decoder with a budget that never measures)."""
         raise NotImplementedError("a scripted runner cannot be timed")
+
+    def forget(self) -> None:
+        pass
 
     def cost_identity(self) -> str:
         return "scripted"

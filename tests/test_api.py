@@ -125,7 +125,8 @@ def test_json_shape(tiny_lm):
     data = tiny_lm.generate("q", chat=False, max_new_tokens=5).as_dict()
     assert set(data) == {"text", "token_ids", "prompt_token_ids", "finish_reason", "stats"}
     assert set(data["stats"]) == {"steps", "generated_tokens", "mean_accepted_tokens", "prefill_s",
-                                  "decode_s", "draft_s", "verify_s", "decode_tokens_per_s"}
+                                  "cached_prompt_tokens", "decode_s", "draft_s", "verify_s", "decode_tokens_per_s"}
+    assert data["stats"]["cached_prompt_tokens"] == 0  # transformers runs every prompt whole
 
 
 def test_unknown_drafter_is_a_clear_error():

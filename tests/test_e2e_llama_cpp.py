@@ -80,3 +80,20 @@ def test_cli_picks_llama_cpp_for_the_default_model_and_matches_it(lm, reference)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["token_ids"] == reference(data["prompt_token_ids"])
+
+
+def test_a_conversation_runs_only_its_new_tokens_and_stays_llama_cpp_greedy(lm, reference):
+    """On the default file llama.cpp's cells are exact whatever wrote them, so each turn keeps the
+    conversation so far: its prefill runs the new message, not the whole history."""
+    import aded
+
+    assert lm.runner.reuse_prefix
+    chat = aded.Aded(lm.runner, lm.tokenizer, drafter="suffix", budget="off")
+    messages = []
+    for turn, text in enumerate(["Name three colours.", "Now name three more.", "Which of them is warmest?"]):
+        messages.append({"role": "user", "content": text})
+        out = chat.generate(messages, max_new_tokens=MAX_NEW)
+        assert out.token_ids == reference(out.prompt_token_ids)
+        if turn:
+            assert out.stats.cached_prompt_tokens > len(out.prompt_token_ids) // 2
+        messages.append({"role": "assistant", "content": out.text})

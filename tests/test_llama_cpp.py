@@ -4,6 +4,8 @@ sequence ids, every drafter equal to llama.cpp's own greedy decoding, exact samp
 from __future__ import annotations
 
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -317,3 +319,91 @@ def test_exact_chain_length_is_measured_and_respected(tiny_path, reference_llm, 
             capped.verify(seq, 8, DraftTree.chain([9, 10, 11]))
     finally:
         capped.close()
+
+
+def test_a_new_sequence_keeps_the_prefix_it_shares_with_the_last_one(tiny_path, reference_llm, tmp_path,
+                                                                      monkeypatch):
+    """A chat's next turn runs only its new tokens, and its answer and logits are a fresh run's."""
+    monkeypatch.setenv("ADED_CACHE_DIR", str(tmp_path))
+    reusing = LlamaCppRunner(tiny_path, n_ctx=N_CTX, n_threads=1)  # probes, then caches
+    fresh = LlamaCppRunner(tiny_path, n_ctx=N_CTX, n_threads=1, reuse_prefix=False)
+    try:
+        assert reusing.reuse_prefix and not fresh.reuse_prefix  # F32: every batch shape is exact
+        assert any("prefix-reuse" in key for key in json.loads((tmp_path / "exact-chains.json").read_text()))
+        rng = np.random.default_rng(4)
+        prompt = rng.integers(3, reusing.vocab_size, 30).tolist()
+        history = []
+        for turn in range(3):  # each turn: the last prompt, its answer and a new message
+            prompt = prompt + history + rng.integers(3, reusing.vocab_size, 10).tolist()
+            reference = llama_greedy(reference_llm, prompt, 30)
+            drafter = ScriptedDrafter(reference, len(prompt), turn, reusing.vocab_size, paths=3)
+            result = decoder(reusing, drafter).generate(prompt, GenerationConfig(max_new_tokens=30))
+            assert result.token_ids == reference
+            # the answer's last token was emitted, never run: it is the first one computed again
+            assert result.stats.cached_prompt_tokens == (len(prompt) - 10 - 1 if turn else 0)
+            history = result.token_ids
+        resumed = reusing.prefill(reusing.new_sequence(0), prompt + history)
+        assert torch.equal(resumed, fresh.prefill(fresh.new_sequence(0), prompt + history))
+
+        seq = reusing.new_sequence(0)  # a prompt that parts at position 12 keeps 12
+        reusing.prefill(seq, prompt[:12] + [7] + prompt[13:])
+        assert reusing.reused_tokens == 12
+        reusing.verify(seq, 9, DraftTree.chain([10, 11]))
+        reusing.commit(seq, (0,))
+        reusing.rewind(seq, 20)  # what was taken back is not kept
+        reusing.prefill(reusing.new_sequence(0), prompt[:12] + [7] + prompt[13:] + [9, 10, 11])
+        assert reusing.reused_tokens == 20
+        reusing.prefill(reusing.new_sequence(0), prompt[:5])  # the same prompt: all but its last
+        assert reusing.reused_tokens == 4
+        reusing.prefill(reusing.new_sequence(0), [8] + prompt)
+        assert reusing.reused_tokens == 0
+    finally:
+        reusing.close()
+        fresh.close()
+
+
+def test_prefix_reuse_stays_off_where_it_would_not_be_exact(tiny_path, reference_llm, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(LlamaCppRunner, "_exact_prefix_reuse", lambda self: False)
+    runner = LlamaCppRunner(tiny_path, n_ctx=N_CTX, n_threads=1)
+    try:
+        assert not runner.reuse_prefix
+        prompt = list(range(300, 340))
+        first = decoder(runner, NoDrafter()).generate(prompt, GenerationConfig(max_new_tokens=10))
+        again = decoder(runner, NoDrafter()).generate(prompt + first.token_ids, GenerationConfig(max_new_tokens=10))
+        assert again.stats.cached_prompt_tokens == 0
+        assert again.token_ids == llama_greedy(reference_llm, prompt + first.token_ids, 10)
+    finally:
+        runner.close()
+
+
+def test_the_server_keeps_each_clients_prompt_to_itself_and_reports_it(tiny_path):
+    """OpenAI's `usage.prompt_tokens_details.cached_tokens` counts what a conversation's next turn
+    kept; with API keys, one key's kept prompt is never another's to start from (or to time)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import aded
+    from aded.server.app import ServerConfig, create_app
+    from server_support import post, serve_in_thread
+
+    lm = aded.load(str(tiny_path), drafter="suffix", budget="off", backend="llama.cpp")
+    config = ServerConfig(model_name="tiny", api_keys=("key-a", "key-b"))
+    conversation = [{"role": "user", "content": "Count to five."}]
+
+    def turn(url, key, messages):
+        reply = post(url, "/v1/chat/completions", {"model": "tiny", "messages": messages, "max_tokens": 8,
+                                                  "temperature": 0, "ignore_eos": True},
+                     headers={"Authorization": f"Bearer {key}"})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        return body["usage"], [*messages, body["choices"][0]["message"], {"role": "user", "content": "Again."}]
+
+    with serve_in_thread(create_app(lm, config)) as url:
+        first, conversation = turn(url, "key-a", conversation)
+        second, conversation = turn(url, "key-a", conversation)
+        other, _ = turn(url, "key-b", conversation)  # the same prompt, another client
+        third, _ = turn(url, "key-a", conversation)
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert 0 < second["prompt_tokens_details"]["cached_tokens"] < second["prompt_tokens"]
+    assert other["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert third["prompt_tokens_details"] == {"cached_tokens": 0}  # key-b's request came between

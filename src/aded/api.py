@@ -72,6 +72,7 @@ class Completion:
                 "generated_tokens": self.stats.generated_tokens,
                 "mean_accepted_tokens": round(self.stats.mean_accepted_tokens, 4),
                 "prefill_s": round(self.stats.prefill_s, 4),
+                "cached_prompt_tokens": self.stats.cached_prompt_tokens,
                 "decode_s": round(self.stats.decode_s, 4),
                 "draft_s": round(self.stats.draft_s, 4),
                 "verify_s": round(self.stats.verify_s, 4),

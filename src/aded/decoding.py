@@ -96,6 +96,7 @@ class GenerationStats:
     decode_s: float = 0.0  # everything after prefill: drafting, verifying, bookkeeping
     draft_s: float = 0.0
     verify_s: float = 0.0
+    cached_prompt_tokens: int = 0  # prompt tokens the runner kept from the previous request
     accepted_lengths: list[int] = field(default_factory=list)  # tokens emitted per step
 
     @property
@@ -217,6 +218,7 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
     drafter.begin(prompt_ids)
     try:
         logits = runner.prefill(seq, prompt_ids)[None]  # [1, vocab]
+        stats.cached_prompt_tokens = runner.reused_tokens
         scores = logits if processor is None else processor(logits, DraftTree.empty())
         first = _accept(DraftTree.empty(), scores, sampling, generator).bonus_id
         _emitted(processor, logprobs, logits, (), [first], top_n)

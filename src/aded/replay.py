@@ -155,6 +155,7 @@ class RecordedRunner:
         self.max_tree_leaves = max_tree_leaves
         self.max_tree_nodes = max_tree_nodes
         self.eos_token_ids = ()
+        self.reused_tokens = 0
         self.cost = cost
         self.simulated_s = 0.0
         self._offset = 0.0  # simulated minus real seconds spent in verifications
@@ -191,6 +192,9 @@ class RecordedRunner:
         """Refused on purpose: only `budget.measure_costs` rewinds, to time steps, and a replay is
         charged recorded costs (`cost`) instead; a recording has no steps to take back."""
         raise NotImplementedError("a recording cannot be timed: replay charges the recorded t(k)")
+
+    def forget(self) -> None:
+        pass  # nothing is kept across sequences
 
     def cost_identity(self) -> str:
         return "replay"

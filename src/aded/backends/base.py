@@ -52,12 +52,20 @@ class Runner(Protocol):
     max_tree_nodes: int | None
     #: token ids that end generation as the model's own plain decoding stops on them
     eos_token_ids: tuple[int, ...]
+    #: prompt tokens the last prefill found already computed, kept from the previous sequence
+    #: (0 on engines that run every prompt whole)
+    reused_tokens: int
 
     def new_sequence(self, capacity: int) -> Any:
         """Fresh per-request state for up to `capacity` positions (the previous one is void)."""
 
     def prefill(self, seq: Any, input_ids: Sequence[int]) -> torch.Tensor:
-        """Run the prompt; logits after its last token, [vocab] CPU float32."""
+        """Run the prompt (what it shares with the previous sequence may be kept, bit for bit);
+        logits after its last token, [vocab] CPU float32."""
+
+    def forget(self) -> None:
+        """Keep nothing of earlier sequences: the next prefill runs its prompt whole (one client's
+        cached prompt is not another's)."""
 
     def verify(self, seq: Any, root_id: int, tree: DraftTree) -> torch.Tensor:
         """One forward over the root (the last committed token, not yet cached) and the tree."""

@@ -116,6 +116,9 @@ class HFRunner:
     backend = "hf"
     max_tree_leaves = None  # a 4D mask expresses any tree
     max_tree_nodes = None
+    # every prompt runs whole: torch's kernels sum in another order for another batch shape, so
+    # cells kept from decoding would differ from a fresh prefill's in the last bits
+    reused_tokens = 0
 
     def __init__(self, model) -> None:
         self.model = model
@@ -226,6 +229,9 @@ class HFRunner:
     def rewind(self, seq: HFSequence, length: int) -> None:
         for layer in seq.layers:
             layer.crop(min(0, length - layer.length))
+
+    def forget(self) -> None:
+        pass  # nothing is kept across sequences (`reused_tokens`)
 
     def cost_identity(self) -> str:
         return f"hf|{self.dtype}|{self.device}|threads={torch.get_num_threads()}|torch={torch.__version__}"

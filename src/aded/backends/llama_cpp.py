@@ -55,6 +55,8 @@ __all__ = ["LlamaCppRunner", "LlamaCppError", "llama_cpp_available", "tree_seque
 DEFAULT_MAX_LEAVES = 1
 #: chain length probed for exact batch verification when a runner loads
 PROBE_NODES = 32
+#: the probe results cached per file, build and settings; a new version re-probes
+PROBE_VERSION = "v1"
 
 
 class LlamaCppError(RuntimeError):
@@ -111,6 +113,7 @@ class LlamaSequence:
     step_past: int = 0
     step_keep: list[int] | None = None  # per tree node, the sequence to keep if the path ends there
     step_width: int = 1
+    step_tokens: list[int] | None = None  # the root and the tree's tokens of the last verification
 
 
 class LlamaCppRunner:
@@ -120,9 +123,10 @@ class LlamaCppRunner:
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, n_threads: int | None = None,
                  n_batch: int = 512, max_leaves: int = DEFAULT_MAX_LEAVES,
-                 max_nodes: int | None = -1) -> None:
+                 max_nodes: int | None = -1, reuse_prefix: bool = True) -> None:
         """`max_nodes`: the most draft nodes one verification may carry; -1 (the default) measures
-        the longest chain llama.cpp verifies exactly on this file and machine, None allows any."""
+        the longest chain llama.cpp verifies exactly on this file and machine, None allows any.
+        `reuse_prefix`: start a sequence from the previous one's cached prefix, where that is exact."""
         try:
             import llama_cpp
         except ImportError as exc:
@@ -138,6 +142,11 @@ class LlamaCppRunner:
             raise ValueError(f"max_leaves must be in [1, 256], got {max_leaves}")
         self.n_threads = int(n_threads or physical_cores())
         self._model = self._ctx = self._batch = None
+        #: new sequences keep the prefix they share with the previous one (see the module's doc)
+        self.reuse_prefix = False
+        #: prompt tokens the last prefill found already computed
+        self.reused_tokens = 0
+        self._kv_tokens: list[int] = []  # the token ids held at positions 0, 1, ... of sequence 0
         model_params = llama_cpp.llama_model_default_params()
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self._model:
@@ -146,7 +155,13 @@ class LlamaCppRunner:
         try:
             self._setup(n_ctx, n_batch, max_leaves)
             self.max_tree_nodes: int | None = None
-            self.max_tree_nodes = self._cached_exact_chain_nodes() if max_nodes == -1 else max_nodes
+            if max_nodes == -1:
+                max_nodes = self._cached_probe(f"probe={PROBE_NODES}", self._exact_chain_nodes,
+                                               lambda v: v is None or isinstance(v, int))
+            self.max_tree_nodes = max_nodes
+            if reuse_prefix:
+                self.reuse_prefix = self._cached_probe("prefix-reuse", self._exact_prefix_reuse,
+                                                       lambda v: isinstance(v, bool))
         except BaseException:
             self.close()
             raise
@@ -183,14 +198,14 @@ class LlamaCppRunner:
         self._batch = lib.llama_batch_init(self.n_batch, 0, self.max_tree_leaves)
         self.eos_token_ids = self._end_of_generation_ids()
 
-    def _cached_exact_chain_nodes(self) -> int | None:
-        """`_exact_chain_nodes`, remembered per file, build and settings (a second or more)."""
+    def _cached_probe(self, name: str, probe, valid) -> Any:
+        """`probe()`, remembered per file, build and settings (each takes a second or more)."""
         import json
 
         from aded.fileio import write_atomic
         from aded.models import cache_dir, file_sha256
 
-        key = f"{file_sha256(self.path)[:24]}|{self.cost_identity()}|probe={PROBE_NODES}|v1"
+        key = f"{file_sha256(self.path)[:24]}|{self.cost_identity()}|{name}|{PROBE_VERSION}"
         path = cache_dir() / "exact-chains.json"
         try:
             known = json.loads(path.read_text())
@@ -198,9 +213,9 @@ class LlamaCppRunner:
             known = {}
         if not isinstance(known, dict):
             known = {}
-        if key in known and (known[key] is None or isinstance(known[key], int)):
+        if key in known and valid(known[key]):
             return known[key]
-        known[key] = self._exact_chain_nodes()
+        known[key] = probe()
         write_atomic(path, json.dumps(known, indent=0))
         return known[key]
 
@@ -230,6 +245,31 @@ class LlamaCppRunner:
             k += 1
         return k
 
+    def _exact_prefix_reuse(self) -> bool:
+        """Whether a prompt resumed from cells that decoding wrote (one token at a time, and in
+        verified chains) gives the bits a fresh prefill of it gives."""
+        rng = np.random.default_rng(1)
+        vocab = min(self.vocab_size, 30000)
+        asked, answered, told = (rng.integers(100, vocab, n).tolist() for n in (48, 24, 16))
+        whole = asked + answered + told
+        self.reuse_prefix = False
+        fresh = self.prefill(self.new_sequence(0), whole)
+        seq = self.new_sequence(0)
+        self.prefill(seq, asked)
+        chain = min(3, self.max_tree_nodes if self.max_tree_nodes is not None else 3)
+        i = 0
+        while i < len(answered):  # as the decoding loop writes an answer: roots, and accepted chains
+            nodes = answered[i + 1 : i + 1 + chain] if i % 2 and chain else []
+            self.verify(seq, answered[i], DraftTree.chain(nodes))
+            self.commit(seq, tuple(range(len(nodes))))
+            i += 1 + len(nodes)
+        self.reuse_prefix = True
+        try:
+            resumed = self.prefill(self.new_sequence(0), whole)
+            return self.reused_tokens == len(asked) + len(answered) and torch.equal(resumed, fresh)
+        finally:
+            self.reuse_prefix = False
+
     def _end_of_generation_ids(self) -> tuple[int, ...]:
         """Every token llama.cpp treats as end of generation (EOS, EOT and the like)."""
         lib = self._lib
@@ -258,9 +298,8 @@ class LlamaCppRunner:
 
     # ------------------------------------------------------------------ the protocol
     def new_sequence(self, capacity: int) -> LlamaSequence:
-        """The context's cells are allocated once (`n_ctx`); a new sequence empties them, so only
-        one sequence of a runner is live at a time (the previous one is void)."""
-        self._lib.llama_memory_clear(self._memory, True)
+        """The context's cells are allocated once (`n_ctx`), so only one sequence of a runner is
+        live at a time (the previous one is void); its first prefill decides what it keeps of them."""
         return LlamaSequence()
 
     def prefill(self, seq: LlamaSequence, input_ids: Sequence[int]) -> torch.Tensor:
@@ -270,6 +309,8 @@ class LlamaCppRunner:
         if seq.past_len + len(ids) > self.n_ctx:
             raise ValueError(f"{seq.past_len + len(ids)} positions exceed the context of {self.n_ctx}")
         self._check_ids(ids)
+        if seq.past_len == 0:
+            ids = ids[self._keep_prefix(seq, ids):]
         for start in range(0, len(ids), self.n_batch):
             chunk = ids[start : start + self.n_batch]
             last = start + len(chunk) == len(ids)
@@ -277,7 +318,28 @@ class LlamaCppRunner:
                        [last and j == len(chunk) - 1 for j in range(len(chunk))])
             self._decode(f"prefill of {len(ids)} tokens")
             seq.past_len += len(chunk)
+            self._kv_tokens.extend(chunk)
         return self._logits([-1])[0]
+
+    def forget(self) -> None:
+        self._kv_tokens = []  # the next prefill keeps nothing and empties the cells
+
+    def _keep_prefix(self, seq: LlamaSequence, ids: list[int]) -> int:
+        """Keep the cells of the longest prefix `ids` shares with what they hold (but the last
+        prompt token, whose logits the prefill returns), forget the rest; how many were kept."""
+        held = self._kv_tokens
+        keep, limit = 0, min(len(held), len(ids) - 1) if self.reuse_prefix else 0
+        while keep < limit and held[keep] == ids[keep]:
+            keep += 1
+        lib, mem = self._lib, self._memory
+        if keep:
+            lib.llama_memory_seq_keep(mem, 0)  # a tree step left uncommitted may hold others
+            lib.llama_memory_seq_rm(mem, 0, keep, -1)
+        else:
+            lib.llama_memory_clear(mem, True)
+        del held[keep:]
+        seq.past_len = self.reused_tokens = keep
+        return keep
 
     def verify(self, seq: LlamaSequence, root_id: int, tree: DraftTree) -> torch.Tensor:
         k = len(tree)
@@ -304,6 +366,7 @@ class LlamaCppRunner:
             for s in range(1, width):  # the committed past, visible to every path
                 self._lib.llama_memory_seq_cp(self._memory, 0, s, -1, -1)
         seq.step_past, seq.step_keep, seq.step_width = past, keep, width
+        seq.step_tokens = tokens
         self._fill(tokens, positions, node_seqs, [True] * len(tokens))
         self._decode(f"verification of {k} draft nodes")
         return self._logits(range(len(tokens)))
@@ -321,14 +384,18 @@ class LlamaCppRunner:
                 lib.llama_memory_seq_rm(mem, keep, -1, -1)
         else:
             lib.llama_memory_seq_rm(mem, 0, end, -1)
+        tokens = seq.step_tokens
+        self._kv_tokens.append(tokens[0])
+        self._kv_tokens.extend(tokens[1 + node] for node in accepted_nodes)
         seq.past_len = end
-        seq.step_keep, seq.step_width = None, 1
+        seq.step_keep, seq.step_width, seq.step_tokens = None, 1, None
 
     def rewind(self, seq: LlamaSequence, length: int) -> None:
         """Forget positions from `length` on, committed or left by an uncommitted verification."""
         self._lib.llama_memory_seq_rm(self._memory, -1, length, -1)
         seq.past_len = min(seq.past_len, length)
-        seq.step_keep, seq.step_width = None, 1
+        del self._kv_tokens[length:]
+        seq.step_keep, seq.step_width, seq.step_tokens = None, 1, None
 
     def cost_identity(self) -> str:
         # the kernels' instruction set is part of the build: an AVX-512 wheel of the same version

@@ -309,6 +309,7 @@ class AdedMethod(Method):
     def run(self, prompt_ids: list[int], baseline_ids: list[int] | None) -> TurnResult:
         if isinstance(self.drafter, OracleDrafter):
             self.drafter.expect(baseline_ids or [])
+        self.decoder.runner.forget()  # each turn from an empty cache, as the baseline's `generate`
         result = self.decoder.generate(prompt_ids, self.config)
         stats = result.stats
         return TurnResult(list(result.token_ids), stats.prefill_s, stats.decode_s,

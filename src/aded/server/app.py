@@ -31,8 +31,8 @@ from aded.server.errors import RequestError, error_response
 from aded.server.guard import Guard
 from aded.server.logprobs import chat_logprobs, text_logprobs
 from aded.server.metrics import Metrics
-from aded.server.schemas import (ChatCompletion, ChatCompletionChunk, ModelCard, ModelList, TextCompletion, Usage,
-                                 error_payload)
+from aded.server.schemas import (ChatCompletion, ChatCompletionChunk, ModelCard, ModelList, PromptTokensDetails,
+                                 TextCompletion, Usage, error_payload)
 from aded.server.service import Service
 from aded.server.tenants import STATE_PER
 from aded.tools import TOOL_CALL_OPEN
@@ -126,7 +126,8 @@ def _sse(payload: Any) -> str:
 
 def _usage(completion) -> Usage:
     prompt, generated = len(completion.prompt_token_ids), len(completion.token_ids)
-    return Usage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
+    return Usage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=completion.stats.cached_prompt_tokens))
 
 
 class _CountRequests:

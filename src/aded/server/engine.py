@@ -48,6 +48,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False  # relay text pieces as they are accepted
     tenant: str | None = None  # whose learned state drafts it (None: the shared one)
+    #: whose kept prompt cells it may start from (None: anyone's, on a server without keys or tenants)
+    cache_owner: str | None = None
 
 
 @dataclass

@@ -23,6 +23,7 @@ __all__ = [
     "ErrorBody",
     "ErrorResponse",
     "Usage",
+    "PromptTokensDetails",
     "AdedStats",
     "ChatCompletion",
     "ChatCompletionChunk",
@@ -254,10 +255,15 @@ NOT_SUPPORTED_YET: dict[str, Callable[[Any], bool]] = {
 
 
 # ---------------------------------------------------------------------------- responses
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens kept from the previous request instead of computed again
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class AdedStats(BaseModel):

@@ -53,6 +53,7 @@ class Service:
         self.large_parser = ThreadPoolExecutor(1, thread_name_prefix="aded-parse-large")
         self.metrics = Metrics(config.model_name, lm.drafter.name)
         self.engine = Engine(lm, config.max_queue, on_finish=self._finished, on_start=self._started)
+        self._cache_owner: str | None = None  # whose prompt the runner's kept cells hold
         self.metrics.gauges["aded_queue_depth"] = lambda: self.engine.pending
         state_file = None
         self.state_note = "no state file: learned state lives in memory only"
@@ -90,6 +91,10 @@ class Service:
 
     # ------------------------------------------------------------------ the worker's hooks
     def _started(self, job: Job) -> None:
+        owner = job.request.cache_owner
+        if owner != self._cache_owner:  # a client's cached prompt is not another's to time or count
+            self.lm.runner.forget()
+            self._cache_owner = owner
         self.tenants.activate(job.request.tenant)
 
     def _finished(self, job: Job, completion) -> None:
@@ -116,13 +121,14 @@ class Service:
             request = parse_body(raw, model)
             self._check_model(request.model)
             tenant = self._tenant(request, api_key)
+            owner = tenant or (tenant_of("key", api_key, None) if self.config.api_keys else None)
             output = _output_fields(request)
             if endpoint == "chat":
                 rendered = output.get("tools") if output.get("tool_choice") != "none" else None
                 prompt_ids = self.encoder.chat_ids(request.messages, rendered)
             else:
                 prompt_ids = self.encoder.text_ids(request.prompt)
-            return request, self._generation(request, prompt_ids, param, tenant, output)
+            return request, self._generation(request, prompt_ids, param, tenant, owner, output)
         except RequestError:
             raise
         except Exception as exc:  # whatever a body can provoke is the body's fault, never a 500
@@ -141,7 +147,7 @@ class Service:
                                code="unsupported_parameter")
         return tenant_of(self.config.state_per, api_key, request.cache_salt)
 
-    def _generation(self, request, prompt_ids: list[int], param: str, tenant: str | None,
+    def _generation(self, request, prompt_ids: list[int], param: str, tenant: str | None, owner: str | None,
                     output: dict[str, Any]) -> GenerationRequest:
         """Sampling parameters checked against the context, as `Aded.stream` keyword arguments;
         `output`: the structured-output fields (`_output_fields`), whose grammar is built here, on
@@ -169,7 +175,7 @@ class Service:
             blamed = _blamed(str(exc), output)
             message = str(exc) if blamed is None or str(exc).startswith(blamed) else f"{blamed}: {exc}"
             raise RequestError(message, param=blamed) from exc
-        return GenerationRequest(prompt_ids, generation, tuple(request.stop_list()), request.stream, tenant)
+        return GenerationRequest(prompt_ids, generation, tuple(request.stop_list()), request.stream, tenant, owner)
 
     def _processing(self, request) -> dict[str, Any]:
         """The fields processors.py honours, as `GenerationConfig` keywords (None: left out);
