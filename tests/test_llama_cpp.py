@@ -383,6 +383,8 @@ def test_the_server_keeps_each_clients_prompt_to_itself_and_reports_it(tiny_path
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     import aded
+    import httpx
+
     from aded.server.app import ServerConfig, create_app
     from server_support import post, serve_in_thread
 
@@ -403,6 +405,9 @@ def test_the_server_keeps_each_clients_prompt_to_itself_and_reports_it(tiny_path
         second, conversation = turn(url, "key-a", conversation)
         other, _ = turn(url, "key-b", conversation)  # the same prompt, another client
         third, _ = turn(url, "key-a", conversation)
+        metrics = httpx.get(url + "/metrics", headers={"Authorization": "Bearer key-a"}).text
+    kept = second["prompt_tokens_details"]["cached_tokens"]
+    assert f"aded_prompt_tokens_cached_total {kept}" in metrics
     assert first["prompt_tokens_details"] == {"cached_tokens": 0}
     assert 0 < second["prompt_tokens_details"]["cached_tokens"] < second["prompt_tokens"]
     assert other["prompt_tokens_details"] == {"cached_tokens": 0}

@@ -55,6 +55,7 @@ class Metrics:
         self.accepted = _Histogram(ACCEPTED_BUCKETS)
         self.generations = {"finished": 0, "cancelled": 0, "failed": 0}
         self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0
         self.completion_tokens = 0
         self.steps = 0
         self.draft_nodes = 0
@@ -79,6 +80,7 @@ class Metrics:
             if stats is None:
                 return
             self.prompt_tokens += prompt_tokens
+            self.cached_prompt_tokens += stats.cached_prompt_tokens
             self.completion_tokens += stats.generated_tokens
             self.steps += stats.steps
             self.draft_nodes += stats.draft_nodes
@@ -125,6 +127,9 @@ class Metrics:
                       "# TYPE aded_generations_total counter"]
             lines += [f'aded_generations_total{{outcome="{k}"}} {v}' for k, v in sorted(self.generations.items())]
             lines += _counter("aded_prompt_tokens_total", "Prompt tokens of generations that ran.", self.prompt_tokens)
+            lines += _counter("aded_prompt_tokens_cached_total",
+                              "Prompt tokens kept from the previous request instead of computed again.",
+                              self.cached_prompt_tokens)
             lines += _counter("aded_completion_tokens_total", "Tokens generated.", self.completion_tokens)
             lines += _counter("aded_verification_steps_total", "Target-model verification steps.", self.steps)
             lines += _counter("aded_draft_nodes_total", "Draft tree nodes verified.", self.draft_nodes)
