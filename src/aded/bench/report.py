@@ -162,7 +162,8 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
     lines += [
         "", "## How this was measured", "",
         "One process and one loaded model for all methods; the same prompt token ids, threads and dtype; "
-        "a warm-up first; methods interleaved per turn (the baseline first, the others rotated per question); "
+        "a warm-up first; methods interleaved per turn (the baseline first, the others rotated per question), "
+        "each turn from an empty cache; "
         "multi-turn questions feed the baseline's answer back through the chat template. "
         + str(config.get("timing", "")),
         "MAT = tokens emitted per decoding step, bonus included (1.00 = plain decoding); Overall = "
