@@ -222,10 +222,7 @@ class LlamaCppRunner:
     def _exact_chain_nodes(self, probe: int = PROBE_NODES) -> int | None:
         """The longest chain whose verification rows equal one-token decoding bit for bit (None:
         every chain up to `probe` nodes was exact, so no limit)."""
-        rng = np.random.default_rng(0)
-        vocab = min(self.vocab_size, 30000)
-        past = rng.integers(100, vocab, 48).tolist()
-        chain = rng.integers(100, vocab, probe).tolist()
+        past, chain = self._probe_ids(0, 48, probe)
         seq = self.new_sequence(0)
         self.prefill(seq, past)
         single = []
@@ -248,15 +245,13 @@ class LlamaCppRunner:
     def _exact_prefix_reuse(self) -> bool:
         """Whether a prompt resumed from cells that decoding wrote (one token at a time, and in
         verified chains) gives the bits a fresh prefill of it gives."""
-        rng = np.random.default_rng(1)
-        vocab = min(self.vocab_size, 30000)
-        asked, answered, told = (rng.integers(100, vocab, n).tolist() for n in (48, 24, 16))
+        asked, answered, told = self._probe_ids(1, 48, 24, 16)
         whole = asked + answered + told
         self.reuse_prefix = False
         fresh = self.prefill(self.new_sequence(0), whole)
         seq = self.new_sequence(0)
         self.prefill(seq, asked)
-        chain = min(3, self.max_tree_nodes if self.max_tree_nodes is not None else 3)
+        chain = 3 if self.max_tree_nodes is None else min(3, self.max_tree_nodes)
         i = 0
         while i < len(answered):  # as the decoding loop writes an answer: roots, and accepted chains
             nodes = answered[i + 1 : i + 1 + chain] if i % 2 and chain else []
@@ -269,6 +264,12 @@ class LlamaCppRunner:
             return self.reused_tokens == len(asked) + len(answered) and torch.equal(resumed, fresh)
         finally:
             self.reuse_prefix = False
+
+    def _probe_ids(self, seed: int, *lengths: int) -> list[list[int]]:
+        """Random ordinary token ids for the probes, one list per length (the same every run)."""
+        rng = np.random.default_rng(seed)
+        vocab = min(self.vocab_size, 30000)
+        return [rng.integers(100, vocab, n).tolist() for n in lengths]
 
     def _end_of_generation_ids(self) -> tuple[int, ...]:
         """Every token llama.cpp treats as end of generation (EOS, EOT and the like)."""
@@ -328,7 +329,8 @@ class LlamaCppRunner:
         """Keep the cells of the longest prefix `ids` shares with what they hold (but the last
         prompt token, whose logits the prefill returns), forget the rest; how many were kept."""
         held = self._kv_tokens
-        keep, limit = 0, min(len(held), len(ids) - 1) if self.reuse_prefix else 0
+        limit = min(len(held), len(ids) - 1) if self.reuse_prefix else 0
+        keep = 0
         while keep < limit and held[keep] == ids[keep]:
             keep += 1
         lib, mem = self._lib, self._memory
