@@ -5,6 +5,7 @@
 #   bash scripts/setup.sh --no-demo  # set up only (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/progress.sh
 PYTHON=${PYTHON:-python3}
 
 if [ ! -x .venv/bin/python ]; then
@@ -38,14 +39,7 @@ if [ "${ADED_SKIP_LLAMA:-0}" != "1" ] && [ "$(cat .venv/aded-llama-build 2>/dev/
     rm -rf "$wheels.partial"
     CMAKE_ARGS="$LLAMA_FLAGS" .venv/bin/python -m pip wheel --no-deps --no-cache-dir -v \
       -w "$wheels.partial" "llama-cpp-python==$LLAMA_VERSION" >"$log" 2>&1 &
-    build=$!
-    start=$SECONDS
-    while kill -0 "$build" 2>/dev/null; do
-      sleep 30
-      step=$(grep -o '\[[0-9]*/[0-9]*\]' "$log" | tail -1 || true)
-      echo "  building llama.cpp: ${step:-configuring} after $((SECONDS - start)) s"
-    done
-    if ! wait "$build"; then
+    if ! wait_for_build $! "$log" '\[[0-9]*/[0-9]*\]' llama.cpp; then
       tail -40 "$log"
       echo "error: building llama-cpp-python failed (log above); ADED_SKIP_LLAMA=1 skips the llama.cpp backend" >&2
       exit 1

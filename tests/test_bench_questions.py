@@ -33,7 +33,10 @@ def test_multi_turn_and_reference(tmp_path):
     ('{"id": 2, "turns": ["x"]}', "missing field(s) category"),
     ('{"id": 2, "category": "c", "turns": "one string"}', "turns must be a non-empty list"),
     ('{"id": 2, "category": "c", "turns": []}', "turns must be a non-empty list"),
-    ('{"id": 2, "category": "c", "turns": ["ok", ""]}', "every turn must be a non-empty string"),
+    ('{"id": 2, "category": "c", "turns": ["ok", ""]}', "turn 2 must be a non-empty string"),
+    ('{"id": 2, "category": "c", "turns": ["ok", {"role": "assistant", "content": "x"}]}', "has role 'assistant'"),
+    ('{"id": 2, "category": "c", "turns": [{"role": "tool", "content": "x"}]}', "no call came before it"),
+    ('{"id": 2, "category": "c", "turns": ["x"], "system": ""}', "system must be"),
     ('{"id": 2, "category": "all", "turns": ["x"]}', "category must be"),
     ('{"id": null, "category": "c", "turns": ["x"]}', "id must be"),
     ('{"id": 2, "category": "c", "turns": ["x"], "reference": 5}', "reference must be"),
@@ -85,3 +88,22 @@ def test_shipped_set_is_a_mix_with_sources():
     for line in default_questions_path().read_text().splitlines():
         assert json.loads(line)["source"]
     assert (default_questions_path().parent / "SOURCES.md").is_file()
+
+
+def test_a_session_holds_tool_results_and_a_system_prompt(tmp_path):
+    path = write(tmp_path, "agent.jsonl", [{"id": "a", "category": "agent", "system": "Call tools.",
+                                            "turns": ["Do it.", {"role": "tool", "content": "result"}]}])
+    (question,) = read_questions(path)
+    assert question.turns == ("Do it.", "result") and question.roles == ("user", "tool")
+    assert question.messages(0) == [{"role": "system", "content": "Call tools."},
+                                    {"role": "user", "content": "Do it."}]
+    assert question.messages(1) == [{"role": "tool", "content": "result"}]
+
+
+def test_the_shipped_sessions_load_by_name():
+    from aded.bench.questions import load_questions
+
+    sessions = load_questions(["sessions"])
+    assert len(sessions) >= 8 and all(len(q.turns) >= 3 for q in sessions)
+    assert {"edit-loop", "agent-loop"} <= {q.category for q in sessions}
+    assert any("tool" in q.roles for q in sessions)

@@ -328,8 +328,7 @@ def test_a_new_sequence_keeps_the_prefix_it_shares_with_the_last_one(tiny_path, 
     reusing = LlamaCppRunner(tiny_path, n_ctx=N_CTX, n_threads=1)  # probes, then caches
     fresh = LlamaCppRunner(tiny_path, n_ctx=N_CTX, n_threads=1, reuse_prefix=False)
     try:
-        assert reusing.reuse_prefix and not fresh.reuse_prefix  # F32: every batch shape is exact
-        assert any("prefix-reuse" in key for key in json.loads((tmp_path / "exact-chains.json").read_text()))
+        assert reusing.reuse_prefix and not fresh.reuse_prefix
         rng = np.random.default_rng(4)
         prompt = rng.integers(3, reusing.vocab_size, 30).tolist()
         history = []
@@ -362,17 +361,53 @@ def test_a_new_sequence_keeps_the_prefix_it_shares_with_the_last_one(tiny_path, 
         fresh.close()
 
 
-def test_prefix_reuse_stays_off_where_it_would_not_be_exact(tiny_path, reference_llm, tmp_path, monkeypatch):
-    monkeypatch.setenv("ADED_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(LlamaCppRunner, "_exact_prefix_reuse", lambda self: False)
+def test_a_finished_sequence_holds_what_plain_decoding_would(tiny_path, reference_llm):
+    """A chain accepted through a stop token wrote cells plain decoding never ran; the loop takes
+    them back, so the next turn keeps exactly the prefix llama-cpp-python's `generate` keeps."""
     runner = LlamaCppRunner(tiny_path, n_ctx=N_CTX, n_threads=1)
     try:
-        assert not runner.reuse_prefix
-        prompt = list(range(300, 340))
-        first = decoder(runner, NoDrafter()).generate(prompt, GenerationConfig(max_new_tokens=10))
-        again = decoder(runner, NoDrafter()).generate(prompt + first.token_ids, GenerationConfig(max_new_tokens=10))
-        assert again.stats.cached_prompt_tokens == 0
-        assert again.token_ids == llama_greedy(reference_llm, prompt + first.token_ids, 10)
+        prompt = np.random.default_rng(5).integers(3, runner.vocab_size, 30).tolist()
+        reference = llama_greedy(reference_llm, prompt, 40)
+        first = next(i for i in range(3, 40) if reference.index(reference[i]) == i) + 1
+        stop = reference[first - 1]  # a token plain decoding first emits as its `first`-th
+        assert first + 3 < len(reference)
+
+        class Whole(Drafter):  # the rest of the answer as one chain: accepted past the stop
+            name = "whole"
+
+            def propose(self, context_ids, max_nodes):
+                return DraftTree.chain(reference[len(context_ids) - len(prompt):][:max_nodes])
+
+        result = decoder(runner, Whole()).generate(prompt, GenerationConfig(max_new_tokens=40,
+                                                                            stop_token_ids=[stop]))
+        assert result.token_ids == reference[:first]
+        runner.prefill(runner.new_sequence(0), prompt + result.token_ids + [9, 10])
+        assert runner.reused_tokens == len(prompt) + first - 1
+    finally:
+        runner.close()
+
+
+def test_a_conversation_equals_llama_cpp_keeping_its_prompt_cache(tiny_path, reference_llm):
+    """Turn after turn, aded (drafting, keeping prefixes) and llama-cpp-python's `generate` (its
+    own prefix match, no reset) give the same tokens and keep the same number of prompt tokens."""
+    runner = LlamaCppRunner(tiny_path, n_ctx=N_CTX, n_threads=1)
+    try:
+        rng = np.random.default_rng(9)
+        reference_llm.reset()
+        prompt, answer = [], []
+        for turn in range(3):
+            prompt = prompt + answer + rng.integers(3, runner.vocab_size, 12).tolist()
+            held = len(reference_llm._input_ids)
+            expected = []
+            for token in reference_llm.generate(prompt, temp=0.0, repeat_penalty=1.0):
+                expected.append(int(token))
+                if len(expected) >= 20:
+                    break
+            drafter = ScriptedDrafter(expected, len(prompt), turn, runner.vocab_size, paths=3)
+            result = decoder(runner, drafter).generate(prompt, GenerationConfig(max_new_tokens=20))
+            assert result.token_ids == expected
+            assert result.stats.cached_prompt_tokens == (min(held, len(prompt) - 1) if turn else 0)
+            answer = result.token_ids
     finally:
         runner.close()
 
@@ -412,3 +447,41 @@ def test_the_server_keeps_each_clients_prompt_to_itself_and_reports_it(tiny_path
     assert 0 < second["prompt_tokens_details"]["cached_tokens"] < second["prompt_tokens"]
     assert other["prompt_tokens_details"] == {"cached_tokens": 0}
     assert third["prompt_tokens_details"] == {"cached_tokens": 0}  # key-b's request came between
+
+
+def test_longer_exact_chains_win_the_layout_only_where_rows_are_cheap():
+    from aded.backends.select import predicted_speed
+    from aded.budget import CostModel
+
+    cheap = CostModel((0, 2, 4, 8), (1.0, 1.2, 1.4, 1.8))
+    assert predicted_speed(None, cheap) > predicted_speed(2, cheap) > predicted_speed(0, cheap) == 1.0
+    steep = CostModel((0, 1, 2, 4, 6), (1.0, 1.9, 2.4, 3.4, 4.4))
+    assert predicted_speed(6, steep, acceptance=0.5) == 1.0  # no chain pays: plain decoding's speed
+
+
+def test_the_layout_is_chosen_once_and_kept_where_nothing_is_repacked(tiny_path, tmp_path, monkeypatch):
+    import aded.backends.llama_cpp as backend
+    from aded.backends.select import choose_repack
+
+    monkeypatch.setenv("ADED_CACHE_DIR", str(tmp_path))
+    assert choose_repack(tiny_path, threads=1) is True  # F32: exact at any length as llama.cpp loads it
+    kept = json.loads((tmp_path / "repack-choice.json").read_text())
+    (choice,) = kept.values()
+    assert choice["repack"] is True and choice["on"]["max_tree_nodes"] is None and "off" not in choice
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the cached choice should not load the model")
+
+    monkeypatch.setattr(backend, "LlamaCppRunner", no_loading)
+    assert choose_repack(tiny_path, threads=1) is True
+
+
+def test_weights_not_repacked_still_decode_as_llama_cpp(tiny_path, reference_llm):
+    runner = LlamaCppRunner(tiny_path, n_ctx=N_CTX, n_threads=1, repack=False)
+    try:
+        assert runner.describe()["repack"] is False and "repack=0" in runner.cost_identity()
+        prompt = list(range(400, 430))
+        result = decoder(runner, make_drafter("pld")).generate(prompt, GenerationConfig(max_new_tokens=24))
+        assert result.token_ids == llama_greedy(reference_llm, prompt, 24)
+    finally:
+        runner.close()

@@ -97,13 +97,16 @@ def load(
     backend: str = "auto",
     n_ctx: int | None = None,
     threads: int | None = None,
+    repack: str = "auto",
     **drafter_options: Any,
 ) -> "Aded":
     """Load a model (alias, folder or .gguf) with a drafter, ready to generate.
 
     `backend`: "auto" (llama.cpp for GGUF files when llama-cpp-python is installed, else
     transformers), "hf" or "llama.cpp". `dtype` and `device` apply to transformers, `n_ctx` (the
-    context size) to llama.cpp, `threads` to both.
+    context size) and `repack` (llama.cpp's weight repacking: "auto" measures once which layout
+    decodes faster with exact verified chains, "on" is llama.cpp's default, "off" keeps K-quant
+    chains exact up to six drafted tokens) to llama.cpp, `threads` to both.
     `budget`: "measured" (verify as many draft nodes as pay off on this machine, from a one-off
     timing of the model that is cached), "typical" (a CPU-like cost curve, no timing), or "off"
     (verify every proposed node).
@@ -111,7 +114,7 @@ def load(
     from aded.backends.select import load_runner
 
     runner, tokenizer, model_id = load_runner(model, backend, dtype=dtype, device=device,
-                                              n_ctx=n_ctx, threads=threads)
+                                              n_ctx=n_ctx, threads=threads, repack=repack)
     return Aded(runner, tokenizer, drafter, model_id=model_id, budget=budget, **drafter_options)
 
 

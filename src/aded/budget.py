@@ -293,8 +293,9 @@ def measure_costs(runner, sizes=DEFAULT_SIZES, past_len: int = 256, repeats: int
     after a 32-node step instead, it read 16 ms where decoding takes 13-14, and a node looked like
     28% of a step when it costs ~45%.
     """
-    if runner.max_tree_nodes is not None:  # sizes the runner cannot verify exactly never run
-        sizes = tuple(k for k in sizes if k <= runner.max_tree_nodes)
+    if runner.max_tree_nodes is not None:  # sizes the runner cannot verify exactly never run,
+        cap = runner.max_tree_nodes  # and the longest it can is timed, not extrapolated
+        sizes = tuple(sorted({k for k in sizes if k <= cap} | {cap}))
     rng = np.random.default_rng(0)
     vocab = min(runner.vocab_size, 30000)
     seq = runner.new_sequence(past_len + max(sizes) + 8)

@@ -278,6 +278,9 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
     finally:
         drafter.end(len(generated))
         if decode_start is not None:
+            # hold what plain decoding would: the prompt and every token emitted but the last (a
+            # chain accepted past the end, e.g. through EOS, wrote cells plain decoding never ran)
+            runner.rewind(seq, len(prompt_ids) + max(len(generated) - 1, 0))
             stats.decode_s = clock() - decode_start
         out.result = GenerationResult(generated, finish_reason, stats, logprobs)
 

@@ -6,7 +6,19 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["write_atomic", "read_json_dict"]
+
+
+def read_json_dict(path: str | os.PathLike) -> dict:
+    """The JSON object in a cache file, or {} when it is missing, damaged or not an object: what a
+    cache holds is measured again, never trusted."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:

@@ -189,11 +189,10 @@ class RecordedRunner:
         self._pos += len(accepted_nodes) + 1  # the accepted path and the bonus token
 
     def rewind(self, seq: Any, length: int) -> None:
-        """Refused on purpose: only `budget.measure_costs` rewinds, to time steps, and a replay is
-        charged recorded costs (`cost`) instead; a recording has no steps to take back."""
-        raise NotImplementedError("a recording cannot be timed: replay charges the recorded t(k)")
+        """Nothing to take back: a recording holds no cells (replay is charged recorded costs,
+        so `budget.measure_costs` never times one)."""
 
-    def forget(self) -> None:
+    def forget(self, keep: Sequence[int] = ()) -> None:
         pass  # nothing is kept across sequences
 
     def cost_identity(self) -> str:

@@ -63,9 +63,9 @@ class Runner(Protocol):
         """Run the prompt (what it shares with the previous sequence may be kept, bit for bit);
         logits after its last token, [vocab] CPU float32."""
 
-    def forget(self) -> None:
-        """Keep nothing of earlier sequences: the next prefill runs its prompt whole (one client's
-        cached prompt is not another's)."""
+    def forget(self, keep: Sequence[int] = ()) -> None:
+        """Keep of earlier sequences at most the prefix they share with `keep` (by default nothing:
+        the next prefill runs its prompt whole; one client's cached prompt is not another's)."""
 
     def verify(self, seq: Any, root_id: int, tree: DraftTree) -> torch.Tensor:
         """One forward over the root (the last committed token, not yet cached) and the tree."""
@@ -74,7 +74,8 @@ class Runner(Protocol):
         """After `verify`: keep the root and the accepted path, in order; drop rejected nodes."""
 
     def rewind(self, seq: Any, length: int) -> None:
-        """Forget every position from `length` on (timing runs undo their steps with it)."""
+        """Forget every position from `length` on: timing runs undo their steps with it, and the
+        loop leaves a finished sequence holding what plain decoding would have cached."""
 
     def cost_identity(self) -> str:
         """What a measured t(k) depends on besides the model: engine, dtype, device, threads."""

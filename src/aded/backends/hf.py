@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from transformers import DynamicCache
@@ -230,7 +231,7 @@ class HFRunner:
         for layer in seq.layers:
             layer.crop(min(0, length - layer.length))
 
-    def forget(self) -> None:
+    def forget(self, keep: Sequence[int] = ()) -> None:
         pass  # nothing is kept across sequences (`reused_tokens`)
 
     def cost_identity(self) -> str:

@@ -26,12 +26,25 @@ to ~0.5 in the logits and flips near-ties. Two things guarantee it:
   cell offsets, so trees wider than one path (`max_leaves > 1`) are lossless only up to such
   rounding, and the default verifies one path: the best-scoring chain of the drafter's tree, which
   is also what pays on a CPU where each extra node costs ~60% of a step.
-Some weight types are repacked for this CPU at load (Q4_0, Q4_K, IQ4_NL on AVX2), and their
-products run four activation rows at a time through another kernel than one row, so only batches
-of up to three rows match one-token decoding. Which batch sizes are exact is not guessed from types:
-the runner measures it when it loads (a chain verified in one batch against the same tokens decoded
-one at a time, compared bit for bit) and limits verified chains to the longest exact one
-(`max_tree_nodes`; 0 means plain decoding only).
+Batch rows leave the one-row kernels in two places. Weights llama.cpp repacks for this CPU at
+load (Q4_0, Q4_K, IQ4_NL on AVX2; `repack=True`, llama.cpp's default) run four activation rows at
+a time through another kernel, so only batches of up to three rows match one-token decoding. K-quant
+and IQ weights that are not repacked take ggml's tiled matmul from eight rows on (the
+`ggml_tiled_min_batch` gate; `GGML_CPU_TILED_MM=0` in the environment turns it off for the process),
+so batches of up to seven rows match. Which batch sizes are exact is not guessed from types: the
+runner measures it when it loads (a chain verified in one batch against the same tokens decoded one
+at a time, compared bit for bit) and limits verified chains to the longest exact one
+(`max_tree_nodes`; 0 means plain decoding only). `choose_repack` picks the setting that predicts
+the faster decoding on this file and machine.
+
+A conversation's next turn keeps the cells of the prefix its prompt shares with what the previous
+sequence left, as llama-cpp-python's `generate` and llama-server's prompt cache keep theirs, and
+prefills the rest in the same `n_batch` chunks. The decoding loop leaves a finished sequence holding
+exactly what plain decoding would have cached (the prompt and every emitted token but the last), and
+verified rows are the one-row bits, so the cells equal those of llama.cpp's plain decoding run
+through the same turns, and so does every later turn's output. (Whether a resumed prompt also gives
+the bits of a prefill from scratch depends on the kernels: on repacked or tiled weights it does not,
+for llama.cpp itself no more than for aded; `reuse_prefix=False` prefills every prompt whole.)
 """
 
 from __future__ import annotations
@@ -49,7 +62,8 @@ import torch
 from aded.backends.base import physical_cores
 from aded.tree import DraftTree
 
-__all__ = ["LlamaCppRunner", "LlamaCppError", "llama_cpp_available", "tree_sequences"]
+__all__ = ["LlamaCppRunner", "LlamaCppError", "llama_cpp_available", "tree_sequences", "cpu_features",
+           "llama_build_identity", "tiled_matmul_enabled"]
 
 #: root-to-leaf paths per verification; the budget prunes wider trees to this (see "Exactness")
 DEFAULT_MAX_LEAVES = 1
@@ -79,6 +93,36 @@ def _quiet(llama_cpp) -> None:
         _LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
         llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
+
+
+def cpu_features() -> str:
+    """The instruction sets this build of llama.cpp computes with, e.g. `AVX2+FMA+F16C`."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")  # "CPU : SSE3 = 1 | ..."
+    return "+".join(re.findall(r"(\w+) = 1\b", info)) or "unknown"
+
+
+def tiled_matmul_enabled() -> bool:
+    """llama.cpp's tiled K-quant matmul (batches of eight rows and more), as ggml reads its switch:
+    on unless `GGML_CPU_TILED_MM` is set to a number that is 0 (read once per process)."""
+    value = os.environ.get("GGML_CPU_TILED_MM")
+    if value is None:
+        return True
+    digits = re.match(r"\s*[+-]?\d+", value)
+    return digits is not None and int(digits.group()) != 0
+
+
+def llama_build_identity(threads: int | None = None) -> str:
+    """What kernels and their costs depend on besides the file and the context: the version, the
+    instruction sets (an AVX-512 wheel of the same version has another t(k) and its own exact
+    batches), the threads, and the tiled-matmul switch (named only when off, so what was cached
+    before it was known stays valid)."""
+    import llama_cpp
+
+    threads = int(threads or physical_cores())
+    tiled = "" if tiled_matmul_enabled() else "|tiled=0"
+    return f"llama.cpp|{llama_cpp.__version__}|{cpu_features()}|threads={threads}{tiled}"
 
 
 def tree_sequences(tree: DraftTree) -> tuple[list[list[int]], list[int]]:
@@ -123,10 +167,12 @@ class LlamaCppRunner:
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, n_threads: int | None = None,
                  n_batch: int = 512, max_leaves: int = DEFAULT_MAX_LEAVES,
-                 max_nodes: int | None = -1, reuse_prefix: bool = True) -> None:
+                 max_nodes: int | None = -1, reuse_prefix: bool = True, repack: bool = True) -> None:
         """`max_nodes`: the most draft nodes one verification may carry; -1 (the default) measures
         the longest chain llama.cpp verifies exactly on this file and machine, None allows any.
-        `reuse_prefix`: start a sequence from the previous one's cached prefix, where that is exact."""
+        `reuse_prefix`: start a sequence from the cells of the prefix it shares with the previous
+        one, as llama.cpp's own front ends do (False: every prompt is prefilled whole).
+        `repack`: let llama.cpp repack weights for this CPU (`use_extra_bufts`, its default)."""
         try:
             import llama_cpp
         except ImportError as exc:
@@ -143,11 +189,13 @@ class LlamaCppRunner:
         self.n_threads = int(n_threads or physical_cores())
         self._model = self._ctx = self._batch = None
         #: new sequences keep the prefix they share with the previous one (see the module's doc)
-        self.reuse_prefix = False
+        self.reuse_prefix = bool(reuse_prefix)
         #: prompt tokens the last prefill found already computed
         self.reused_tokens = 0
         self._kv_tokens: list[int] = []  # the token ids held at positions 0, 1, ... of sequence 0
+        self.repack = bool(repack)
         model_params = llama_cpp.llama_model_default_params()
+        model_params.use_extra_bufts = self.repack
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self._model:
             raise LlamaCppError(f"llama.cpp cannot load {self.path}: not a GGUF model it supports, "
@@ -159,9 +207,7 @@ class LlamaCppRunner:
                 max_nodes = self._cached_probe(f"probe={PROBE_NODES}", self._exact_chain_nodes,
                                                lambda v: v is None or isinstance(v, int))
             self.max_tree_nodes = max_nodes
-            if reuse_prefix:
-                self.reuse_prefix = self._cached_probe("prefix-reuse", self._exact_prefix_reuse,
-                                                       lambda v: isinstance(v, bool))
+            self.forget()  # the probe's cells are no one's prefix
         except BaseException:
             self.close()
             raise
@@ -202,17 +248,12 @@ class LlamaCppRunner:
         """`probe()`, remembered per file, build and settings (each takes a second or more)."""
         import json
 
-        from aded.fileio import write_atomic
+        from aded.fileio import read_json_dict, write_atomic
         from aded.models import cache_dir, file_sha256
 
         key = f"{file_sha256(self.path)[:24]}|{self.cost_identity()}|{name}|{PROBE_VERSION}"
         path = cache_dir() / "exact-chains.json"
-        try:
-            known = json.loads(path.read_text())
-        except (OSError, ValueError):
-            known = {}
-        if not isinstance(known, dict):
-            known = {}
+        known = read_json_dict(path)
         if key in known and valid(known[key]):
             return known[key]
         known[key] = probe()
@@ -241,29 +282,6 @@ class LlamaCppRunner:
         while k < probe and exact(k + 1):
             k += 1
         return k
-
-    def _exact_prefix_reuse(self) -> bool:
-        """Whether a prompt resumed from cells that decoding wrote (one token at a time, and in
-        verified chains) gives the bits a fresh prefill of it gives."""
-        asked, answered, told = self._probe_ids(1, 48, 24, 16)
-        whole = asked + answered + told
-        self.reuse_prefix = False
-        fresh = self.prefill(self.new_sequence(0), whole)
-        seq = self.new_sequence(0)
-        self.prefill(seq, asked)
-        chain = 3 if self.max_tree_nodes is None else min(3, self.max_tree_nodes)
-        i = 0
-        while i < len(answered):  # as the decoding loop writes an answer: roots, and accepted chains
-            nodes = answered[i + 1 : i + 1 + chain] if i % 2 and chain else []
-            self.verify(seq, answered[i], DraftTree.chain(nodes))
-            self.commit(seq, tuple(range(len(nodes))))
-            i += 1 + len(nodes)
-        self.reuse_prefix = True
-        try:
-            resumed = self.prefill(self.new_sequence(0), whole)
-            return self.reused_tokens == len(asked) + len(answered) and torch.equal(resumed, fresh)
-        finally:
-            self.reuse_prefix = False
 
     def _probe_ids(self, seed: int, *lengths: int) -> list[list[int]]:
         """Random ordinary token ids for the probes, one list per length (the same every run)."""
@@ -322,8 +340,14 @@ class LlamaCppRunner:
             self._kv_tokens.extend(chunk)
         return self._logits([-1])[0]
 
-    def forget(self) -> None:
-        self._kv_tokens = []  # the next prefill keeps nothing and empties the cells
+    def forget(self, keep: Sequence[int] = ()) -> None:
+        held = self._kv_tokens  # the next prefill keeps at most this prefix, and frees the rest
+        n = 0
+        for a, b in zip(held, keep):
+            if a != b:
+                break
+            n += 1
+        del held[n:]
 
     def _keep_prefix(self, seq: LlamaSequence, ids: list[int]) -> int:
         """Keep the cells of the longest prefix `ids` shares with what they hold (but the last
@@ -400,22 +424,19 @@ class LlamaCppRunner:
         seq.step_keep, seq.step_width, seq.step_tokens = None, 1, None
 
     def cost_identity(self) -> str:
-        # the kernels' instruction set is part of the build: an AVX-512 wheel of the same version
-        # has another t(k), and its own answer to whether batches are exact
-        return (f"llama.cpp|{self._lib.__version__}|{self.cpu_features()}|threads={self.n_threads}"
-                f"|n_batch={self.n_batch}|leaves={self.max_tree_leaves}")
+        return (f"{llama_build_identity(self.n_threads)}|n_batch={self.n_batch}"
+                f"|leaves={self.max_tree_leaves}{'' if self.repack else '|repack=0'}")
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "llama.cpp", "llama_cpp_python": self._lib.__version__,
                 "threads": self.n_threads, "n_ctx": self.n_ctx, "n_batch": self.n_batch,
                 "max_tree_leaves": self.max_tree_leaves, "max_tree_nodes": self.max_tree_nodes,
+                "repack": self.repack,
                 "file": self.path.name, "file_type": self.file_type(), "cpu_features": self.cpu_features()}
 
     # ------------------------------------------------------------------ llama.cpp specifics
     def cpu_features(self) -> str:
-        """The instruction sets this build of llama.cpp computes with, e.g. `AVX2+FMA+F16C`."""
-        info = self._lib.llama_print_system_info().decode("utf-8", "replace")  # "CPU : SSE3 = 1 | ..."
-        return "+".join(re.findall(r"(\w+) = 1\b", info)) or "unknown"
+        return cpu_features()
 
     def file_type(self) -> str:
         buf = ctypes.create_string_buffer(256)

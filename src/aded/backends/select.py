@@ -11,7 +11,13 @@ import os
 from aded.backends.base import BACKENDS
 from aded.models import ModelError, load_model, load_tokenizer, resolve_model
 
-__all__ = ["choose_backend", "load_runner"]
+__all__ = ["choose_backend", "load_runner", "choose_repack", "predicted_speed", "REPACK_CHOICES"]
+
+#: what `repack=` takes: "auto" (measure both settings once per file and machine), "on", "off"
+REPACK_CHOICES = ("auto", "on", "off")
+#: the chance a drafted token is accepted at which `choose_repack` compares settings: copy-heavy
+#: turns (edits, agents, sessions), where the longer exact chains of a setting are worth most
+REFERENCE_ACCEPTANCE = 0.8
 
 
 def choose_backend(spec: str | os.PathLike, backend: str = "auto", device: str = "cpu") -> str:
@@ -37,20 +43,26 @@ def choose_backend(spec: str | os.PathLike, backend: str = "auto", device: str =
 
 
 def load_runner(spec: str | os.PathLike, backend: str = "auto", dtype: str = "float32",
-                device: str = "cpu", n_ctx: int | None = None, threads: int | None = None):
+                device: str = "cpu", n_ctx: int | None = None, threads: int | None = None,
+                repack: str = "auto"):
     """(runner, tokenizer, model_id) for a model spec on the chosen backend.
 
     `model_id` names the model and its numeric format for caches such as the measured t(k).
-    `dtype` and `device` apply to transformers; `n_ctx` to llama.cpp (default: the model's
+    `dtype` and `device` apply to transformers; `n_ctx` and `repack` (llama.cpp's weight repacking:
+    "auto", "on" or "off"; see `choose_repack`) to llama.cpp (default context: the model's
     training context, at most 8192); `threads` to both (default: physical cores).
     """
+    if repack not in REPACK_CHOICES:
+        raise ModelError(f"repack must be one of {', '.join(REPACK_CHOICES)}, got {repack!r}")
     chosen = choose_backend(spec, backend, device)
     if chosen == "llama.cpp":
         from aded.backends.llama_cpp import LlamaCppError, LlamaCppRunner
 
         tokenizer = load_tokenizer(spec)
+        path = resolve_model(spec).path
         try:
-            runner = LlamaCppRunner(resolve_model(spec).path, n_ctx=n_ctx, n_threads=threads)
+            repacked = choose_repack(path, threads) if repack == "auto" else repack == "on"
+            runner = LlamaCppRunner(path, n_ctx=n_ctx, n_threads=threads, repack=repacked)
         except LlamaCppError as exc:
             raise ModelError(str(exc)) from exc
         _check_vocab(runner, tokenizer, spec)
@@ -70,3 +82,62 @@ def _check_vocab(runner, tokenizer, spec) -> None:
     if len(tokenizer) > runner.vocab_size:
         raise ModelError(f"the tokenizer of {spec} has {len(tokenizer)} tokens but llama.cpp's "
                          f"vocabulary {runner.vocab_size}: they do not belong together")
+
+
+def predicted_speed(max_nodes: int | None, costs, acceptance: float = REFERENCE_ACCEPTANCE) -> float:
+    """Tokens a second of the best chain length up to `max_nodes` (None: any measured), where each
+    drafted token is accepted with probability `acceptance` given its parent was."""
+    longest = int(costs.sizes[-1]) if max_nodes is None else min(max_nodes, int(costs.sizes[-1]))
+    best, expected = 0.0, 1.0  # tokens a step: the bonus token, then each drafted one that lands
+    for k in range(longest + 1):
+        if k:
+            expected += acceptance ** k
+        best = max(best, expected / costs(k))
+    return best
+
+
+def choose_repack(path: os.PathLike, threads: int | None = None) -> bool:
+    """Whether llama.cpp should repack this file's weights for the CPU, by predicted decoding speed.
+
+    Repacking gives llama.cpp its fastest prompt processing on some CPUs, but batch rows of repacked
+    weights leave the one-row kernels from four rows on, which caps exact verified chains at two
+    drafted tokens; without it K-quants stay exact up to six (`backends/llama_cpp.py`). Which pays
+    depends on the CPU: each setting's exact chain length and t(k) are measured once per file, build
+    and thread count (tens of seconds; the choice is cached with the numbers behind it) and the one
+    predicting more tokens a second at `REFERENCE_ACCEPTANCE` wins. A file with nothing to repack
+    (exact at any length with repacking on) keeps llama.cpp's default without a second load.
+    """
+    import json
+    from pathlib import Path
+
+    from aded.backends.llama_cpp import LlamaCppRunner, llama_build_identity
+    from aded.budget import measure_costs
+    from aded.fileio import read_json_dict, write_atomic
+    from aded.models import cache_dir, file_sha256
+    from aded.progress import status
+
+    key = f"{file_sha256(Path(path))[:24]}|{llama_build_identity(threads)}"
+    cache = cache_dir() / "repack-choice.json"
+    known = read_json_dict(cache)
+    if isinstance(known.get(key), dict) and isinstance(known[key].get("repack"), bool):
+        return known[key]["repack"]
+    measured: dict[str, dict] = {}
+    with status(f"Choosing llama.cpp's weight layout for {Path(path).name} on this machine (once)"):
+        for repack in (True, False):
+            runner = LlamaCppRunner(path, n_ctx=1024, n_threads=threads, repack=repack)
+            try:
+                if repack and runner.max_tree_nodes is None:
+                    measured["on"] = {"max_tree_nodes": None, "predicted_tokens_per_s": None}
+                    break  # exact at every length with llama.cpp's default: nothing to gain
+                costs = measure_costs(runner)
+                measured["on" if repack else "off"] = {
+                    "max_tree_nodes": runner.max_tree_nodes,
+                    "sizes": list(costs.sizes), "seconds": [round(t, 6) for t in costs.seconds],
+                    "predicted_tokens_per_s": round(predicted_speed(runner.max_tree_nodes, costs), 3)}
+            finally:
+                runner.close()
+    speeds = {name: m["predicted_tokens_per_s"] or 0.0 for name, m in measured.items()}
+    choice = "off" not in speeds or speeds["off"] <= speeds["on"]
+    known[key] = {"repack": choice, "acceptance": REFERENCE_ACCEPTANCE, **measured}
+    write_atomic(cache, json.dumps(known, indent=1))
+    return choice

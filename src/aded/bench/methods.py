@@ -35,7 +35,7 @@ from aded.drafters.base import Drafter
 from aded.tree import DraftTree
 
 __all__ = ["DecodeSettings", "TurnResult", "Method", "HFGenerate", "hf_generation_config", "LlamaCppGenerate", "AdedMethod", "OracleDrafter",
-           "build_methods", "method_names", "baseline_of", "PEERS"]
+           "SettingsMethod", "build_methods", "method_names", "known_methods", "baseline_of", "common_prefix", "PEERS"]
 
 #: per backend, its plain decoding (the baseline, first) and its own prompt lookup
 PEERS = {"hf": ("hf", "hf-pld"), "llama.cpp": ("llama.cpp", "llama.cpp-pld")}
@@ -46,8 +46,16 @@ def baseline_of(backend: str) -> str:
 
 
 def method_names(backend: str = "hf") -> list[str]:
-    """Every method `aded bench` knows on a backend, its baseline first."""
+    """The methods `aded bench` runs by default (`all`) on a backend, its baseline first."""
     return [*PEERS[backend], *DRAFTERS, "oracle"]
+
+
+def known_methods(backend: str = "hf") -> list[str]:
+    """Every method `aded bench` knows on a backend: the default ones, and on llama.cpp the
+    optional `llama-server` peers (a server process each, so only when asked for by name)."""
+    from aded.bench.llama_server import METHODS
+
+    return method_names(backend) + (list(METHODS) if backend == "llama.cpp" else [])
 
 
 @dataclass
@@ -61,6 +69,7 @@ class TurnResult:
     first_tokens: int = 1  # tokens known when prefill ends (hf-pld's first step may emit several)
     draft_s: float = 0.0
     draft_nodes: int = 0
+    cached_tokens: int = 0  # prompt tokens kept from the session's previous turn (not prefilled)
 
     @property
     def tokens(self) -> int:
@@ -75,6 +84,16 @@ class TurnResult:
         return len(self.step_lengths)
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids two sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Method(ABC):
     name: str = "method"
 
@@ -84,6 +103,10 @@ class Method(ABC):
 
     def warm_up(self, prompt_ids: list[int]) -> None:
         """Run each code path once (a short generation) so first-call costs land in no timing."""
+
+    def resume(self, held: Sequence[int]) -> None:
+        """Start the next run from a prompt cache holding at most the prefix it shares with `held`
+        (what plain decoding left cached after the session's previous turn; empty: a new session)."""
 
     def snapshot(self) -> Any:
         """What the method has learned so far (None: nothing), for `restore` before a repeated run."""
@@ -148,12 +171,28 @@ class _TimingStreamer:
         pass
 
 
-class LlamaCppGenerate(Method):
+class SettingsMethod(Method):
+    """A method that runs with `settings` alone: its warm-up is a short run of them."""
+
+    settings: DecodeSettings
+
+    def warm_up(self, prompt_ids: list[int]) -> None:
+        saved = self.settings
+        self.settings = replace(saved, max_new_tokens=min(8, saved.max_new_tokens))
+        try:
+            self.run(prompt_ids, None)
+        finally:
+            self.settings = saved
+
+
+class LlamaCppGenerate(SettingsMethod):
     """llama-cpp-python's high-level `Llama.generate` as users call it, on the runner's file with
-    its context size and threads; each turn starts from an empty cache (`reset`), so the prompt is
-    processed as aded's runner processes it. Steps are counted as `llama_decode` calls (`eval`)."""
+    its context size, threads and weight layout; a session's turn keeps the prefix its prompt
+    shares with the cache (`generate`'s own prefix match), which `resume` sets to what the previous
+    turn left, as for aded's runner. Steps are counted as `llama_decode` calls (`eval`)."""
 
     def __init__(self, name: str, runner, settings: DecodeSettings, prompt_lookup: int | None = None) -> None:
+        import llama_cpp.llama as high_level
         from llama_cpp import Llama
 
         self.name = name
@@ -165,9 +204,22 @@ class LlamaCppGenerate(Method):
             # its draft path breaks on prompts longer than n_batch unless the batch holds them
             options = {"draft_model": LlamaPromptLookupDecoding(num_pred_tokens=prompt_lookup)}
         batch = runner.n_ctx if prompt_lookup else runner.n_batch
-        self.llm = Llama(model_path=str(runner.path), n_ctx=runner.n_ctx, n_threads=runner.n_threads,
-                         n_threads_batch=runner.n_threads, n_batch=batch, n_ubatch=batch,
-                         seed=settings.seed, verbose=False, **options)
+        # `Llama` takes no argument for weight repacking; it reads its model parameters from the
+        # low-level defaults, so those are what carry the runner's choice while it loads
+        defaults = high_level.llama_cpp.llama_model_default_params
+
+        def with_runners_layout():
+            params = defaults()
+            params.use_extra_bufts = getattr(runner, "repack", True)
+            return params
+
+        high_level.llama_cpp.llama_model_default_params = with_runners_layout
+        try:
+            self.llm = Llama(model_path=str(runner.path), n_ctx=runner.n_ctx, n_threads=runner.n_threads,
+                             n_threads_batch=runner.n_threads, n_batch=batch, n_ubatch=batch,
+                             seed=settings.seed, verbose=False, **options)
+        finally:
+            high_level.llama_cpp.llama_model_default_params = defaults
         self._evals: list[int] = []
         self._produced = 0
         plain_eval = self.llm.eval
@@ -178,19 +230,16 @@ class LlamaCppGenerate(Method):
 
         self.llm.eval = counted_eval
 
-    def warm_up(self, prompt_ids: list[int]) -> None:
-        saved = self.settings
-        self.settings = replace(saved, max_new_tokens=min(8, saved.max_new_tokens))
-        try:
-            self.run(prompt_ids, None)
-        finally:
-            self.settings = saved
+    def resume(self, held: Sequence[int]) -> None:
+        cached = self.llm._input_ids  # what its cells hold; `generate` matches prompts against it
+        self.llm.n_tokens = common_prefix(cached.tolist(), held)
 
     def run(self, prompt_ids: list[int], baseline_ids: list[int] | None) -> TurnResult:
         s = self.settings
         greedy = s.greedy
         eos = set(s.eos_token_ids)
-        self.llm.reset()
+        # as `generate` keeps cells: the shared prefix, but never the whole prompt
+        kept = min(common_prefix(self.llm._input_ids.tolist(), prompt_ids), len(prompt_ids) - 1)
         self._evals.clear()
         self._produced = 0
         output: list[int] = []
@@ -198,7 +247,7 @@ class LlamaCppGenerate(Method):
         first_at = None
         tokens = self.llm.generate(prompt_ids, temp=0.0 if greedy else s.temperature,
                                    top_k=0 if greedy else s.top_k, top_p=1.0 if greedy else s.top_p,
-                                   min_p=0.0, typical_p=1.0, repeat_penalty=1.0, reset=True)
+                                   min_p=0.0, typical_p=1.0, repeat_penalty=1.0, reset=True)  # prefix match
         try:
             for token in tokens:
                 if first_at is None:
@@ -214,7 +263,8 @@ class LlamaCppGenerate(Method):
         marks = self._evals[1:] + [len(output)]
         steps = [b - a for a, b in zip(marks, marks[1:]) if b > a]
         first_at = first_at if first_at is not None else end
-        return TurnResult(output, first_at - start, end - first_at, steps, 1 if output else 0)
+        return TurnResult(output, first_at - start, end - first_at, steps, 1 if output else 0,
+                          cached_tokens=max(kept, 0))
 
 
 def hf_generation_config(settings: DecodeSettings, prompt_lookup: int | None = None):
@@ -306,15 +356,17 @@ class AdedMethod(Method):
             self.drafter.load_state_dict(state)
         self.decoder.budget = copy.deepcopy(budget)
 
+    def resume(self, held: Sequence[int]) -> None:
+        self.decoder.runner.forget(held)  # the methods share one runner: each starts as plain decoding left it
+
     def run(self, prompt_ids: list[int], baseline_ids: list[int] | None) -> TurnResult:
         if isinstance(self.drafter, OracleDrafter):
             self.drafter.expect(baseline_ids or [])
-        self.decoder.runner.forget()  # each turn from an empty cache, as the baseline's `generate`
         result = self.decoder.generate(prompt_ids, self.config)
         stats = result.stats
         return TurnResult(list(result.token_ids), stats.prefill_s, stats.decode_s,
                           list(stats.accepted_lengths), 1 if result.token_ids else 0,
-                          stats.draft_s, stats.draft_nodes)
+                          stats.draft_s, stats.draft_nodes, stats.cached_prompt_tokens)
 
 
 class OracleDrafter(Drafter):
@@ -366,7 +418,7 @@ def build_methods(names: Sequence[str], tokenizer, runner, settings: DecodeSetti
 
     `make_budget()` returns a new `BudgetPolicy` over the run's shared cost model.
     """
-    known = method_names(runner.backend)
+    known = known_methods(runner.backend)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))} on the {runner.backend} "
@@ -380,6 +432,10 @@ def build_methods(names: Sequence[str], tokenizer, runner, settings: DecodeSetti
                 out.methods.append(HFGenerate(name, runner.model, settings, 10 if name == peer else None))
             elif name in PEERS["llama.cpp"]:
                 out.methods.append(LlamaCppGenerate(name, runner, settings, 10 if name == peer else None))
+            elif name.startswith("llama-server"):
+                from aded.bench.llama_server import LlamaServerMethod  # it builds on this module
+
+                out.methods.append(LlamaServerMethod(name, runner, settings))
             else:
                 drafter = _drafter(name, tokenizer)
                 out.methods.append(AdedMethod(name, runner, drafter, settings, make_budget()))

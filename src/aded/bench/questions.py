@@ -1,9 +1,13 @@
-"""Benchmark questions: JSON Lines with `id`, `category`, `turns` and an optional `reference`.
+"""Benchmark questions: JSON Lines with `id`, `category`, `turns`, an optional `system` prompt and
+an optional `reference`.
 
-One question a line. `turns` is a list of user messages: a multi-turn question feeds the model's own
-answer back (through the chat template) before the next turn. Other fields (e.g. `source`) are kept
-out of the way, so any file of the shared prompt-set shape loads. A bad line is an error naming the
-file and the line, because a silently skipped question changes every number of the run.
+One question a line. `turns` is a list of messages the user side sends: a string is a user message,
+an object `{"role": "user" | "tool", "content": "..."}` may also be a tool's result (an agent loop
+feeds what its tools returned after the model's call). A multi-turn question is a session: the
+model's own answer is fed back (through the chat template) before the next turn, so each turn's
+prompt holds the conversation so far. Other fields (e.g. `source`) are kept out of the way, so any
+file of the shared prompt-set shape loads. A bad line is an error naming the file and the line,
+because a silently skipped question changes every number of the run.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 __all__ = ["Question", "QuestionError", "load_questions", "read_questions", "default_questions_path",
-           "take"]
+           "question_file", "take", "SHIPPED"]
 
 
 class QuestionError(ValueError):
@@ -31,6 +35,15 @@ class Question:
     turns: tuple[str, ...]
     reference: tuple[str, ...] | None = None
     source: str = ""  # the file's stem: ids are unique within a file, not across files
+    roles: tuple[str, ...] = ()  # per turn, "user" or "tool" (empty: every turn is the user's)
+    system: str | None = None  # a system prompt before the first turn
+
+    def messages(self, index: int) -> list[dict[str, str]]:
+        """The messages that open turn `index` (0-based) after the answers before it: the system
+        prompt first, then the turn itself."""
+        opening = [{"role": "system", "content": self.system}] if index == 0 and self.system else []
+        role = self.roles[index] if self.roles else "user"
+        return [*opening, {"role": role, "content": self.turns[index]}]
 
     @property
     def key(self) -> str:
@@ -40,6 +53,17 @@ class Question:
 def default_questions_path() -> Path:
     """The small mixed question set shipped with the package (see data/SOURCES.md)."""
     return Path(str(resources.files("aded.bench") / "data" / "questions.jsonl"))
+
+
+#: question sets shipped with the package, by the name `aded bench -q NAME` takes
+SHIPPED = {"mixed": "questions.jsonl", "sessions": "sessions.jsonl"}
+
+
+def question_file(spec: str | os.PathLike) -> Path:
+    """A question file's path: a shipped set's name (`mixed`, `sessions`) or a path."""
+    if str(spec) in SHIPPED and not Path(spec).exists():
+        return Path(str(resources.files("aded.bench") / "data" / SHIPPED[str(spec)]))
+    return Path(spec)
 
 
 def read_questions(path: str | os.PathLike) -> list[Question]:
@@ -83,8 +107,23 @@ def _parse(line: str, where: str, source: str) -> Question:
         raise QuestionError(f"{where}: category must be a non-empty string other than 'all', got {category!r}")
     if isinstance(turns, str) or not isinstance(turns, list) or not turns:
         raise QuestionError(f"{where}: turns must be a non-empty list of strings")
-    if not all(isinstance(t, str) and t.strip() for t in turns):
-        raise QuestionError(f"{where}: every turn must be a non-empty string")
+    texts, roles = [], []
+    for number, turn in enumerate(turns, start=1):
+        role = "user"
+        if isinstance(turn, dict):
+            role, turn = turn.get("role", "user"), turn.get("content")
+            if role not in ("user", "tool"):
+                raise QuestionError(f"{where}: turn {number} has role {role!r}; a turn is the user's or a tool's")
+        if not isinstance(turn, str) or not turn.strip():
+            raise QuestionError(f"{where}: turn {number} must be a non-empty string "
+                                "(or an object with a role and a non-empty content)")
+        texts.append(turn)
+        roles.append(role)
+    if roles[0] == "tool":
+        raise QuestionError(f"{where}: the first turn is a tool's result, but no call came before it")
+    system = record.get("system")
+    if system is not None and (not isinstance(system, str) or not system.strip()):
+        raise QuestionError(f"{where}: system must be a non-empty string")
     reference = record.get("reference")
     if reference is not None:
         if isinstance(reference, str):
@@ -92,7 +131,8 @@ def _parse(line: str, where: str, source: str) -> Question:
         if not isinstance(reference, list) or not all(isinstance(r, str) for r in reference):
             raise QuestionError(f"{where}: reference must be a string or a list of strings")
         reference = tuple(reference)
-    return Question(str(qid), category.strip(), tuple(turns), reference, source)
+    return Question(str(qid), category.strip(), tuple(texts), reference, source,
+                    tuple(roles) if "tool" in roles else (), system)
 
 
 def take(questions: Sequence[Question], limit: int | None) -> list[Question]:
@@ -117,7 +157,7 @@ def take(questions: Sequence[Question], limit: int | None) -> list[Question]:
 def load_questions(paths: Iterable[str | os.PathLike] | None = None,
                    limit: int | None = None) -> list[Question]:
     """Questions from the given files (default: the shipped set), optionally limited."""
-    files = list(paths or []) or [default_questions_path()]
+    files = [question_file(p) for p in paths or []] or [default_questions_path()]
     questions: list[Question] = []
     keys: set[str] = set()
     for path in files:

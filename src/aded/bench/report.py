@@ -49,6 +49,8 @@ def _cell(rows: Sequence[dict[str, Any]], baseline: dict[tuple[str, str], dict[s
     matched = [baseline[_key(r)] for r in rows if _key(r) in baseline]
     base_rate = _ratio(sum(r["decode_tokens"] for r in matched), sum(r["decode_s"] for r in matched))
     judged = [r["identical_to_baseline"] for r in rows if r.get("identical_to_baseline") is not None]
+    wall = _wall(rows)
+    base_wall = _wall(matched)
     return {
         "questions": len(rows),
         "mean_accepted_tokens": _round(_ratio(decoded, steps), 4),
@@ -59,7 +61,28 @@ def _cell(rows: Sequence[dict[str, Any]], baseline: dict[tuple[str, str], dict[s
         "steps": steps,
         "decode_s": _round(seconds, 4),
         "prefill_s": _round(sum(r["prefill_s"] for r in rows), 4),
+        # a session's user waits for the prompt too: tokens over prefill + decode seconds
+        "wall_tokens_per_s": _round(wall, 3),
+        "wall_speedup": _round(wall / base_wall, 4) if wall is not None and base_wall else None,
     }
+
+
+def _wall(rows: Sequence[dict[str, Any]], turn: int | None = None) -> float | None:
+    """Tokens a second over whole turns (prefill included), of turn `turn` only when given."""
+    turns = [t for r in rows for t in r.get("turns", ()) if turn is None or t.get("turn", 0) == turn]
+    return _ratio(sum(t["tokens"] for t in turns), sum(t["prefill_s"] + t["decode_s"] for t in turns))
+
+
+def turn_speedups(rows: Sequence[dict[str, Any]], method: str, baseline_method: str) -> list[float | None]:
+    """Per turn index of the sessions, the method's whole-turn rate over the baseline's."""
+    base = [r for r in rows if r["method"] == baseline_method]
+    mine = [r for r in rows if r["method"] == method]
+    count = max((t.get("turn", 0) + 1 for r in base for t in r.get("turns", ())), default=0)
+    out = []
+    for turn in range(count):
+        rate, base_rate = _wall(mine, turn), _wall(base, turn)
+        out.append(_round(rate / base_rate, 4) if rate is not None and base_rate else None)
+    return out
 
 
 def _round(value: float | None, digits: int) -> float | None:
@@ -145,14 +168,25 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
     for method in methods:
         values = [_fmt(cells.get((method, c), {}).get("mean_accepted_tokens")) for c in [*categories, "all"]]
         lines.append(f"| {method} | " + " | ".join(values) + " |")
-    lines += ["", "## Prefill (reported apart from decode)", "", "| Method | prefill s per question | token match |",
-              "|---|---:|---:|"]
     rows = results["questions"]
+    turns = max((t.get("turn", 0) + 1 for r in rows for t in r.get("turns", ())), default=1)
+    lines += ["", "## Whole turns, prefill included (what a user waits for)", "",
+              "| Method | tokens/s | Overall | " + " | ".join(f"turn {i + 1}" for i in range(turns))
+              + " | time to first token s | prompt kept | token match |",
+              "|---|" + "---:|" * (turns + 5)]
     for method in methods:
+        overall = cells.get((method, "all"), {})
         mine = [r for r in rows if r["method"] == method]
-        prefill = sum(r["prefill_s"] for r in mine) / len(mine) if mine else None
+        done = [t for r in mine for t in r.get("turns", ())]
+        ttft = sum(t["prefill_s"] for t in done) / len(done) if done else None
+        prompt = sum(t.get("prompt_tokens", 0) for t in done)
+        kept = _ratio(sum(t.get("cached_tokens", 0) for t in done), prompt)
         rates = [r["token_match_rate"] for r in mine if r.get("token_match_rate") is not None]
-        lines.append(f"| {method} | {_fmt(prefill, '{:.3f}')} | {_fmt(sum(rates) / len(rates) if rates else None, '{:.1%}')} |")
+        per_turn = [_fmt(v, "{:.2f}x") for v in turn_speedups(rows, method, base)] or ["-"] * turns
+        lines.append(f"| {method} | {_fmt(overall.get('wall_tokens_per_s'), '{:.1f}')} | "
+                     f"{_fmt(overall.get('wall_speedup'), '{:.2f}x')} | " + " | ".join(per_turn)
+                     + f" | {_fmt(ttft, '{:.3f}')} | {_fmt(kept, '{:.0%}')} | "
+                     f"{_fmt(sum(rates) / len(rates) if rates else None, '{:.1%}')} |")
     if results.get("skipped"):
         lines += ["", "## Skipped methods", ""]
         lines += [f"- `{s['method']}`: {s['reason']}" for s in results["skipped"]]
@@ -162,9 +196,10 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
     lines += [
         "", "## How this was measured", "",
         "One process and one loaded model for all methods; the same prompt token ids, threads and dtype; "
-        "a warm-up first; methods interleaved per turn (the baseline first, the others rotated per question), "
-        "each turn from an empty cache; "
-        "multi-turn questions feed the baseline's answer back through the chat template. "
+        "a warm-up first; methods interleaved per turn (the baseline first, the others rotated per question); "
+        "multi-turn questions are sessions: the baseline's answer is fed back through the chat template, and "
+        "every method's turn starts from the prompt cache plain decoding left after the previous turn "
+        "(each question from an empty one). "
         + str(config.get("timing", "")),
         "MAT = tokens emitted per decoding step, bonus included (1.00 = plain decoding); Overall = "
         f"tokens/s over {base}'s on the same questions; Identical = share of questions whose output equals "

@@ -11,8 +11,11 @@ Fairness, as the field expects it:
   drafters and their budgets start every repeat from what they knew before the turn's first run,
   so no repeat drafts from its own earlier answer;
 - decode time measured after the first token, prefill reported separately; drafting included;
-- multi-turn questions feed the baseline's answer back through the chat template, so every method
-  sees the same prompt ids at every turn;
+- multi-turn questions are sessions: they feed the baseline's answer back through the chat
+  template, so every method sees the same prompt ids at every turn, and every method's turn starts
+  from the prompt cache plain decoding left after the previous turn (the session's first turn, and
+  every question, from an empty one), so both engines keep the shared prefix as their front ends do
+  and a method never starts from another's run of the same turn;
 - greedy outputs compared token by token with the baseline.
 
 The loop knows nothing of files: `run_bench` returns the results dict and `report` writes it.
@@ -27,7 +30,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Sequence
 
 from aded.backends.base import physical_cores
-from aded.bench.methods import DecodeSettings, Method, MethodSet, TurnResult, baseline_of, build_methods
+from aded.bench.methods import (DecodeSettings, Method, MethodSet, TurnResult, baseline_of, build_methods,
+                                common_prefix)
 from aded.bench.questions import Question
 from aded.decoding import sampling_fields
 
@@ -103,15 +107,6 @@ class PromptBuilder:
 
 
 # ---------------------------------------------------------------------------- rows
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class _Row:
     """One question x one method, filled turn by turn."""
 
@@ -128,11 +123,11 @@ class _Row:
         self.identical: bool | None = True
 
     def add(self, result: TurnResult, prompt_ids: list[int], baseline: list[int] | None,
-            greedy: bool, repeat: int = 0) -> None:
+            greedy: bool, repeat: int = 0, turn: int = 0) -> None:
         identical = None
         if greedy and baseline is not None:
             identical = result.output_ids == baseline
-            self.matched += _common_prefix(result.output_ids, baseline)
+            self.matched += common_prefix(result.output_ids, baseline)
             self.compared += max(len(result.output_ids), len(baseline))
         if identical is None or self.identical is None:
             self.identical = None
@@ -144,7 +139,8 @@ class _Row:
             "tokens": result.tokens, "decode_tokens": result.decode_tokens, "steps": result.steps,
             "decode_s": round(result.decode_s, 6), "prefill_s": round(result.prefill_s, 6),
             "draft_s": round(result.draft_s, 6), "draft_nodes": result.draft_nodes,
-            "prompt_tokens": len(prompt_ids), "identical_to_baseline": identical, "repeat": repeat,
+            "turn": turn, "prompt_tokens": len(prompt_ids), "cached_tokens": result.cached_tokens,
+            "identical_to_baseline": identical, "repeat": repeat,
         })
         if self.keep_ids and repeat == 0:  # one recording per turn (replay reads them)
             self.prompts.append(list(prompt_ids))
@@ -237,7 +233,7 @@ def run_bench(model, tokenizer, questions: Sequence[Question], methods: Sequence
     built = build_methods(methods, tokenizer, runner, settings, make_budget)
     session = _Session(runner, PromptBuilder(tokenizer), built, config, settings.greedy, progress, baseline)
     if config.warmup:
-        _warm_up(built.methods, session.prompts.ids([{"role": "user", "content": questions[0].turns[0]}]))
+        _warm_up(built.methods, session.prompts.ids(questions[0].messages(0)))
 
     rows: list[dict[str, Any]] = []
     done, interrupted = 0, False
@@ -283,14 +279,18 @@ class _Session:
         self.config = config
         self.progress = progress
         self.skipped_questions: list[dict[str, str]] = []
+        self.held: list[int] = []
+        self.turn = 0
 
     def run_question(self, index: int, question: Question) -> list[dict[str, Any]]:
         """Every active method on every turn of one question (baseline first, the rest rotated)."""
         order = self.active[:1] + _rotate(self.active[1:], index)
         rows = {m.name: _Row(question, m.name, keep_ids=m.name == self.baseline) for m in order}
         messages: list[dict[str, str]] = []
-        for turn in question.turns:
-            messages.append({"role": "user", "content": turn})
+        self.held = []  # what plain decoding holds cached when the next turn starts
+        for turn in range(len(question.turns)):
+            self.turn = turn
+            messages.extend(question.messages(turn))
             prompt_ids = self.prompts.ids(messages)
             limit = self.runner.max_positions
             if len(prompt_ids) + self.config.max_new_tokens + self.config.max_draft_nodes + 2 > limit:
@@ -301,6 +301,7 @@ class _Session:
                 return []
             baseline = self._turn(index, question, order, rows, prompt_ids)
             messages.append({"role": "assistant", "content": self.prompts.answer(baseline)})
+            self.held = prompt_ids + baseline[:-1]  # the answer's last token was emitted, never run
         return [r.as_dict() for r in rows.values() if r.turns]
 
     def _turn(self, index: int, question: Question, order: list[Method], rows: dict[str, _Row],
@@ -319,6 +320,7 @@ class _Session:
                 continue
             if repeat:
                 method.restore(learned[method.name])
+            method.resume(self.held)
             if self.progress is not None:
                 self.progress.update(index, question, method.name)
             try:
@@ -332,7 +334,7 @@ class _Session:
                 continue
             if method.name == self.baseline:
                 baseline = result.output_ids
-            rows[method.name].add(result, prompt_ids, baseline, self.greedy, repeat)
+            rows[method.name].add(result, prompt_ids, baseline, self.greedy, repeat, self.turn)
             if self.progress is not None:
                 self.progress.record(method.name, result)
         return baseline

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from aded.cli.common import ModelOpt, NodesOpt, friendly, split_list
+from aded.cli.common import ModelOpt, NodesOpt, RepackOpt, friendly, split_list
 
 __all__ = ["bench_app", "simulate_command"]
 
@@ -26,9 +26,11 @@ def bench(
     ctx: typer.Context,
     model: str = ModelOpt,
     questions: list[Path] = typer.Option([], "--questions", "-q", dir_okay=False,
-                                         help="A question file (JSON Lines; repeatable). Default: the shipped mixed set."),
+                                         help="A question file (JSON Lines; repeatable), or a shipped set: mixed (the default) or sessions."),
     methods: str = typer.Option("all", "--methods", help="Comma-separated methods, or all: the backend's plain decoding and "
-                                "prompt lookup (hf, hf-pld or llama.cpp, llama.cpp-pld), every drafter, oracle."),
+                                "prompt lookup (hf, hf-pld or llama.cpp, llama.cpp-pld), every drafter, oracle. On llama.cpp also, by name: "
+                                "llama-server and llama-server-<ngram-simple|ngram-map-k|ngram-map-k4v|ngram-mod|ngram-cache> "
+                                "(scripts/build-llama-server.sh builds it)."),
     backend: str = typer.Option("auto", "--backend", help="auto (llama.cpp for GGUF files when installed), hf, or llama.cpp."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Most tokens per turn."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most K questions, spread over categories."),
@@ -43,27 +45,29 @@ def bench(
     repeats: int = typer.Option(1, "--repeats", min=1, max=20,
                                 help="Run every turn R times per method; rates are over all R (per-question "
                                      "timings spread by several percent on a small CPU)."),
+    repack: str = RepackOpt,
 ) -> None:
     """Run the benchmark (the default action); `aded bench compare A B` compares two runs."""
     if ctx.invoked_subcommand is not None:
         return
     friendly(_run)(model, questions, methods, backend, max_new_tokens, limit, temperature, out, dtype,
-              threads, max_draft_nodes, budget, seed, warmup, repeats)
+              threads, max_draft_nodes, budget, seed, warmup, repeats, repack)
 
 
 def _run(model, questions, methods, backend, max_new_tokens, limit, temperature, out, dtype, threads,
-         max_draft_nodes, budget, seed, warmup, repeats) -> None:
+         max_draft_nodes, budget, seed, warmup, repeats, repack="auto") -> None:
     import torch
 
     from aded.backends.select import choose_backend, load_runner
-    from aded.bench.methods import method_names
+    from aded.bench.methods import known_methods, method_names
     from aded.bench.questions import load_questions
     from aded.bench.report import render_report, write_outputs
     from aded.bench.runner import BenchConfig, physical_cores, run_bench
     from aded.progress import BenchProgress, console, status
 
-    known = method_names(choose_backend(model, backend))
-    names = known if methods.strip() == "all" else split_list(methods)
+    chosen = choose_backend(model, backend)
+    known = known_methods(chosen)
+    names = method_names(chosen) if methods.strip() == "all" else split_list(methods)
     unknown = [n for n in names if n not in known]
     if unknown:  # before the model loads: a typo should cost nothing
         raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(known)}")
@@ -74,7 +78,7 @@ def _run(model, questions, methods, backend, max_new_tokens, limit, temperature,
     out_dir = out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
     with status(f"Loading {model}"):
         runner, tokenizer, model_id = load_runner(model, backend, dtype=dtype,
-                                                  threads=threads or physical_cores())
+                                                  threads=threads or physical_cores(), repack=repack)
     results = run_bench(runner, tokenizer, selected, names, config, model_name=model,
                         progress=BenchProgress(), model_id=model_id)
     if not results["questions"]:

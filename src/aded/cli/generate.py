@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from aded.cli.common import (BackendOpt, BudgetOpt, ChatOpt, DatastoreOpt, DrafterOpt, DtypeOpt, MaxNewOpt,
-                             ModelOpt, NodesOpt, SeedOpt, StateOpt, TempOpt, ThreadsOpt, TopKOpt, TopPOpt,
+                             ModelOpt, NodesOpt, RepackOpt, SeedOpt, StateOpt, TempOpt, ThreadsOpt, TopKOpt, TopPOpt,
                              datastore_option, friendly)
 
 __all__ = ["generate", "chat"]
@@ -60,13 +60,13 @@ def _write(stream) -> None:
     )
 
 
-def _load(model, drafter, dtype, budget, backend, threads, datastore, state):
+def _load(model, drafter, dtype, budget, backend, threads, datastore, state, repack="auto"):
     """The model and drafter, the drafter starting from `state` when that file exists."""
     from aded.api import load
     from aded.progress import console
 
     lm = load(model, drafter=drafter, dtype=dtype, budget=budget, backend=backend, threads=threads,
-              **datastore_option(datastore))
+              repack=repack, **datastore_option(datastore))
     if state is not None:
         console.print(f"[dim]{lm.load_learned(state)}[/dim]")
     return lm
@@ -93,13 +93,14 @@ def generate(
     datastore: Optional[Path] = DatastoreOpt,
     backend: str = BackendOpt,
     threads: Optional[int] = ThreadsOpt,
+    repack: str = RepackOpt,
     state: Optional[Path] = StateOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
 ) -> None:
     """Generate a completion, streaming text as drafts are accepted."""
     text = _read_prompt(prompt, prompt_file)
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, seed, max_draft_nodes)
-    lm = _load(model, drafter, dtype, budget, backend, threads, datastore, state)
+    lm = _load(model, drafter, dtype, budget, backend, threads, datastore, state, repack)
     stream = lm.stream(text, stop=stop, chat=chat, **options)
     if as_json:
         for _ in stream:
@@ -127,11 +128,12 @@ def chat(
     datastore: Optional[Path] = DatastoreOpt,
     backend: str = BackendOpt,
     threads: Optional[int] = ThreadsOpt,
+    repack: str = RepackOpt,
     state: Optional[Path] = StateOpt,
 ) -> None:
     """An interactive conversation that streams replies (empty line or Ctrl-D ends it)."""
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, seed, max_draft_nodes)
-    lm = _load(model, drafter, dtype, budget, backend, threads, datastore, state)
+    lm = _load(model, drafter, dtype, budget, backend, threads, datastore, state, repack)
     if not lm.has_chat_template:
         raise ValueError(f"{model} has no chat template; use `aded generate --no-chat`")
     messages = [{"role": "system", "content": system}] if system else []
