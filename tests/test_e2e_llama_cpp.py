@@ -97,3 +97,28 @@ def test_a_conversation_runs_only_its_new_tokens_and_stays_llama_cpp_greedy(lm, 
         if turn:
             assert out.stats.cached_prompt_tokens > len(out.prompt_token_ids) // 2
         messages.append({"role": "assistant", "content": out.text})
+
+
+def test_a_session_bench_keeps_prompts_and_every_exact_method_equals_llama_cpp(lm, tmp_path):
+    """The shipped sessions, as `aded bench -q sessions` runs them: later turns keep the prompt
+    the conversation shares on both engines, aded equals llama.cpp's plain decoding with its
+    prompt cache on every turn, and the opt-in batched mode is run and judged beside it."""
+    from aded.bench.questions import load_questions
+    from aded.bench.report import render_report, turn_speedups
+    from aded.bench.runner import BenchConfig, run_bench
+
+    sessions = [q for q in load_questions(["sessions"]) if q.category in ("edit-loop", "agent-loop")][:2]
+    results = run_bench(lm.runner, lm.tokenizer, sessions, ["llama.cpp", "suffix", "edit", "suffix+batched"],
+                        BenchConfig(max_new_tokens=24, budget="typical", warmup=False), model_name="default")
+    rows = {(r["id"], r["method"]): r for r in results["questions"]}
+    for session in sessions:
+        for method in ("llama.cpp", "suffix", "edit"):
+            turns = rows[(session.id, method)]["turns"]
+            assert len(turns) == len(session.turns)
+            assert turns[0]["cached_tokens"] == 0
+            assert all(t["cached_tokens"] > 0 for t in turns[1:]), (session.id, method)
+        for method in ("suffix", "edit"):
+            assert rows[(session.id, method)]["identical_to_baseline"] is True, (session.id, method)
+        assert rows[(session.id, "suffix+batched")]["identical_to_baseline"] is not None
+    assert len(turn_speedups(results["questions"], "suffix", "llama.cpp")) == max(len(s.turns) for s in sessions)
+    assert "Whole turns, prefill included" in render_report(results)

@@ -98,6 +98,7 @@ def load(
     n_ctx: int | None = None,
     threads: int | None = None,
     repack: str = "auto",
+    numerics: str = "exact",
     **drafter_options: Any,
 ) -> "Aded":
     """Load a model (alias, folder or .gguf) with a drafter, ready to generate.
@@ -106,7 +107,10 @@ def load(
     transformers), "hf" or "llama.cpp". `dtype` and `device` apply to transformers, `n_ctx` (the
     context size) and `repack` (llama.cpp's weight repacking: "auto" measures once which layout
     decodes faster with exact verified chains, "on" is llama.cpp's default, "off" keeps K-quant
-    chains exact up to six drafted tokens) to llama.cpp, `threads` to both.
+    chains exact up to six drafted tokens) and `numerics` ("exact", the default: every verified row
+    bit-identical to one-token decoding; "batched": llama.cpp's fastest kernels at any chain length,
+    as llama-server verifies, whose output may differ from plain decoding's) to llama.cpp, `threads`
+    to both.
     `budget`: "measured" (verify as many draft nodes as pay off on this machine, from a one-off
     timing of the model that is cached), "typical" (a CPU-like cost curve, no timing), or "off"
     (verify every proposed node).
@@ -114,7 +118,8 @@ def load(
     from aded.backends.select import load_runner
 
     runner, tokenizer, model_id = load_runner(model, backend, dtype=dtype, device=device,
-                                              n_ctx=n_ctx, threads=threads, repack=repack)
+                                              n_ctx=n_ctx, threads=threads, repack=repack,
+                                              numerics=numerics)
     return Aded(runner, tokenizer, drafter, model_id=model_id, budget=budget, **drafter_options)
 
 

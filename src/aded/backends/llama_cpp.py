@@ -35,7 +35,11 @@ so batches of up to seven rows match. Which batch sizes are exact is not guessed
 runner measures it when it loads (a chain verified in one batch against the same tokens decoded one
 at a time, compared bit for bit) and limits verified chains to the longest exact one
 (`max_tree_nodes`; 0 means plain decoding only). `choose_repack` picks the setting that predicts
-the faster decoding on this file and machine.
+the faster decoding on this file and machine. `max_nodes=None` is the opt-in mode on llama.cpp's own
+terms (`numerics="batched"` in `load_runner`): chains of any length through llama.cpp's fastest
+batched kernels, as llama-server verifies; each emitted token is still the model's own greedy choice
+(or an exact sample) under the batch's arithmetic, never a drafter's guess, but near-ties may fall
+otherwise than in one-token decoding, so the output may differ from plain decoding's.
 
 A conversation's next turn keeps the cells of the prefix its prompt shares with what the previous
 sequence left, as llama-cpp-python's `generate` and llama-server's prompt cache keep theirs, and

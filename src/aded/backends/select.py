@@ -11,10 +11,13 @@ import os
 from aded.backends.base import BACKENDS
 from aded.models import ModelError, load_model, load_tokenizer, resolve_model
 
-__all__ = ["choose_backend", "load_runner", "choose_repack", "predicted_speed", "REPACK_CHOICES"]
+__all__ = ["choose_backend", "load_runner", "choose_repack", "predicted_speed", "REPACK_CHOICES", "NUMERICS"]
 
 #: what `repack=` takes: "auto" (measure both settings once per file and machine), "on", "off"
 REPACK_CHOICES = ("auto", "on", "off")
+#: what `numerics=` takes: "exact" (every verified row bit-identical to one-token decoding, the
+#: default) or "batched" (llama.cpp's fastest batched kernels at any chain length, opt-in)
+NUMERICS = ("exact", "batched")
 #: the chance a drafted token is accepted at which `choose_repack` compares settings: copy-heavy
 #: turns (edits, agents, sessions), where the longer exact chains of a setting are worth most
 REFERENCE_ACCEPTANCE = 0.8
@@ -44,16 +47,21 @@ def choose_backend(spec: str | os.PathLike, backend: str = "auto", device: str =
 
 def load_runner(spec: str | os.PathLike, backend: str = "auto", dtype: str = "float32",
                 device: str = "cpu", n_ctx: int | None = None, threads: int | None = None,
-                repack: str = "auto"):
+                repack: str = "auto", numerics: str = "exact"):
     """(runner, tokenizer, model_id) for a model spec on the chosen backend.
 
     `model_id` names the model and its numeric format for caches such as the measured t(k).
     `dtype` and `device` apply to transformers; `n_ctx` and `repack` (llama.cpp's weight repacking:
     "auto", "on" or "off"; see `choose_repack`) to llama.cpp (default context: the model's
-    training context, at most 8192); `threads` to both (default: physical cores).
+    training context, at most 8192); `threads` to both (default: physical cores). `numerics`
+    "batched" (llama.cpp only) verifies chains of any length with llama.cpp's fastest kernels, on
+    its default weight layout unless `repack` says otherwise: opt-in, since the output may then
+    differ from plain decoding's (see `backends/llama_cpp.py`).
     """
     if repack not in REPACK_CHOICES:
         raise ModelError(f"repack must be one of {', '.join(REPACK_CHOICES)}, got {repack!r}")
+    if numerics not in NUMERICS:
+        raise ModelError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
     chosen = choose_backend(spec, backend, device)
     if chosen == "llama.cpp":
         from aded.backends.llama_cpp import LlamaCppError, LlamaCppRunner
@@ -61,14 +69,19 @@ def load_runner(spec: str | os.PathLike, backend: str = "auto", dtype: str = "fl
         tokenizer = load_tokenizer(spec)
         path = resolve_model(spec).path
         try:
-            repacked = choose_repack(path, threads) if repack == "auto" else repack == "on"
-            runner = LlamaCppRunner(path, n_ctx=n_ctx, n_threads=threads, repack=repacked)
+            exact = numerics == "exact"
+            repacked = choose_repack(path, threads) if repack == "auto" and exact else repack != "off"
+            runner = LlamaCppRunner(path, n_ctx=n_ctx, n_threads=threads, repack=repacked,
+                                    max_nodes=-1 if exact else None)
         except LlamaCppError as exc:
             raise ModelError(str(exc)) from exc
         _check_vocab(runner, tokenizer, spec)
-        return runner, tokenizer, f"{spec}:gguf"
+        return runner, tokenizer, f"{spec}:gguf" + ("" if numerics == "exact" else ":batched")
     from aded.backends.hf import HFRunner
 
+    if numerics != "exact":
+        raise ModelError("numerics applies to the llama.cpp backend; transformers verifies a whole "
+                         "draft tree in one forward and is compared with its own generate")
     if threads:
         import torch
 

@@ -50,12 +50,19 @@ def method_names(backend: str = "hf") -> list[str]:
     return [*PEERS[backend], *DRAFTERS, "oracle"]
 
 
+#: a drafter's name with this suffix runs it in the opt-in mode on llama.cpp's own terms
+BATCHED = "+batched"
+
+
 def known_methods(backend: str = "hf") -> list[str]:
-    """Every method `aded bench` knows on a backend: the default ones, and on llama.cpp the
-    optional `llama-server` peers (a server process each, so only when asked for by name)."""
+    """Every method `aded bench` knows on a backend: the default ones, and on llama.cpp, only when
+    asked for by name, the `llama-server` peers (a server process each) and every drafter in the
+    opt-in batched mode (`suffix+batched`: llama.cpp's fastest kernels at any chain length)."""
     from aded.bench.llama_server import METHODS
 
-    return method_names(backend) + (list(METHODS) if backend == "llama.cpp" else [])
+    if backend != "llama.cpp":
+        return method_names(backend)
+    return method_names(backend) + list(METHODS) + [f"{name}{BATCHED}" for name in [*DRAFTERS, "oracle"]]
 
 
 @dataclass
@@ -398,6 +405,27 @@ class OracleDrafter(Drafter):
         return DraftTree(np.asarray(chain), np.arange(-1, len(chain) - 1), scores=np.ones(len(chain)))
 
 
+class _BatchedRunner:
+    """The second runner that `+batched` methods share: the same file and context settings, on
+    llama.cpp's own weight layout, verifying chains of any length (no exactness cap), with its own
+    t(k) (timed when the first such method is built)."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.made = None
+
+    def get(self):
+        if self.made is None:
+            from aded.backends.llama_cpp import LlamaCppRunner
+            from aded.budget import BudgetPolicy, measure_costs
+
+            other = LlamaCppRunner(self.runner.path, n_ctx=self.runner.n_ctx, n_threads=self.runner.n_threads,
+                                   n_batch=self.runner.n_batch, max_nodes=None, repack=True)
+            costs = measure_costs(other)
+            self.made = other, (lambda: BudgetPolicy(costs))
+        return self.made
+
+
 @dataclass
 class MethodSet:
     methods: list[Method] = field(default_factory=list)
@@ -426,6 +454,7 @@ def build_methods(names: Sequence[str], tokenizer, runner, settings: DecodeSetti
     baseline, peer = PEERS[runner.backend]
     ordered = [baseline] + [n for n in dict.fromkeys(names) if n != baseline]
     out = MethodSet()
+    batched = _BatchedRunner(runner)
     for name in ordered:
         try:
             if name in PEERS["hf"]:
@@ -436,6 +465,10 @@ def build_methods(names: Sequence[str], tokenizer, runner, settings: DecodeSetti
                 from aded.bench.llama_server import LlamaServerMethod  # it builds on this module
 
                 out.methods.append(LlamaServerMethod(name, runner, settings))
+            elif name.endswith(BATCHED):
+                drafter = _drafter(name[: -len(BATCHED)], tokenizer)
+                other, make_other_budget = batched.get()
+                out.methods.append(AdedMethod(name, other, drafter, settings, make_other_budget()))
             else:
                 drafter = _drafter(name, tokenizer)
                 out.methods.append(AdedMethod(name, runner, drafter, settings, make_budget()))

@@ -77,6 +77,9 @@ ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads (default: 
 RepackOpt = typer.Option("auto", "--repack", help="llama.cpp's weight repacking: auto (measured once per file and "
                          "machine), on (llama.cpp's default; fastest prompts on some CPUs, exact chains of 2 "
                          "drafted tokens on K-quants), or off (exact chains of up to 6).")
+NumericsOpt = typer.Option("exact", "--numerics", help="exact (default: output identical to llama.cpp's plain decoding) or "
+                           "batched (opt-in: llama.cpp's fastest batched kernels at any chain length, as llama-server "
+                           "verifies; the output may differ from plain decoding where the model is unsure).")
 ChatOpt = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: when the tokenizer has one).")
 StateOpt = typer.Option(None, "--state", dir_okay=False,
                         help="File of the drafter's learned state: loaded at start (if it exists), saved after each reply.")

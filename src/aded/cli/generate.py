@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from aded.cli.common import (BackendOpt, BudgetOpt, ChatOpt, DatastoreOpt, DrafterOpt, DtypeOpt, MaxNewOpt,
-                             ModelOpt, NodesOpt, RepackOpt, SeedOpt, StateOpt, TempOpt, ThreadsOpt, TopKOpt, TopPOpt,
+                             ModelOpt, NodesOpt, NumericsOpt, RepackOpt, SeedOpt, StateOpt, TempOpt, ThreadsOpt, TopKOpt, TopPOpt,
                              datastore_option, friendly)
 
 __all__ = ["generate", "chat"]
@@ -60,13 +60,13 @@ def _write(stream) -> None:
     )
 
 
-def _load(model, drafter, dtype, budget, backend, threads, datastore, state, repack="auto"):
+def _load(model, drafter, dtype, budget, backend, threads, datastore, state, repack="auto", numerics="exact"):
     """The model and drafter, the drafter starting from `state` when that file exists."""
     from aded.api import load
     from aded.progress import console
 
     lm = load(model, drafter=drafter, dtype=dtype, budget=budget, backend=backend, threads=threads,
-              repack=repack, **datastore_option(datastore))
+              repack=repack, numerics=numerics, **datastore_option(datastore))
     if state is not None:
         console.print(f"[dim]{lm.load_learned(state)}[/dim]")
     return lm
@@ -94,13 +94,14 @@ def generate(
     backend: str = BackendOpt,
     threads: Optional[int] = ThreadsOpt,
     repack: str = RepackOpt,
+    numerics: str = NumericsOpt,
     state: Optional[Path] = StateOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
 ) -> None:
     """Generate a completion, streaming text as drafts are accepted."""
     text = _read_prompt(prompt, prompt_file)
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, seed, max_draft_nodes)
-    lm = _load(model, drafter, dtype, budget, backend, threads, datastore, state, repack)
+    lm = _load(model, drafter, dtype, budget, backend, threads, datastore, state, repack, numerics)
     stream = lm.stream(text, stop=stop, chat=chat, **options)
     if as_json:
         for _ in stream:
@@ -129,11 +130,12 @@ def chat(
     backend: str = BackendOpt,
     threads: Optional[int] = ThreadsOpt,
     repack: str = RepackOpt,
+    numerics: str = NumericsOpt,
     state: Optional[Path] = StateOpt,
 ) -> None:
     """An interactive conversation that streams replies (empty line or Ctrl-D ends it)."""
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, seed, max_draft_nodes)
-    lm = _load(model, drafter, dtype, budget, backend, threads, datastore, state, repack)
+    lm = _load(model, drafter, dtype, budget, backend, threads, datastore, state, repack, numerics)
     if not lm.has_chat_template:
         raise ValueError(f"{model} has no chat template; use `aded generate --no-chat`")
     messages = [{"role": "system", "content": system}] if system else []
