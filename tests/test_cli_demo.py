@@ -16,7 +16,7 @@ def test_demo_baseline_ignores_the_models_generation_defaults_and_matches_aded()
                [{"role": "user", "content": "Add type hints."}], [{"role": "user", "content": "And a docstring."}]]
     rows, baseline = run_demo(lm, 10, [("session", session), ("story", [[{"role": "user", "content": "Once"}]])])
     assert baseline == "hf"
-    assert [row["task"] for row in rows] == ["session, turn 1", "session, turn 2", "session, turn 3", "story"]
+    assert [row["task"] for row in rows] == ["session 1", "session 2", "session 3", "story"]
     assert all(row["identical"] and 1 <= row["tokens"] <= 10 for row in rows)
 
 
@@ -24,7 +24,7 @@ def test_the_demo_runs_a_shipped_session_and_a_free_writing_prompt():
     from aded.cli.demo import _conversations
 
     (session, turns), *singles = _conversations()
-    assert session.startswith("session") and len(turns) >= 3
+    assert session == "edit loop" and len(turns) >= 3
     assert [task for task, _ in singles] == list(DEMO_PROMPTS)
 
 

@@ -53,7 +53,7 @@ def _conversations() -> list[tuple[str, list[list[dict]]]]:
     (session,) = [q for q in load_questions(["sessions"]) if q.id == DEMO_SESSION]
     turns = [session.messages(i) for i in range(len(session.turns))]
     singles = [(task, [[{"role": "user", "content": prompt}]]) for task, prompt in DEMO_PROMPTS.items()]
-    return [(f"session: {session.category}", turns), *singles]
+    return [(session.category.replace("-", " "), turns), *singles]
 
 
 def run_demo(lm, max_new_tokens: int, conversations=None) -> tuple[list[dict], str]:
@@ -75,7 +75,7 @@ def run_demo(lm, max_new_tokens: int, conversations=None) -> tuple[list[dict], s
         for number, opening in enumerate(turns, start=1):
             messages += opening
             ids = prompts.ids(messages)
-            label = f"{task}, turn {number}" if len(turns) > 1 else task
+            label = f"{task} {number}" if len(turns) > 1 else task
             console.print(f"[bold]{label}[/bold]: {len(ids)} prompt tokens, up to {max_new_tokens} new")
             baseline.resume(held)
             reference = baseline.run(ids, None)
@@ -115,7 +115,7 @@ def print_demo(rows: list[dict], drafter: str, baseline: str = "hf", extra_cost:
         console.rule(row["task"])
         console.print(row["text"], markup=False, highlight=False)
     table = Table(title=f"aded ({drafter}) against {engine}, greedy, same prompt ids, prompt cache kept")
-    for column in ("turn", "tokens", f"{baseline} s", "aded s", "speedup", "tokens/step", "identical"):
+    for column in ("turn", "tokens", f"{baseline} s", "aded s", "speedup", "tok/step", "identical"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(row["task"], str(row["tokens"]), f"{row['baseline_s']:.2f}", f"{row['aded_s']:.2f}",
