@@ -483,5 +483,11 @@ def test_weights_not_repacked_still_decode_as_llama_cpp(tiny_path, reference_llm
         prompt = list(range(400, 430))
         result = decoder(runner, make_drafter("pld")).generate(prompt, GenerationConfig(max_new_tokens=24))
         assert result.token_ids == llama_greedy(reference_llm, prompt, 24)
+        from aded.bench.methods import DecodeSettings, LlamaCppGenerate
+
+        baseline = LlamaCppGenerate("llama.cpp", runner, DecodeSettings(24, (), 0))  # the bench's, same layout
+        assert baseline.llm.model_params.use_extra_bufts is False
+        assert llama_cpp.llama_model_default_params().use_extra_bufts is True  # llama.cpp's own default is back
+        assert baseline.run(prompt, None).output_ids == result.token_ids
     finally:
         runner.close()
