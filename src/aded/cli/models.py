@@ -31,8 +31,11 @@ def drafters() -> None:
 @models_app.command("list")
 def models_list() -> None:
     """The built-in aliases and how to install each."""
+    from aded.models import alias_installed
+
     for name, alias in ALIASES.items():
-        typer.echo(f"{name:30s} {alias.description}\n{'':30s} install: {alias.install}")
+        how = "installed" if alias_installed(name) else f"install: aded models install {name}"
+        typer.echo(f"{name:30s} {alias.description}\n{'':30s} {how}")
 
 
 @models_app.command("install")
