@@ -118,6 +118,7 @@ class Server:
                 self.kill()
             raise RuntimeError(f"{exc} (code {self.proc.returncode}):\n{self.output()}") from None
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
+        self.api_key = api_key  # /health tells what the server did only to key holders, where keys are set
 
     def output(self) -> str:
         if self.log.closed:
@@ -131,7 +132,7 @@ class Server:
         self.log.close()
 
     def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=10).json()
+        return httpx.get(self.url + "/health", timeout=10, headers={"Authorization": f"Bearer {self.api_key}"}).json()
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)

@@ -51,7 +51,13 @@ def test_api_keys_guard_every_v1_route(lm):
             client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
             assert client.models.retrieve(MODEL).id == MODEL
             assert client.chat.completions.create(model=MODEL, messages=ASK["messages"], max_tokens=2).choices
-        assert httpx.get(url + "/health").status_code == 200  # not a /v1 route
+        # liveness for probes without a key; what the server did, and its metrics, only with one
+        assert httpx.get(url + "/health").json() == {"status": "ok"}
+        assert httpx.get(url + "/health", headers=_bearer(KEYS[1])).json()["completed"] >= 2
+        assert httpx.get(url + "/health", headers=_bearer("wrong")).status_code == 401
+        assert httpx.get(url + "/metrics").status_code == 401
+        assert httpx.get(url + "/metrics", headers=_bearer("wrong")).status_code == 401
+        assert "aded_accepted_tokens_per_step" in httpx.get(url + "/metrics", headers=_bearer(KEYS[0])).text
 
 
 def test_the_api_key_can_come_from_the_environment(lm, monkeypatch):
@@ -101,7 +107,7 @@ def test_learned_state_is_kept_per_api_key(lm, tiny_dir):
         # each sees only its own history: Bob's first time is drafted like Alice's first time
         assert again["aded"]["mean_accepted_tokens"] > first["aded"]["mean_accepted_tokens"]
         assert bob["aded"]["mean_accepted_tokens"] == first["aded"]["mean_accepted_tokens"]
-        assert httpx.get(url + "/health").json()["tenants"] == 2
+        assert httpx.get(url + "/health", headers=_bearer(KEYS[0])).json()["tenants"] == 2
     files = sorted(tiny_dir.parent.glob("per-key.tenant-*.npz"))
     assert len(files) == 2 and not state.exists()  # nobody used the shared state
     assert not any(key in file.name for file in files for key in KEYS)

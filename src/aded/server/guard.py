@@ -8,8 +8,10 @@ A server on loopback is still reachable by every web page the user opens: a page
   ("name" for any port, "name:port", or "*"). Otherwise 403: DNS rebinding.
 - A request with an `Origin` header (browsers send one on cross-site requests) is refused (403)
   unless that origin is in `allowed_origins` ("*" allows any).
-- With API keys set, every `/v1` route needs `Authorization: Bearer <key>` (compared in constant
-  time); otherwise 401. The matching key is left in `scope["state"]["api_key"]`.
+- With API keys set, every `/v1` route and `/metrics` (whose counters follow every client's
+  requests) need `Authorization: Bearer <key>` (compared in constant time); otherwise 401.
+  `/health` answers without a key, but only that the server is alive (probes carry no key); a
+  key, if sent, must be right. The matching key is left in `scope["state"]["api_key"]`.
 - A POST body must be `application/json` (415 otherwise): `text/plain` is how a page would sneak in.
 """
 
@@ -58,7 +60,9 @@ class Guard:
             raise RequestError(f"requests from the web origin {origin!r} are not allowed; start the server "
                                "with that origin among its allowed origins", 403,
                                code="origin_not_allowed", type_="permission_error")
-        if self.api_keys and scope["path"].startswith("/v1"):
+        path = scope["path"]
+        if self.api_keys and (path.startswith("/v1") or path == "/metrics"
+                              or (path == "/health" and "authorization" in headers)):
             scope.setdefault("state", {})["api_key"] = self._api_key(headers.get("authorization", ""))
         if scope["method"] == "POST":
             media_type = headers.get("content-type", "").split(";")[0].strip().lower()
