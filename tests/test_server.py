@@ -289,3 +289,20 @@ def test_real_model_matches_aded_generate():
         assert reply.choices[0].message.content == expected["text"]
         assert reply.usage.completion_tokens == len(expected["token_ids"])
         assert reply.usage.prompt_tokens == len(expected["prompt_token_ids"])
+
+
+def test_an_aborted_upload_is_no_internal_error_and_frees_its_slot(server):
+    """A client that sends headers and part of its body, then goes: the server logs no error and
+    no traceback for it, and keeps answering."""
+    import socket
+
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"" % server.port)
+    time.sleep(1.0)
+    reply = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=4, temperature=0)
+    assert reply.choices
+    log = server.output()
+    assert "unexpected error" not in log and "Traceback" not in log, log[-3000:]

@@ -83,13 +83,19 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(f"the request body is {declared} bytes; the limit is {limit}", 413,
                            code="request_too_large")
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(f"the request body exceeds the limit of {limit} bytes", 413,
-                               code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(f"the request body exceeds the limit of {limit} bytes", 413,
+                                   code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client left mid-upload: nothing went wrong here
+        raise RequestError("the client disconnected before sending the whole body", 499,
+                           code="client_disconnected") from None
     return b"".join(chunks)
 
 
