@@ -26,8 +26,9 @@ def test_round_trip_and_header(tmp_path):
 @pytest.mark.parametrize("content", [b"", b"garbage", b"PK\x03\x04 not a zip"])
 def test_unreadable_bytes_are_corrupt(tmp_path, content):
     (tmp_path / "s.npz").write_bytes(content)
-    with pytest.raises(CorruptState, match="not a readable state file"):
+    with pytest.raises(CorruptState, match="not a readable state file") as err:
         StateFile(tmp_path / "s.npz", "suffix", IDENTITY).read()
+    assert "allow_pickle" not in str(err.value)  # no hint to load a damaged file unsafely
 
 
 def test_a_single_npy_array_is_corrupt_not_a_crash(tmp_path):

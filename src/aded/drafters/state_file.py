@@ -84,7 +84,11 @@ class StateFile:
             with loaded as archive:
                 arrays = {key: archive[key] for key in archive.files}  # reads (and CRC-checks) all
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-            raise CorruptState(f"{self.path}: not a readable state file ({type(exc).__name__}: {exc})") from exc
+            # numpy's words for a file that is no archive ("... when allow_pickle=False") read like
+            # advice to unpickle it; a state file never needs that, so they are not passed on
+            why = ("not an .npz archive of arrays" if "pickle" in str(exc).lower()
+                   else f"{type(exc).__name__}: {exc}")
+            raise CorruptState(f"{self.path}: not a readable state file ({why})") from exc
         try:
             header = json.loads(str(arrays.pop(_HEADER)))
             kind = (header["format"], header["version"])
