@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_atomic", "read_json_dict"]
+__all__ = ["write_atomic", "read_json_dict", "remembered"]
 
 
 def read_json_dict(path: str | os.PathLike) -> dict:
@@ -45,3 +45,16 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def remembered(path: str | os.PathLike, key: str, compute, valid) -> object:
+    """`compute()`, kept under `key` in the JSON cache file `path` (one file, many keys) and taken
+    from there next time while `valid` accepts what is stored: for measurements that take seconds."""
+    import json
+
+    known = read_json_dict(path)
+    if key in known and valid(known[key]):
+        return known[key]
+    known[key] = compute()
+    write_atomic(path, json.dumps(known, indent=1))
+    return known[key]

@@ -95,6 +95,7 @@ class MixedTrees(Drafter):
 def check_identity(model, new_tokens: int, seed: int = 0) -> dict[str, Any]:
     """Every drafter's greedy output against `model.generate` on one prompt that repeats itself."""
     from aded.backends.hf import HFRunner
+    from aded.bench.methods import common_prefix
     from aded.budget import BudgetPolicy
     from aded.decoding import GenerationConfig, SpeculativeDecoder
     from aded.drafters import make_drafter
@@ -116,8 +117,8 @@ def check_identity(model, new_tokens: int, seed: int = 0) -> dict[str, Any]:
         decoder = SpeculativeDecoder(runner, drafter, (), BudgetPolicy(enabled=False))
         result = decoder.generate(prompt, GenerationConfig(max_new_tokens=new_tokens, max_draft_nodes=32))
         tokens = list(result.token_ids)
-        shared = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
-        out[name] = {"identical": tokens == reference, "shared_prefix": shared, "tokens": len(reference),
+        out[name] = {"identical": tokens == reference, "shared_prefix": common_prefix(tokens, reference),
+                     "tokens": len(reference),
                      "mean_accepted_tokens": round(result.stats.mean_accepted_tokens, 3)}
     return out
 

@@ -250,19 +250,11 @@ class LlamaCppRunner:
 
     def _cached_probe(self, name: str, probe, valid) -> Any:
         """`probe()`, remembered per file, build and settings (each takes a second or more)."""
-        import json
-
-        from aded.fileio import read_json_dict, write_atomic
+        from aded.fileio import remembered
         from aded.models import cache_dir, file_sha256
 
         key = f"{file_sha256(self.path)[:24]}|{self.cost_identity()}|{name}|{PROBE_VERSION}"
-        path = cache_dir() / "exact-chains.json"
-        known = read_json_dict(path)
-        if key in known and valid(known[key]):
-            return known[key]
-        known[key] = probe()
-        write_atomic(path, json.dumps(known, indent=0))
-        return known[key]
+        return remembered(cache_dir() / "exact-chains.json", key, probe, valid)
 
     def _exact_chain_nodes(self, probe: int = PROBE_NODES) -> int | None:
         """The longest chain whose verification rows equal one-token decoding bit for bit (None:

@@ -120,37 +120,35 @@ def choose_repack(path: os.PathLike, threads: int | None = None) -> bool:
     predicting more tokens a second at `REFERENCE_ACCEPTANCE` wins. A file with nothing to repack
     (exact at any length with repacking on) keeps llama.cpp's default without a second load.
     """
-    import json
     from pathlib import Path
 
     from aded.backends.llama_cpp import LlamaCppRunner, llama_build_identity
     from aded.budget import measure_costs
-    from aded.fileio import read_json_dict, write_atomic
+    from aded.fileio import remembered
     from aded.models import cache_dir, file_sha256
     from aded.progress import status
 
+    def measure() -> dict:
+        measured: dict[str, dict] = {}
+        with status(f"Choosing llama.cpp's weight layout for {Path(path).name} on this machine (once)"):
+            for repack in (True, False):
+                runner = LlamaCppRunner(path, n_ctx=1024, n_threads=threads, repack=repack)
+                try:
+                    if repack and runner.max_tree_nodes is None:
+                        measured["on"] = {"max_tree_nodes": None, "predicted_tokens_per_s": None}
+                        break  # exact at every length with llama.cpp's default: nothing to gain
+                    costs = measure_costs(runner)
+                    measured["on" if repack else "off"] = {
+                        "max_tree_nodes": runner.max_tree_nodes,
+                        "sizes": list(costs.sizes), "seconds": [round(t, 6) for t in costs.seconds],
+                        "predicted_tokens_per_s": round(predicted_speed(runner.max_tree_nodes, costs), 3)}
+                finally:
+                    runner.close()
+        speeds = {name: m["predicted_tokens_per_s"] or 0.0 for name, m in measured.items()}
+        choice = "off" not in speeds or speeds["off"] <= speeds["on"]
+        return {"repack": choice, "acceptance": REFERENCE_ACCEPTANCE, **measured}
+
     key = f"{file_sha256(Path(path))[:24]}|{llama_build_identity(threads)}"
-    cache = cache_dir() / "repack-choice.json"
-    known = read_json_dict(cache)
-    if isinstance(known.get(key), dict) and isinstance(known[key].get("repack"), bool):
-        return known[key]["repack"]
-    measured: dict[str, dict] = {}
-    with status(f"Choosing llama.cpp's weight layout for {Path(path).name} on this machine (once)"):
-        for repack in (True, False):
-            runner = LlamaCppRunner(path, n_ctx=1024, n_threads=threads, repack=repack)
-            try:
-                if repack and runner.max_tree_nodes is None:
-                    measured["on"] = {"max_tree_nodes": None, "predicted_tokens_per_s": None}
-                    break  # exact at every length with llama.cpp's default: nothing to gain
-                costs = measure_costs(runner)
-                measured["on" if repack else "off"] = {
-                    "max_tree_nodes": runner.max_tree_nodes,
-                    "sizes": list(costs.sizes), "seconds": [round(t, 6) for t in costs.seconds],
-                    "predicted_tokens_per_s": round(predicted_speed(runner.max_tree_nodes, costs), 3)}
-            finally:
-                runner.close()
-    speeds = {name: m["predicted_tokens_per_s"] or 0.0 for name, m in measured.items()}
-    choice = "off" not in speeds or speeds["off"] <= speeds["on"]
-    known[key] = {"repack": choice, "acceptance": REFERENCE_ACCEPTANCE, **measured}
-    write_atomic(cache, json.dumps(known, indent=1))
-    return choice
+    choice = remembered(cache_dir() / "repack-choice.json", key, measure,
+                        lambda v: isinstance(v, dict) and isinstance(v.get("repack"), bool))
+    return choice["repack"]

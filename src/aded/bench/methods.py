@@ -229,9 +229,12 @@ class LlamaCppGenerate(SettingsMethod):
             high_level.llama_cpp.llama_model_default_params = defaults
         self._evals: list[int] = []
         self._produced = 0
+        self._kept = 0  # prompt tokens the run's `generate` kept cached (its first eval starts there)
         plain_eval = self.llm.eval
 
         def counted_eval(tokens):
+            if not self._evals:
+                self._kept = self.llm.n_tokens
             self._evals.append(self._produced)
             return plain_eval(tokens)
 
@@ -245,8 +248,6 @@ class LlamaCppGenerate(SettingsMethod):
         s = self.settings
         greedy = s.greedy
         eos = set(s.eos_token_ids)
-        # as `generate` keeps cells: the shared prefix, but never the whole prompt
-        kept = min(common_prefix(self.llm._input_ids.tolist(), prompt_ids), len(prompt_ids) - 1)
         self._evals.clear()
         self._produced = 0
         output: list[int] = []
@@ -254,7 +255,7 @@ class LlamaCppGenerate(SettingsMethod):
         first_at = None
         tokens = self.llm.generate(prompt_ids, temp=0.0 if greedy else s.temperature,
                                    top_k=0 if greedy else s.top_k, top_p=1.0 if greedy else s.top_p,
-                                   min_p=0.0, typical_p=1.0, repeat_penalty=1.0, reset=True)  # prefix match
+                                   min_p=0.0, typical_p=1.0, repeat_penalty=1.0, reset=True)  # keeps the shared prefix
         try:
             for token in tokens:
                 if first_at is None:
@@ -271,7 +272,7 @@ class LlamaCppGenerate(SettingsMethod):
         steps = [b - a for a, b in zip(marks, marks[1:]) if b > a]
         first_at = first_at if first_at is not None else end
         return TurnResult(output, first_at - start, end - first_at, steps, 1 if output else 0,
-                          cached_tokens=max(kept, 0))
+                          cached_tokens=self._kept)
 
 
 def hf_generation_config(settings: DecodeSettings, prompt_lookup: int | None = None):

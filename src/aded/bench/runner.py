@@ -279,17 +279,14 @@ class _Session:
         self.config = config
         self.progress = progress
         self.skipped_questions: list[dict[str, str]] = []
-        self.held: list[int] = []
-        self.turn = 0
 
     def run_question(self, index: int, question: Question) -> list[dict[str, Any]]:
         """Every active method on every turn of one question (baseline first, the rest rotated)."""
         order = self.active[:1] + _rotate(self.active[1:], index)
         rows = {m.name: _Row(question, m.name, keep_ids=m.name == self.baseline) for m in order}
         messages: list[dict[str, str]] = []
-        self.held = []  # what plain decoding holds cached when the next turn starts
+        held: list[int] = []  # what plain decoding holds cached when the next turn starts
         for turn in range(len(question.turns)):
-            self.turn = turn
             messages.extend(question.messages(turn))
             prompt_ids = self.prompts.ids(messages)
             limit = self.runner.max_positions
@@ -299,20 +296,22 @@ class _Session:
                     "reason": f"{len(prompt_ids)} prompt tokens + {self.config.max_new_tokens} new "
                               f"exceed the model's {limit} positions"})
                 return []
-            baseline = self._turn(index, question, order, rows, prompt_ids)
+            baseline = self._turn(index, question, order, rows, prompt_ids, turn, held)
             messages.append({"role": "assistant", "content": self.prompts.answer(baseline)})
-            self.held = prompt_ids + baseline[:-1]  # the answer's last token was emitted, never run
+            held = prompt_ids + baseline[:-1]  # the answer's last token was emitted, never run
         return [r.as_dict() for r in rows.values() if r.turns]
 
     def _turn(self, index: int, question: Question, order: list[Method], rows: dict[str, _Row],
-              prompt_ids: list[int]) -> list[int]:
+              prompt_ids: list[int], turn: int, held: list[int]) -> list[int]:
+        """Turn `turn` of a session whose cache holds `held` when it starts, every repeat."""
         learned = {m.name: m.snapshot() for m in order} if self.config.repeats > 1 else {}
-        answers = [self._run_turn_once(index, question, order, rows, prompt_ids, repeat, learned)
+        answers = [self._run_turn_once(index, question, order, rows, prompt_ids, repeat, learned, turn, held)
                    for repeat in range(self.config.repeats)]
         return answers[0]  # the baseline's answer, fed to the next turn
 
     def _run_turn_once(self, index: int, question: Question, order: list[Method], rows: dict[str, _Row],
-                       prompt_ids: list[int], repeat: int, learned: dict[str, Any]) -> list[int]:
+                       prompt_ids: list[int], repeat: int, learned: dict[str, Any], turn: int,
+                       held: list[int]) -> list[int]:
         """Every active method once on this turn; a repeat first restores what each had learned."""
         baseline: list[int] = []
         for method in order[:1] + _rotate(order[1:], repeat):
@@ -320,7 +319,7 @@ class _Session:
                 continue
             if repeat:
                 method.restore(learned[method.name])
-            method.resume(self.held)
+            method.resume(held)
             if self.progress is not None:
                 self.progress.update(index, question, method.name)
             try:
@@ -334,7 +333,7 @@ class _Session:
                 continue
             if method.name == self.baseline:
                 baseline = result.output_ids
-            rows[method.name].add(result, prompt_ids, baseline, self.greedy, repeat, self.turn)
+            rows[method.name].add(result, prompt_ids, baseline, self.greedy, repeat, turn)
             if self.progress is not None:
                 self.progress.record(method.name, result)
         return baseline
