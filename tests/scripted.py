@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from aded.backends.base import Prefill
 from aded.drafters.base import Drafter
 from aded.tree import DraftTree
 
@@ -19,7 +20,6 @@ class ScriptedRunner:
     max_tree_leaves = None
     max_tree_nodes = None
     eos_token_ids = ()
-    reused_tokens = 0
 
     def __init__(self, script: Sequence[int], vocab_size: int, max_positions: int = 100_000) -> None:
         self.script = list(script)
@@ -29,9 +29,9 @@ class ScriptedRunner:
     def new_sequence(self, capacity: int) -> dict:
         return {"generated": 0}
 
-    def prefill(self, seq: dict, input_ids: Sequence[int]) -> torch.Tensor:
+    def prefill(self, seq: dict, input_ids: Sequence[int]) -> Prefill:
         seq["generated"] = 1  # the token these logits choose
-        return self._logits([0])[0]
+        return Prefill(self._logits([0])[0], 0)
 
     def verify(self, seq: dict, root_id: int, tree: DraftTree) -> torch.Tensor:
         ahead = [seq["generated"] + d for d in [0, *tree.depths.tolist()]]

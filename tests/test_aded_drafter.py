@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from aded.drafters import make_drafter
-from aded.drafters.aded import AdedDrafter, Calibrator
+from aded.drafters.aded import AdedDrafter, ProbabilityCalibrator
 from aded.drafters.base import StepFeedback
 from aded.drafters.representative import Representative
 from aded.drafters.state_file import StateError, StateFile
@@ -146,7 +146,7 @@ def test_model_topk_feedback_is_used():
     topk = np.full((len(tree) + 1, 4), -1, dtype=np.int64)
     topk[0] = [9, 3, -1, 5]  # the model says 9 after (1, 2), then 3, ...
     topk[1] = [11, 12, -1, -1]  # after (1, 2, 3) it would say 11 (off the accepted path)
-    drafter.observe(StepFeedback([1, 2, 3, 1, 2], tree, (), (), 9, topk))
+    drafter.observe(StepFeedback((1, 2, 3, 1, 2), tree, (), (), 9, topk))
     top = drafter.rep.candidates([2, 3])  # committed once: 1; said by the model at a rejected node: 11
     assert {top[0].token, top[1].token} == {1, 11}
     drafter.rep.commit([9])
@@ -154,7 +154,7 @@ def test_model_topk_feedback_is_used():
 
 
 def test_calibrator_learns_acceptance_rates():
-    calibrator = Calibrator(prior=2.0, decay=1.0)
+    calibrator = ProbabilityCalibrator(prior=2.0, decay=1.0)
     assert calibrator(3, True, 0.5) == 0.5  # no evidence: the raw probability
     for i in range(100):
         calibrator.update(3, True, 0.5, accepted=i % 10 == 0)

@@ -10,8 +10,9 @@ from scipy import stats
 
 from aded.api import Aded
 from aded.backends.hf import HFRunner
-from aded.bench.methods import AdedMethod, DecodeSettings, HFGenerate, build_methods
-from aded.budget import BudgetPolicy
+from aded.bench.catalog import build_methods
+from aded.bench.methods import AdedMethod, DecodeSettings, HFGenerate
+from aded.budget import VerifyAll
 from conftest import import_llama_cpp, tiny_llama, tiny_tokenizer
 
 PROMPT = [1, 2, 3, 4]
@@ -23,7 +24,7 @@ def settings(**fields) -> DecodeSettings:
 
 
 def methods(runner, decode: DecodeSettings) -> tuple[HFGenerate, AdedMethod]:
-    built = build_methods(["none"], None, runner, decode, lambda: BudgetPolicy(enabled=False))
+    built = build_methods(["none"], None, runner, decode, lambda: VerifyAll())
     return built.methods[0], built.methods[1]
 
 

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from aded.backends.hf import HFRunner
-from aded.budget import BudgetPolicy, CostModel
+from aded.budget import BudgetConfig, CostAwareBudget, CostModel, VerifyAll
 from aded.decoding import GenerationConfig, SpeculativeDecoder
 from aded.drafters import make_drafter
 from aded.drafters.base import Drafter
@@ -16,6 +16,7 @@ from aded.tree import DraftTree, TreeBuilder
 from aded.verify import accept_greedy
 from conftest import hf_greedy
 from scripted import ScriptDrafter, ScriptedRunner
+from trees import tree_of
 
 
 class ScriptedDrafter(Drafter):
@@ -54,7 +55,7 @@ class ScriptedDrafter(Drafter):
 
 
 def decoder_for(model, drafter, eos=()):
-    return SpeculativeDecoder(HFRunner(model), drafter, eos, BudgetPolicy(enabled=False))
+    return SpeculativeDecoder(HFRunner(model), drafter, eos, VerifyAll())
 
 
 @pytest.mark.parametrize("drafter_name", ["none", "pld", "suffix", "hybrid", "aded"])
@@ -117,7 +118,7 @@ def scripted_generate(script: list[int], eos: int, stop_token: int, max_new_toke
         return len(seen) - len(new_ids) + new_ids.index(stop_token) + 1 if stop_token in new_ids else None
 
     decoder = SpeculativeDecoder(ScriptedRunner(script, vocab_size=16), ScriptDrafter(script, 1, depth=64),
-                                 [eos], BudgetPolicy(enabled=False))
+                                 [eos], VerifyAll())
     result = decoder.generate([3], GenerationConfig(max_new_tokens=max_new_tokens), stop_check)
     return result, seen
 
@@ -142,8 +143,6 @@ def test_the_token_limit_bounds_what_the_stop_check_sees():
 
 
 class RecordingScript(ScriptDrafter):
-    learns = True
-
     def end(self, emitted: int | None = None) -> None:
         self.emitted = emitted
 
@@ -158,7 +157,7 @@ def test_drafters_learn_only_what_was_output(script, max_new, output):
     from aded.drafters.suffix import SuffixDrafter
 
     drafter = RecordingScript(script, 1, depth=64)
-    decoder = SpeculativeDecoder(ScriptedRunner(script, vocab_size=16), drafter, [2], BudgetPolicy(enabled=False))
+    decoder = SpeculativeDecoder(ScriptedRunner(script, vocab_size=16), drafter, [2], VerifyAll())
     result = decoder.generate([3], GenerationConfig(max_new_tokens=max_new))
     assert result.token_ids == output and drafter.emitted == len(output)
 
@@ -176,7 +175,7 @@ def test_kv_cache_equals_plain_prefill_after_many_steps(tiny_model):
     rng = np.random.default_rng(3)
     prompt = rng.integers(0, vocab, 16).tolist()
     seq = runner.new_sequence(8)  # small on purpose: the buffers must grow
-    logits = runner.prefill(seq, prompt)
+    logits = runner.prefill(seq, prompt).logits
     context = prompt + [int(logits.argmax())]
     for _ in range(25):
         builder = TreeBuilder(12)
@@ -198,7 +197,7 @@ def test_kv_cache_equals_plain_prefill_after_many_steps(tiny_model):
 def test_tree_logits_match_sequential_logits(tiny_model):
     runner = HFRunner(tiny_model)
     prompt = list(range(10, 30))
-    tree = DraftTree.from_paths([[1, 2, 3], [1, 4], [5, 6]])
+    tree = tree_of([[1, 2, 3], [1, 4], [5, 6]])
     seq = runner.new_sequence(64)
     runner.prefill(seq, prompt)
     tree_logits = runner.verify(seq, 9, tree)
@@ -249,7 +248,7 @@ def test_failing_drafts_are_thinned_and_output_stays_greedy(tiny_model):
             return tree if max_nodes else DraftTree.empty()
 
     drafter = Counting(reference, len(prompt), seed=1, vocab=tiny_model.config.vocab_size, wrong_only=True)
-    budget = BudgetPolicy(CostModel((0, 1, 8), (0.05, 0.1, 0.2)), explore_every=1000)
+    budget = CostAwareBudget(CostModel((0, 1, 8), (0.05, 0.1, 0.2)), BudgetConfig(explore_every=1000))
     decoder = SpeculativeDecoder(HFRunner(tiny_model), drafter, (), budget)
     result = decoder.generate(prompt, GenerationConfig(max_new_tokens=60, max_draft_nodes=8))
     assert result.token_ids == reference

@@ -34,7 +34,7 @@ def feed(drafter: EditDrafter, context: list[int], tokens: list[int]) -> list[in
     """Commit `tokens` one step each (nothing accepted, the token is the bonus); the new context."""
     for token in tokens:
         tree = drafter.propose(context, 8)
-        drafter.observe(StepFeedback(list(context), tree, (), (), bonus_id=token))
+        drafter.observe(StepFeedback(tuple(context), tree, (), (), bonus_id=token))
         context = [*context, token]
     return context
 
@@ -166,11 +166,11 @@ def test_bad_arguments_name_the_value():
 def test_greedy_output_equals_plain_decoding(tiny_model):
     """Through the real loop on tiny random models, with prompts the output may copy from."""
     from aded.backends.hf import HFRunner
-    from aded.budget import BudgetPolicy
+    from aded.budget import VerifyAll
     from aded.decoding import GenerationConfig, SpeculativeDecoder
     from conftest import hf_greedy
 
-    decoder = SpeculativeDecoder(HFRunner(tiny_model), EditDrafter(), (), BudgetPolicy(enabled=False))
+    decoder = SpeculativeDecoder(HFRunner(tiny_model), EditDrafter(), (), VerifyAll())
     rng = np.random.default_rng(5)
     vocab = tiny_model.config.vocab_size
     base = rng.integers(0, vocab, 12).tolist()

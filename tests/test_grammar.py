@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from aded.backends.hf import HFRunner
-from aded.budget import BudgetPolicy
+from aded.budget import VerifyAll
 from aded.decoding import GenerationConfig, SpeculativeDecoder
 from aded.drafters import make_drafter
 from aded.drafters.base import Drafter, NoDrafter
@@ -26,6 +26,7 @@ from conftest import tiny_llama
 from distribution import assert_follows
 from offline_tokenizers import default_tokenizer, ids_of
 from test_processors import WideDrafter, drafters_for as processor_drafters
+from trees import tree_of
 
 EOS = 2  # the default tokenizer's EOS (<|im_end|>)
 VOCAB = 49152
@@ -149,7 +150,7 @@ def drafters_for(expected: list[int], prompt_len: int, grammar_: Grammar) -> dic
 
 
 def decoder(model, drafter, runner=None) -> SpeculativeDecoder:
-    return SpeculativeDecoder(runner or HFRunner(model), drafter, [EOS], BudgetPolicy(enabled=False))
+    return SpeculativeDecoder(runner or HFRunner(model), drafter, [EOS], VerifyAll())
 
 
 # ---------------------------------------------------------------------------- greedy = plain constrained decoding
@@ -331,7 +332,7 @@ class AllowedAndJunkDrafter(Drafter):
 
     def __init__(self) -> None:
         byte_bang = small_tokenizer().convert_tokens_to_ids("<0x21>")
-        self.tree = DraftTree.from_paths([chars("es") + [EOS], chars("es!") + [EOS], chars("es") + [byte_bang],
+        self.tree = tree_of([chars("es") + [EOS], chars("es!") + [EOS], chars("es") + [byte_bang],
                                           chars("o!") + [EOS], chars("aybe"), chars("o") + [EOS],
                                           chars("xyz"), [EOS]])
 

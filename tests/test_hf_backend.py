@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from aded.backends.hf import HFRunner
-from aded.budget import BudgetPolicy
+from aded.budget import VerifyAll
 from aded.decoding import GenerationConfig, SpeculativeDecoder
 from aded.drafters.pld import PromptLookupDrafter
 from conftest import TINY, hf_greedy, tiny_llama, tiny_qwen2
@@ -29,7 +29,7 @@ def tiny_cohere():
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2, tiny_cohere], ids=["llama", "qwen2", "cohere"])
 def test_generate_emits_no_future_warning_and_stays_greedy(factory):
     model = factory()
-    decoder = SpeculativeDecoder(HFRunner(model), PromptLookupDrafter(), (), BudgetPolicy(enabled=False))
+    decoder = SpeculativeDecoder(HFRunner(model), PromptLookupDrafter(), (), VerifyAll())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ids = decoder.generate(PROMPT, GenerationConfig(max_new_tokens=12)).token_ids

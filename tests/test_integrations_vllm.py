@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from trees import tree_of
 
 from aded.integrations.shared_state import (
     InlineTransport,
@@ -84,7 +85,7 @@ def test_best_path_takes_highest_expected_accepted_length_cut_to_k():
 
 
 def test_best_path_without_scores_follows_first_children():
-    tree = DraftTree.from_paths([[1, 2, 3], [4, 5, 6, 7]])
+    tree = tree_of([[1, 2, 3], [4, 5, 6, 7]])
     tree = DraftTree(tree.token_ids, tree.parents)  # drop the builder's scores
     assert best_path(tree, 5) == [1, 2, 3]
     assert best_path(tree, 2) == [1, 2]

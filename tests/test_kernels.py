@@ -73,7 +73,7 @@ def test_runner_splits_decoder_and_head_only_when_exact():
     seq = runner.new_sequence(16)
     with torch.inference_mode():
         expected = model(torch.tensor([[5, 6, 7]])).logits[0, -1]
-    torch.testing.assert_close(runner.prefill(seq, [5, 6, 7]), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(runner.prefill(seq, [5, 6, 7]).logits, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))

@@ -17,7 +17,7 @@ llama_cpp = import_llama_cpp()  # fails when missing; skips only under ADED_SKIP
 from aded.api import Aded  # noqa: E402
 from aded.backends.base import Runner  # noqa: E402
 from aded.backends.llama_cpp import LlamaCppRunner, tree_sequences  # noqa: E402
-from aded.budget import BudgetPolicy  # noqa: E402
+from aded.budget import CostAwareBudget, VerifyAll  # noqa: E402
 from aded.decoding import GenerationConfig, SpeculativeDecoder  # noqa: E402
 from aded.drafters import make_drafter  # noqa: E402
 from aded.drafters.base import Drafter, NoDrafter  # noqa: E402
@@ -25,6 +25,7 @@ from aded.tree import DraftTree, TreeBuilder  # noqa: E402
 from aded.verify import Sampling, warp  # noqa: E402
 from distribution import assert_follows  # noqa: E402
 from gguf_models import write_tiny_gguf  # noqa: E402
+from trees import tree_of  # noqa: E402
 
 N_CTX = 1024
 
@@ -59,7 +60,7 @@ def llama_greedy(llm, prompt: list[int], max_new: int) -> list[int]:
 
 
 def decoder(runner, drafter, budget=None):
-    return SpeculativeDecoder(runner, drafter, (), budget or BudgetPolicy(enabled=False))
+    return SpeculativeDecoder(runner, drafter, (), budget or VerifyAll())
 
 
 class ScriptedDrafter(Drafter):
@@ -111,7 +112,7 @@ def test_default_runner_verifies_one_path_and_stays_greedy(tiny_path, reference_
 
 
 def test_tree_sequences_give_each_leaf_a_path():
-    tree = DraftTree.from_paths([[5, 6, 7], [5, 8], [9]])
+    tree = tree_of([[5, 6, 7], [5, 8], [9]])
     seqs, keep = tree_sequences(tree)
     leaves = tree.leaves()
     assert sorted(s for leaf in leaves for s in seqs[leaf]) == list(range(len(leaves)))
@@ -131,20 +132,20 @@ def test_plain_decoding_is_llama_cpp_greedy(runner, reference_llm):
 
 def test_tree_logits_match_sequential_logits(runner):
     prompt = list(range(100, 130))
-    tree = DraftTree.from_paths([[7, 8, 9], [7, 11], [12, 13]])
+    tree = tree_of([[7, 8, 9], [7, 11], [12, 13]])
     seq = runner.new_sequence(64)
     runner.prefill(seq, prompt)
     logits = runner.verify(seq, 55, tree)
     for node in range(len(tree)):
         fresh = runner.new_sequence(64)
-        expected = runner.prefill(fresh, prompt + [55] + tree.path_tokens(node))
+        expected = runner.prefill(fresh, prompt + [55] + tree.path_tokens(node)).logits
         assert torch.allclose(logits[node + 1], expected, atol=1e-2, rtol=1e-3)
         assert int(logits[node + 1].argmax()) == int(expected.argmax())
 
 
 def test_commit_keeps_exactly_the_accepted_path(runner):
     prompt = list(range(200, 240))
-    tree = DraftTree.from_paths([[7, 8, 9], [7, 11], [12, 13, 14]])
+    tree = tree_of([[7, 8, 9], [7, 11], [12, 13, 14]])
     for accepted in [(), (0,), (0, 3), (4, 5, 6), (0, 1, 2)]:
         seq = runner.new_sequence(64)
         runner.prefill(seq, prompt)
@@ -153,7 +154,7 @@ def test_commit_keeps_exactly_the_accepted_path(runner):
         path = [int(tree.token_ids[i]) for i in accepted]
         after = runner.verify(seq, 77, DraftTree.empty())[0]
         fresh = runner.new_sequence(64)
-        expected = runner.prefill(fresh, prompt + [55] + path + [77])
+        expected = runner.prefill(fresh, prompt + [55] + path + [77]).logits
         assert torch.allclose(after, expected, atol=1e-2, rtol=1e-3), accepted
 
 
@@ -174,7 +175,7 @@ def test_wide_random_trees_are_pruned_to_the_sequences_and_stay_greedy(runner, r
     prompt = np.random.default_rng(seed).integers(3, runner.vocab_size, 25).tolist()
     reference = llama_greedy(reference_llm, prompt, 30)
     drafter = ScriptedDrafter(reference, len(prompt), seed, runner.vocab_size, paths=8)
-    for budget in (BudgetPolicy(enabled=False), BudgetPolicy()):
+    for budget in (VerifyAll(), CostAwareBudget()):
         result = decoder(runner, drafter, budget).generate(
             prompt, GenerationConfig(max_new_tokens=30, max_draft_nodes=24))
         assert result.token_ids == reference
@@ -183,10 +184,10 @@ def test_wide_random_trees_are_pruned_to_the_sequences_and_stay_greedy(runner, r
 def test_a_tree_wider_than_the_sequences_is_refused_not_half_run(runner):
     seq = runner.new_sequence(64)
     runner.prefill(seq, [5, 6, 7])
-    wide = DraftTree.from_paths([[t] for t in range(10, 16)])  # 6 leaves, 4 sequences
+    wide = tree_of([[t] for t in range(10, 16)])  # 6 leaves, 4 sequences
     with pytest.raises(ValueError, match="leaves"):
         runner.verify(seq, 8, wide)
-    narrowed = BudgetPolicy(enabled=False).plan_step(wide, runner.max_tree_leaves)
+    narrowed = VerifyAll().plan(wide, runner.max_tree_leaves)
     assert len(narrowed.leaves()) == 4
     runner.verify(seq, 8, narrowed)  # the sequence is still usable
 
@@ -229,11 +230,11 @@ SAMPLING = Sampling(4.0, top_k=4)
 
 def _exact(runner, sampling):
     seq = runner.new_sequence(16)
-    first = warp(runner.prefill(seq, PROMPT), sampling)
+    first = warp(runner.prefill(seq, PROMPT).logits, sampling)
     support = torch.nonzero(first).flatten().tolist()
     joint = {}
     for t1 in support:
-        second = warp(runner.prefill(runner.new_sequence(16), PROMPT + [t1]), sampling)
+        second = warp(runner.prefill(runner.new_sequence(16), PROMPT + [t1]).logits, sampling)
         for t2 in torch.nonzero(second).flatten().tolist():
             joint[(t1, t2)] = first[t1].item() * second[t2].item()
     return joint
@@ -243,7 +244,7 @@ class FixedTreeDrafter(Drafter):
     name = "fixed"
 
     def __init__(self, paths):
-        self.tree = DraftTree.from_paths(paths)
+        self.tree = tree_of(paths)
 
     def propose(self, context_ids, max_nodes):
         return self.tree
@@ -341,21 +342,18 @@ def test_a_new_sequence_keeps_the_prefix_it_shares_with_the_last_one(tiny_path, 
             # the answer's last token was emitted, never run: it is the first one computed again
             assert result.stats.cached_prompt_tokens == (len(prompt) - 10 - 1 if turn else 0)
             history = result.token_ids
-        resumed = reusing.prefill(reusing.new_sequence(0), prompt + history)
-        assert torch.equal(resumed, fresh.prefill(fresh.new_sequence(0), prompt + history))
+        resumed = reusing.prefill(reusing.new_sequence(0), prompt + history).logits
+        assert torch.equal(resumed, fresh.prefill(fresh.new_sequence(0), prompt + history).logits)
 
         seq = reusing.new_sequence(0)  # a prompt that parts at position 12 keeps 12
-        reusing.prefill(seq, prompt[:12] + [7] + prompt[13:])
-        assert reusing.reused_tokens == 12
+        assert reusing.prefill(seq, prompt[:12] + [7] + prompt[13:]).reused == 12
         reusing.verify(seq, 9, DraftTree.chain([10, 11]))
         reusing.commit(seq, (0,))
         reusing.rewind(seq, 20)  # what was taken back is not kept
-        reusing.prefill(reusing.new_sequence(0), prompt[:12] + [7] + prompt[13:] + [9, 10, 11])
-        assert reusing.reused_tokens == 20
-        reusing.prefill(reusing.new_sequence(0), prompt[:5])  # the same prompt: all but its last
-        assert reusing.reused_tokens == 4
-        reusing.prefill(reusing.new_sequence(0), [8] + prompt)
-        assert reusing.reused_tokens == 0
+        assert reusing.prefill(reusing.new_sequence(0), prompt[:12] + [7] + prompt[13:] + [9, 10, 11]).reused == 20
+        # the same prompt: all but its last
+        assert reusing.prefill(reusing.new_sequence(0), prompt[:5]).reused == 4
+        assert reusing.prefill(reusing.new_sequence(0), [8] + prompt).reused == 0
     finally:
         reusing.close()
         fresh.close()
@@ -381,8 +379,8 @@ def test_a_finished_sequence_holds_what_plain_decoding_would(tiny_path, referenc
         result = decoder(runner, Whole()).generate(prompt, GenerationConfig(max_new_tokens=40,
                                                                             stop_token_ids=[stop]))
         assert result.token_ids == reference[:first]
-        runner.prefill(runner.new_sequence(0), prompt + result.token_ids + [9, 10])
-        assert runner.reused_tokens == len(prompt) + first - 1
+        kept = runner.prefill(runner.new_sequence(0), prompt + result.token_ids + [9, 10]).reused
+        assert kept == len(prompt) + first - 1
     finally:
         runner.close()
 

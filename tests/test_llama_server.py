@@ -11,7 +11,8 @@ llama_cpp = import_llama_cpp()  # fails when missing; skips only under ADED_SKIP
 
 from aded.backends.llama_cpp import LlamaCppRunner  # noqa: E402
 from aded.bench.llama_server import BUILD_HINT, LlamaServerMethod, server_binary  # noqa: E402
-from aded.bench.methods import DecodeSettings, build_methods  # noqa: E402
+from aded.bench.catalog import build_methods  # noqa: E402
+from aded.bench.methods import DecodeSettings  # noqa: E402
 from gguf_models import write_tiny_gguf  # noqa: E402
 
 

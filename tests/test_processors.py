@@ -12,16 +12,17 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from aded.backends.hf import HFRunner
-from aded.budget import BudgetPolicy
+from aded.budget import VerifyAll
 from aded.decoding import GenerationConfig, SpeculativeDecoder
 from aded.drafters import make_drafter
 from aded.drafters.base import Drafter, NoDrafter
 from aded.processors import LogitsProcessor
-from aded.tree import DraftTree, TreeBuilder
+from aded.tree import TreeBuilder
 from aded.verify import Sampling, warp
 from conftest import tiny_llama
 from distribution import assert_follows
 from test_decoding import ScriptedDrafter
+from trees import tree_of
 
 MAX_NEW = 40
 
@@ -119,7 +120,7 @@ def drafters_for(expected: list[int], prompt_len: int, vocab: int) -> dict[str, 
 
 
 def run(model, drafter, prompt, config, eos=()):
-    decoder = SpeculativeDecoder(HFRunner(model), drafter, eos, BudgetPolicy(enabled=False))
+    decoder = SpeculativeDecoder(HFRunner(model), drafter, eos, VerifyAll())
     return decoder.generate(prompt, config)
 
 
@@ -233,7 +234,7 @@ def test_eos_and_stop_ids_are_not_accepted_inside_a_path_before_min_tokens():
 
     script = [5, 6, 2, 7, 8, 9, 4, 10, 11, 12]
     decoder = SpeculativeDecoder(ScriptedRunner(script, vocab_size=16), ScriptDrafter(script, 1, depth=64),
-                                 [2], BudgetPolicy(enabled=False))
+                                 [2], VerifyAll())
     plain = decoder.generate([3], GenerationConfig(max_new_tokens=10))
     assert plain.token_ids == [5, 6, 2] and plain.finish_reason == "stop"
     held = decoder.generate([3], GenerationConfig(max_new_tokens=10, min_tokens=4, stop_token_ids=[4]))
@@ -259,7 +260,7 @@ class DepthOneDrafter(Drafter):
     name = "depth-one"
 
     def propose(self, context_ids, max_nodes):
-        return DraftTree.from_paths([[0, 0], [1], [2, 2], [3], [5]])
+        return tree_of([[0, 0], [1], [2, 2], [3], [5]])
 
 
 def exact_distribution(model, config: GenerationConfig) -> dict[tuple[int, ...], float]:
@@ -290,7 +291,7 @@ def test_sampled_distribution_with_processors_is_plain_samplings(drafter):
     model = tiny_llama(vocab_size=VOCAB, seed=7, logit_scale=4.0)
     expected = exact_distribution(model, GenerationConfig(**SAMPLED))
     assert not any(4 in cell for cell in expected) and not any(cell[0] == 5 for cell in expected)
-    decoder = SpeculativeDecoder(HFRunner(model), drafter, (), BudgetPolicy(enabled=False))
+    decoder = SpeculativeDecoder(HFRunner(model), drafter, (), VerifyAll())
     samples = [tuple(decoder.generate(PROMPT, GenerationConfig(seed=seed, **SAMPLED)).token_ids)
                for seed in range(2000)]
     assert_follows(samples, expected)
@@ -339,7 +340,7 @@ def test_logprobs_are_cut_with_the_tokens_when_a_stop_id_ends_a_step():
 
     script = [5, 6, 7, 8, 9, 10, 11]
     decoder = SpeculativeDecoder(ScriptedRunner(script, vocab_size=16), ScriptDrafter(script, 1, depth=64),
-                                 (), BudgetPolicy(enabled=False))
+                                 (), VerifyAll())
     result = decoder.generate([3], GenerationConfig(max_new_tokens=10, stop_token_ids=[8], logprobs=True))
     assert result.token_ids == [5, 6, 7, 8] and result.finish_reason == "stop"
     assert [entry.token_id for entry in result.logprobs] == [5, 6, 7, 8]

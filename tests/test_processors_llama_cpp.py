@@ -11,7 +11,7 @@ from conftest import import_llama_cpp
 import_llama_cpp()  # fails when missing; skips only under ADED_SKIP_LLAMA=1
 
 from aded.backends.llama_cpp import LlamaCppRunner  # noqa: E402
-from aded.budget import BudgetPolicy  # noqa: E402
+from aded.budget import VerifyAll  # noqa: E402
 from aded.decoding import GenerationConfig, SpeculativeDecoder  # noqa: E402
 from aded.drafters import make_drafter  # noqa: E402
 from aded.drafters.base import NoDrafter  # noqa: E402
@@ -28,7 +28,7 @@ def runner(tmp_path_factory):
 
 
 def generate(runner, drafter, prompt, config):
-    return SpeculativeDecoder(runner, drafter, runner.eos_token_ids, BudgetPolicy(enabled=False)).generate(
+    return SpeculativeDecoder(runner, drafter, runner.eos_token_ids, VerifyAll()).generate(
         prompt, config)
 
 

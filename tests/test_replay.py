@@ -12,10 +12,11 @@ from aded.backends.hf import HFRunner
 from aded.bench.questions import Question
 from aded.bench.runner import BenchConfig, run_bench
 from aded.replay import recorded_from_results, render_simulation, simulate_results
-from aded.budget import BudgetPolicy, CostModel
+from aded.budget import CostModel, VerifyAll
 from aded.decoding import GenerationConfig, SpeculativeDecoder
 from aded.drafters import make_drafter
-from aded.replay import Recorded, cost_model_file, replay, replay_one
+from aded.budget import read_cost_file
+from aded.replay import Recorded, replay, replay_one
 from aded.drafters.base import Drafter
 from aded.tree import DraftTree
 from conftest import hf_greedy, tiny_llama
@@ -28,20 +29,20 @@ PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 9, 10, 11, 12], [5, 6, 7,
 def test_replay_equals_real_run(tiny_model, name):
     max_new = 24
     drafter = make_drafter(name)
-    decoder = SpeculativeDecoder(HFRunner(tiny_model), drafter, (), BudgetPolicy(enabled=False))
+    decoder = SpeculativeDecoder(HFRunner(tiny_model), drafter, (), VerifyAll())
     real, records = [], []
     for prompt in PROMPTS:  # one drafter and one budget across requests, as in a server
         result = decoder.generate(prompt, GenerationConfig(max_new_tokens=max_new))
         assert result.token_ids == hf_greedy(tiny_model, prompt, max_new)
         real.append(result.stats)
         records.append(Recorded(prompt, result.token_ids, max_new_tokens=max_new))
-    stats = replay(make_drafter(name), records, 24, BudgetPolicy(enabled=False))["all"]
+    stats = replay(make_drafter(name), records, 24, None)["all"]
     assert stats.accepted_lengths == [n for s in real for n in s.accepted_lengths]
     assert stats.steps == sum(s.steps for s in real)
     assert stats.draft_nodes == sum(s.draft_nodes for s in real)
     real_mat = sum(s.generated_tokens - 1 for s in real) / sum(s.steps for s in real)
     assert stats.mean_accepted_tokens == pytest.approx(real_mat)
-    budgeted = replay(make_drafter(name), records, 24, BudgetPolicy(CostModel.typical_cpu()))["all"]
+    budgeted = replay(make_drafter(name), records, 24, CostModel.typical_cpu())["all"]
     assert budgeted.verify_cost_s > 0 and budgeted.predicted_speedup(CostModel.typical_cpu()(0)) > 0
 
 
@@ -96,11 +97,11 @@ def test_a_cost_file_of_either_backend_or_a_results_file_prices_the_replay(tmp_p
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "results.json").write_text(json.dumps({"config": {"cost_model": curve}}))
     for source in (tmp_path / "cache.json", tmp_path / "run"):
-        costs = cost_model_file(source)
+        costs = read_cost_file(source)
         assert costs(0) == pytest.approx(0.01) and costs(8) == pytest.approx(0.03)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="no cost curve"):
-        cost_model_file(tmp_path / "bad.json")
+        read_cost_file(tmp_path / "bad.json")
 
 
 def test_replay_runs_the_engines_loop_and_learns_no_false_evidence():

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from aded.backends.hf import HFRunner
-from aded.budget import BudgetPolicy
+from aded.budget import VerifyAll
 from aded.decoding import GenerationConfig, SpeculativeDecoder
 from aded.drafters.base import Drafter, NoDrafter
-from aded.tree import DraftTree
 from aded.verify import Sampling, warp
 from conftest import tiny_llama
 from distribution import assert_follows
+from trees import tree_of
 
 VOCAB = 6
 PROMPT = [1, 2, 3, 4]
@@ -25,7 +25,7 @@ class FixedTreeDrafter(Drafter):
     name = "fixed"
 
     def propose(self, context_ids, max_nodes):
-        return DraftTree.from_paths([[0, 1], [0, 2], [3, 3], [5]])
+        return tree_of([[0, 1], [0, 2], [3, 3], [5]])
 
 
 def exact_two_token_distribution(model, sampling: Sampling) -> np.ndarray:
@@ -45,7 +45,7 @@ def exact_two_token_distribution(model, sampling: Sampling) -> np.ndarray:
 def test_two_token_distribution_is_the_models(drafter, sampling):
     model = tiny_llama(vocab_size=VOCAB, seed=7, logit_scale=8.0)  # peaked, far from uniform
     expected = exact_two_token_distribution(model, sampling)
-    decoder = SpeculativeDecoder(HFRunner(model), drafter, (), BudgetPolicy(enabled=False))
+    decoder = SpeculativeDecoder(HFRunner(model), drafter, (), VerifyAll())
     config = dict(max_new_tokens=2, do_sample=True, temperature=sampling.temperature,
                   top_k=sampling.top_k, top_p=sampling.top_p)
     samples = [tuple(decoder.generate(PROMPT, GenerationConfig(seed=seed, **config)).token_ids)
@@ -55,7 +55,7 @@ def test_two_token_distribution_is_the_models(drafter, sampling):
 
 def test_same_seed_same_sample():
     model = tiny_llama(vocab_size=VOCAB, seed=7, logit_scale=8.0)
-    decoder = SpeculativeDecoder(HFRunner(model), FixedTreeDrafter(), (), BudgetPolicy(enabled=False))
+    decoder = SpeculativeDecoder(HFRunner(model), FixedTreeDrafter(), (), VerifyAll())
     config = GenerationConfig(max_new_tokens=12, do_sample=True, seed=11)
     assert decoder.generate(PROMPT, config).token_ids == decoder.generate(PROMPT, config).token_ids
 

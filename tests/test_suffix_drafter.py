@@ -97,7 +97,7 @@ def test_calibration_lowers_scores_of_edges_that_get_rejected():
     before = drafter.propose(context, 4).scores[0]
     for _ in range(30):
         tree = drafter.propose(context, 4)
-        drafter.observe(StepFeedback(context, tree, (), (), bonus_id=9))  # the model says 9
+        drafter.observe(StepFeedback(tuple(context), tree, (), (), bonus_id=9))  # the model says 9
         drafter.begin(prompt)  # same situation again
         context = list(prompt)
     after = drafter.propose(context, 4).scores[0]
@@ -113,7 +113,7 @@ def test_what_long_matches_earned_does_not_lend_trust_to_short_ones():
     context = long_text + long_text[:20]  # a 20-token match, continued by 120, 121, ...
     for _ in range(40):
         tree = drafter.propose(context, 1)
-        drafter.observe(StepFeedback(context, tree, (0,), (int(tree.token_ids[0]),), bonus_id=0))
+        drafter.observe(StepFeedback(tuple(context), tree, (0,), (int(tree.token_ids[0]),), bonus_id=0))
         drafter.begin(long_text)
     assert drafter.propose(context, 1).scores[0] > 0.9
     short = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
@@ -147,13 +147,13 @@ def test_bad_arguments_name_the_value():
 def test_greedy_output_equals_plain_decoding(tiny_model, drafter_name):
     """Through the real loop on tiny random models, over requests that teach the global index."""
     from aded.backends.hf import HFRunner
-    from aded.budget import BudgetPolicy
+    from aded.budget import VerifyAll
     from aded.decoding import GenerationConfig, SpeculativeDecoder
     from conftest import hf_greedy
 
     options = {"sources": ["pld", "suffix"]} if drafter_name == "hybrid" else {}
     decoder = SpeculativeDecoder(HFRunner(tiny_model), make_drafter(drafter_name, **options), (),
-                                 BudgetPolicy(enabled=False))
+                                 VerifyAll())
     rng = np.random.default_rng(5)
     base = rng.integers(0, tiny_model.config.vocab_size, 12).tolist()
     for prompt in (base * 3, base[:5] + rng.integers(0, 50, 10).tolist(), base * 2):

@@ -96,7 +96,7 @@ def test_eviction_keeps_the_newest_sequences_and_no_stale_entries():
     index = SuffixIndex(max_depth=10, max_tokens=100)
     for seq in sequences:
         index.add_sequence(seq)
-        assert len(index) <= 100 or index.num_sequences == 1
+        assert len(index) <= 100 or len(index.sequences()) == 1
     live = [s.tolist() for s in index.sequences()]
     assert live == sequences[-len(live) :]
     assert sum(map(len, live)) <= 100 < sum(map(len, sequences[-len(live) - 1 :]))

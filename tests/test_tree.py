@@ -3,15 +3,17 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from aded.tree import DraftTree, TreeBuilder
+from trees import tree_of
 
 
-def test_from_paths_merges_prefixes_and_derives_layout():
-    tree = DraftTree.from_paths([[1, 2, 3], [1, 4], [5]])
+def test_shared_prefixes_merge_and_the_layout_is_derived():
+    tree = tree_of([[1, 2, 3], [1, 4], [5]])
     assert tree.token_ids.tolist() == [1, 2, 3, 4, 5]
     assert tree.parents.tolist() == [-1, 0, 1, 0, -1]
     assert tree.depths.tolist() == [1, 2, 3, 2, 1]
     assert tree.position_offsets.tolist() == [0, 1, 2, 3, 2, 1]
     assert tree.path_tokens(2) == [1, 2, 3]
+    assert tree.paths == ((1,), (1, 2), (1, 2, 3), (1, 4), (5,))
     assert tree.leaves() == [2, 3, 4]
     assert not tree.is_chain
     expected = np.array([
@@ -26,7 +28,7 @@ def test_from_paths_merges_prefixes_and_derives_layout():
 
 
 def test_longest_match_and_chain():
-    tree = DraftTree.from_paths([[1, 2, 3], [1, 4, 6]])
+    tree = tree_of([[1, 2, 3], [1, 4, 6]])
     assert tree.longest_match([1, 4, 7]) == [0, 3]
     assert tree.longest_match([9]) == []
     chain = DraftTree.chain([7, 8, 9])
@@ -46,7 +48,7 @@ def test_invalid_trees_are_rejected(tokens, parents, message):
 
 
 def test_derived_buffers_are_read_only():
-    tree = DraftTree.from_paths([[1, 2]])
+    tree = tree_of([[1, 2]])
     with pytest.raises(ValueError):
         tree.position_offsets[0] = 5
 
@@ -82,6 +84,7 @@ def test_subtree_and_masks_agree_with_paths(tree, data):
         path = tree.path_to(i)
         assert set(np.flatnonzero(tree.ancestor_mask[i]).tolist()) == set(path)
         assert tree.depths[i] == len(path)
+        assert tree.paths[i] == tuple(tree.path_tokens(i))
     if len(tree):
         keep_leaf = data.draw(st.integers(0, len(tree) - 1))
         keep = tree.path_to(keep_leaf)

@@ -16,6 +16,7 @@ that was pruned to nothing is tried again now and then, at the cost of an occasi
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import heapq
@@ -25,12 +26,15 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
 from aded.tree import DraftTree
 
-__all__ = ["CostModel", "BudgetPolicy", "measure_costs", "load_or_measure_costs"]
+__all__ = ["CostModel", "Budget", "BudgetConfig", "BudgetState", "StepOutcome", "CostAwareBudget", "VerifyAll",
+           "new_budget", "cost_model", "read_cost_file", "BUDGETS", "measure_costs", "load_or_measure_costs"]
 
 MAX_DEPTH = 64
 
@@ -62,6 +66,17 @@ class CostModel:
         return self.upto(int(self.sizes[-1])).tolist()
 
     @classmethod
+    def from_dict(cls, data: Any) -> "CostModel":
+        """The curve of `{"sizes": [...], "seconds": [...]}`; ValueError when it is not one."""
+        try:
+            return cls(tuple(int(k) for k in data["sizes"]), tuple(float(t) for t in data["seconds"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f'no cost curve {{"sizes": [...], "seconds": [...]}} ({exc})') from exc
+
+    def as_dict(self) -> dict[str, list]:
+        return {"sizes": list(self.sizes), "seconds": list(self.seconds)}
+
+    @classmethod
     def flat(cls) -> "CostModel":
         """Every size costs the same (roughly a GPU): the budget is then limited by scores alone."""
         return cls((0, 1024), (1.0, 1.0))
@@ -78,79 +93,223 @@ COST_BUCKETS = np.array([0, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 1024])
 _BUCKET_PRIOR = 3.0  # pseudo-timings at the overall ratio in every bucket's estimate
 
 
-@dataclass
-class BudgetPolicy:
-    cost: CostModel = field(default_factory=CostModel.typical_cpu)
+@dataclass(frozen=True)
+class BudgetConfig:
+    """The budget's tuning knobs, fixed for a run (what it learns lives in `BudgetState`)."""
+
     decay: float = 0.97  # per verified step: evidence fades with a half-life of ~23 steps
     prior_weight: float = 2.0  # pseudo-observations per depth pulling the ratio toward 1
-    enabled: bool = True  # False: verify every proposed node (no pruning, no calibration)
     cost_memory: float = 0.95  # per timing of a size bucket: ~20 recent timings count
     cost_step: float = 1.5  # a timing counts as at most this factor off its bucket's estimate
-    _predicted: np.ndarray = field(default_factory=lambda: np.zeros(MAX_DEPTH + 1))
-    _accepted: np.ndarray = field(default_factory=lambda: np.zeros(MAX_DEPTH + 1))
-    _unapplied_decay: float = 1.0  # steps that verified nothing only decay: applied when next read
-    # observed / prior cost per size bucket, as decayed sums: the machine's state today (other
-    # load, threads, thermal) corrects the once-measured curve where steps actually run
-    # (Python lists: they are updated every step, where numpy's per-call cost would show)
-    _cost_ratio_sum: list[float] = field(default_factory=lambda: [0.0] * len(COST_BUCKETS))
-    _cost_ratio_n: list[float] = field(default_factory=lambda: [0.0] * len(COST_BUCKETS))
     explore_every: int = 32  # after this many steps that verified nothing, try a small tree:
     explore_cost: float = 1.5  # the most nodes (up to 4) whose step costs at most this many plain steps
     # Drafting costs time even when nothing of it is verified. After `thin_after` proposals in a
-    # row that were not worth verifying, ask for one only every `thin_every` steps until one is.
-    # (Backing off further, doubling the interval up to 32 while thinned proposals lose time, was
-    # measured and lost: replay with true costs 1.14x -> 1.10x on GSM8K, 1.53x -> 1.51x on the
-    # shipped set; drafts that land come in stretches, and a long interval misses their start.)
+    # row that were not worth verifying, ask for one only every `thin_every` steps until one is
+    # (a longer back-off misses the start of the stretches in which drafts land; measured in
+    # benchmarks/drafts.md).
     thin_after: int = 8
     thin_every: int = 4
     # A drafter's time grows with its tree, and nodes beyond what the budget keeps are drafted for
     # nothing: ask for about twice what recent steps verified, at least `min_proposal`. After a
     # step that accepted every node it verified, ask for at least twice that many: a verbatim copy
-    # (a whole function returned with one line changed) reaches the longest chains in a few steps
-    # instead of the ten a decayed mean takes, where on a CPU each longer chain pays (replay of
-    # such a copy on a Xeon's llama.cpp curve: 9.8 -> 12.8 tokens a step for suffix, 2.15x -> 2.26x).
+    # reaches the longest chains in a few steps instead of the ten a decayed mean takes, where on
+    # a CPU each longer chain pays.
     min_proposal: int = 8
-    _verified_mean: float = 0.0  # decayed mean of nodes verified per step
-    _all_accepted: int = 0  # nodes the last step verified, if it accepted them all (else 0)
-    _idle_steps: int = 0
-    _thinned: int = 0
     # What drafting earned lately: tokens per second of the steps that drafted, over the plain
     # decoding rate, drafting time included (a decayed mean; 1 = break-even). Below `min_gain`,
     # drafting is thinned as above: on an engine where a node costs a third of a step, drafts that
     # land about as often as they cost are a loss once drafting time counts.
     gain_memory: float = 0.9
     min_gain: float = 1.0
-    _gain: float = 1.5
+    initial_gain: float = 1.5
 
-    def proposal_nodes(self, max_nodes: int) -> int:
-        """How many nodes to ask the drafter for this step (at most `max_nodes`); 0 while drafts
-        keep failing (a drafter answers 0 cheaply, without drafting)."""
-        if not self.enabled:
-            return max_nodes
-        if self._idle_steps >= self.thin_after or self._gain < self.min_gain:
-            self._thinned += 1
-            if self._thinned < self.thin_every:
+
+@dataclass
+class BudgetState:
+    """What a budget learned from the steps it saw: plain values, so a copy is a snapshot."""
+
+    predicted: np.ndarray = field(default_factory=lambda: np.zeros(MAX_DEPTH + 1))  # per depth
+    accepted: np.ndarray = field(default_factory=lambda: np.zeros(MAX_DEPTH + 1))  # per depth
+    unapplied_decay: float = 1.0  # steps that verified nothing only decay: applied when next read
+    # observed / prior cost per size bucket, as decayed sums: the machine's state today (other
+    # load, threads, thermal) corrects the once-measured curve where steps actually run
+    # (Python lists: they are updated every step, where numpy's per-call cost would show)
+    cost_ratio_sum: list[float] = field(default_factory=lambda: [0.0] * len(COST_BUCKETS))
+    cost_ratio_n: list[float] = field(default_factory=lambda: [0.0] * len(COST_BUCKETS))
+    verified_mean: float = 0.0  # decayed mean of nodes verified per step
+    all_accepted: int = 0  # nodes the last step verified, if it accepted them all (else 0)
+    idle_steps: int = 0  # steps in a row that verified nothing
+    thinned: int = 0  # proposals skipped since the last one asked for while thinning
+    gain: float = 1.5  # see BudgetConfig.gain_memory
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one decoding step showed: the tree verified, the nodes accepted, and its times."""
+
+    tree: DraftTree
+    accepted_nodes: tuple[int, ...]
+    drafted: bool  # whether the drafter was asked for a tree this step
+    verify_s: float  # the forward pass of the tree (and its acceptance)
+    step_s: float  # the whole step: drafting, verification, bookkeeping
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the step emitted: its accepted path and the model's own next token."""
+        return len(self.accepted_nodes) + 1
+
+
+class Budget(Protocol):
+    """What the decoding loop asks of a budget, in the order of a step."""
+
+    def nodes_to_draft(self, max_nodes: int) -> int:
+        """How many nodes to ask the drafter for (0: skip drafting this step)."""
+
+    def plan(self, tree: DraftTree, max_leaves: int | None = None) -> DraftTree:
+        """The parent-closed part of `tree` to verify, with at most `max_leaves` paths."""
+
+    def learn(self, outcome: StepOutcome) -> None:
+        """Fold one step's outcome into what the budget knows."""
+
+    def snapshot(self) -> Any:
+        """What it learned so far, unaffected by later steps."""
+
+    def restore(self, snapshot: Any) -> None:
+        """Forget what was learned since `snapshot`."""
+
+
+class VerifyAll:
+    """No budget: every proposed node is verified (within the runner's width); nothing learned."""
+
+    def nodes_to_draft(self, max_nodes: int) -> int:
+        return max_nodes
+
+    def plan(self, tree: DraftTree, max_leaves: int | None = None) -> DraftTree:
+        if len(tree) == 0:
+            return tree
+        return tree.subtree(tree.within_leaves(range(len(tree)), max_leaves))
+
+    def learn(self, outcome: StepOutcome) -> None:
+        pass
+
+    def snapshot(self) -> Any:
+        return None
+
+    def restore(self, snapshot: Any) -> None:
+        pass
+
+
+class CostAwareBudget:
+    """The budget of method.md §6 over a measured cost curve t(k) (see the module docstring)."""
+
+    def __init__(self, cost: CostModel | None = None, config: BudgetConfig = BudgetConfig()) -> None:
+        self.cost = cost if cost is not None else CostModel.typical_cpu()
+        self.config = config
+        self.state = BudgetState(gain=config.initial_gain)
+
+    # ------------------------------------------------------------------ the loop's protocol
+    def nodes_to_draft(self, max_nodes: int) -> int:
+        """At most `max_nodes`; 0 while drafts keep failing (a drafter answers 0 cheaply)."""
+        c, s = self.config, self.state
+        if s.idle_steps >= c.thin_after or s.gain < c.min_gain:
+            s.thinned += 1
+            if s.thinned < c.thin_every:
                 return 0
-            self._thinned = 0
-        recent = max(math.ceil(2.0 * self._verified_mean), 2 * self._all_accepted)
-        return min(max_nodes, max(self.min_proposal, recent))
+            s.thinned = 0
+        recent = max(math.ceil(2.0 * s.verified_mean), 2 * s.all_accepted)
+        return min(max_nodes, max(c.min_proposal, recent))
 
-    def _cost_ratios(self) -> list[float] | None:
-        """Observed / prior cost per size bucket, None before any timing; a bucket with few
-        timings leans on the overall ratio (3 pseudo-timings)."""
-        overall = self._overall_cost_ratio()
-        if overall is None:
-            return None
-        return [_blended(s, n, overall) for s, n in zip(self._cost_ratio_sum, self._cost_ratio_n)]
+    def plan(self, tree: DraftTree, max_leaves: int | None = None) -> DraftTree:
+        """The subtree worth verifying this step on this machine (possibly empty). It counts steps
+        that verified nothing (to explore now and then) and the sizes it chose."""
+        if len(tree) == 0:
+            return tree
+        s = self.state
+        scores = self.calibrated(tree)
+        order = tree.within_leaves(_best_first(tree, scores), max_leaves)
+        costs = self.step_costs(len(order))
+        rates = (1.0 + np.concatenate(([0.0], np.cumsum(scores[order])))) / costs  # k = 0..n
+        best_k = int(np.argmax(rates))  # the first of equal rates: the smallest tree
+        if best_k == 0:
+            # keep the estimates honest: a policy that never verifies never learns it was wrong
+            s.idle_steps += 1
+            if s.idle_steps >= self.config.explore_every:
+                affordable = np.flatnonzero(costs[: min(len(order), 4) + 1] <= self.config.explore_cost * costs[0])
+                best_k = max(1, int(affordable[-1]))
+        if best_k:
+            s.idle_steps = 0
+        s.verified_mean = 0.9 * s.verified_mean + 0.1 * best_k
+        return tree.subtree(order[:best_k])
 
-    def _overall_cost_ratio(self) -> float | None:
-        total = sum(self._cost_ratio_n)
-        return sum(self._cost_ratio_sum) / total if total else None
+    def learn(self, outcome: StepOutcome) -> None:
+        self.learn_acceptance(outcome.tree, outcome.accepted_nodes)
+        self.learn_cost(len(outcome.tree), outcome.verify_s)
+        if outcome.drafted:
+            self.learn_gain(outcome.tokens, outcome.step_s)
 
-    def _bucket_ratio(self, bucket: int) -> float | None:
-        """One bucket's entry of `_cost_ratios`, without computing the others."""
-        overall = self._overall_cost_ratio()
-        return None if overall is None else _blended(self._cost_ratio_sum[bucket], self._cost_ratio_n[bucket], overall)
+    def snapshot(self) -> BudgetState:
+        return copy.deepcopy(self.state)
+
+    def restore(self, snapshot: BudgetState) -> None:
+        self.state = copy.deepcopy(snapshot)
+
+    # ------------------------------------------------------------------ what it learns
+    def learn_acceptance(self, tree: DraftTree, accepted_nodes: tuple[int, ...]) -> None:
+        """Fold one verified tree's outcome into the per-depth calibration."""
+        s = self.state
+        s.unapplied_decay *= self.config.decay
+        s.all_accepted = len(tree) if len(accepted_nodes) == len(tree) else 0
+        if len(tree) == 0:
+            return
+        self._apply_decay()
+        raw = tree.scores if tree.scores is not None else np.ones(len(tree))
+        depths = np.minimum(tree.depths, MAX_DEPTH)
+        np.add.at(s.predicted, depths, raw)
+        for node in accepted_nodes:
+            s.accepted[depths[node]] += 1.0
+
+    def learn_cost(self, k: int, seconds: float) -> None:
+        """One verification step of k nodes took `seconds`."""
+        if seconds <= 0:
+            return
+        s = self.state
+        bucket = _bucket(k)
+        ratio = seconds / self.cost(k)
+        # A timing counts as at most `cost_step` times its bucket's estimate (and at least
+        # 1 / cost_step): one slow step (a kernel tuned on first use, a collection, the OS) would
+        # otherwise price its size out for good, since the budget then stops choosing that size
+        # and no later timing corrects it.
+        estimate = self._bucket_ratio(bucket)
+        estimate = 1.0 if estimate is None else estimate  # before any timing: the curve itself
+        step = self.config.cost_step
+        ratio = min(max(ratio, estimate / step), estimate * step)
+        memory = self.config.cost_memory
+        s.cost_ratio_sum[bucket] = s.cost_ratio_sum[bucket] * memory + ratio
+        s.cost_ratio_n[bucket] = s.cost_ratio_n[bucket] * memory + 1.0
+
+    def learn_gain(self, tokens: int, seconds: float) -> None:
+        """A whole step that drafted emitted `tokens` in `seconds` (drafting included)."""
+        s = self.state
+        if seconds <= 0 or not any(s.cost_ratio_n):
+            return
+        ratio = tokens * self.step_cost(0) / seconds  # step_cost(0) is in seconds once observed
+        memory = self.config.gain_memory
+        s.gain = memory * s.gain + (1.0 - memory) * ratio
+
+    # ------------------------------------------------------------------ what it believes
+    def calibrated(self, tree: DraftTree) -> np.ndarray:
+        """[k] calibrated acceptance estimates, never above the parent's."""
+        s = self.state
+        raw = tree.scores if tree.scores is not None else np.ones(len(tree))
+        depths = np.minimum(tree.depths, MAX_DEPTH)
+        self._apply_decay()
+        prior = self.config.prior_weight
+        ratio = (s.accepted + prior) / (s.predicted + prior)
+        scores = np.clip(raw * ratio[depths], 0.0, 1.0)
+        for i, parent in enumerate(tree.parents.tolist()):
+            if parent >= 0 and scores[i] > scores[parent]:
+                scores[i] = scores[parent]
+        return scores
 
     def step_cost(self, k: int) -> float:
         """t(k) in the prior's units, corrected by timings observed in this process."""
@@ -165,85 +324,36 @@ class BudgetPolicy:
             return prior
         return prior * np.asarray(ratios)[_BUCKET_OF[np.minimum(np.arange(max_k + 1), len(_BUCKET_OF) - 1)]]
 
-    def observe_step(self, drafted: bool, tokens: int, seconds: float) -> None:
-        """A whole step (drafting, verification, bookkeeping) emitted `tokens` in `seconds`."""
-        if not self.enabled or not drafted or seconds <= 0 or not any(self._cost_ratio_n):
-            return
-        ratio = tokens * self.step_cost(0) / seconds  # step_cost(0) is in seconds once observed
-        self._gain = self.gain_memory * self._gain + (1.0 - self.gain_memory) * ratio
+    def _cost_ratios(self) -> list[float] | None:
+        """Observed / prior cost per size bucket, None before any timing; a bucket with few
+        timings leans on the overall ratio (3 pseudo-timings)."""
+        overall = self._overall_cost_ratio()
+        if overall is None:
+            return None
+        s = self.state
+        return [_blended(total, n, overall) for total, n in zip(s.cost_ratio_sum, s.cost_ratio_n)]
 
-    def observe_cost(self, k: int, seconds: float) -> None:
-        """One verification step of k nodes took `seconds`."""
-        if not self.enabled or seconds <= 0:
-            return
-        bucket = _bucket(k)
-        ratio = seconds / self.cost(k)
-        # A timing counts as at most `cost_step` times its bucket's estimate (and at least
-        # 1 / cost_step): one slow step (a kernel tuned on first use, a collection, the OS) would
-        # otherwise price its size out for good, since the budget then stops choosing that size
-        # and no later timing corrects it.
-        estimate = self._bucket_ratio(bucket)
-        estimate = 1.0 if estimate is None else estimate  # before any timing: the curve itself
-        ratio = min(max(ratio, estimate / self.cost_step), estimate * self.cost_step)
-        self._cost_ratio_sum[bucket] = self._cost_ratio_sum[bucket] * self.cost_memory + ratio
-        self._cost_ratio_n[bucket] = self._cost_ratio_n[bucket] * self.cost_memory + 1.0
+    def _overall_cost_ratio(self) -> float | None:
+        total = sum(self.state.cost_ratio_n)
+        return sum(self.state.cost_ratio_sum) / total if total else None
 
-    def calibrated(self, tree: DraftTree) -> np.ndarray:
-        """[k] calibrated acceptance estimates, never above the parent's."""
-        raw = tree.scores if tree.scores is not None else np.ones(len(tree))
-        depths = np.minimum(tree.depths, MAX_DEPTH)
-        self._apply_decay()
-        ratio = (self._accepted + self.prior_weight) / (self._predicted + self.prior_weight)
-        scores = np.clip(raw * ratio[depths], 0.0, 1.0)
-        for i, parent in enumerate(tree.parents.tolist()):
-            if parent >= 0 and scores[i] > scores[parent]:
-                scores[i] = scores[parent]
-        return scores
-
-    def plan_step(self, tree: DraftTree, max_leaves: int | None = None) -> DraftTree:
-        """The subtree worth verifying this step on this machine (possibly empty), with at most
-        `max_leaves` root-to-leaf paths (a runner's limit; None: any width). It plans a step: it
-        counts steps that verified nothing (to explore now and then) and the sizes it chose."""
-        if len(tree) == 0:
-            return tree
-        if not self.enabled:
-            return tree.subtree(tree.within_leaves(range(len(tree)), max_leaves))
-        scores = self.calibrated(tree)
-        order = tree.within_leaves(_best_first(tree, scores), max_leaves)
-        costs = self.step_costs(len(order))
-        rates = (1.0 + np.concatenate(([0.0], np.cumsum(scores[order])))) / costs  # k = 0..n
-        best_k = int(np.argmax(rates))  # the first of equal rates: the smallest tree
-        if best_k == 0:
-            # keep the estimates honest: a policy that never verifies never learns it was wrong
-            self._idle_steps += 1
-            if self._idle_steps >= self.explore_every:
-                affordable = np.flatnonzero(costs[: min(len(order), 4) + 1] <= self.explore_cost * costs[0])
-                best_k = max(1, int(affordable[-1]))
-        if best_k:
-            self._idle_steps = 0
-        self._verified_mean = 0.9 * self._verified_mean + 0.1 * best_k
-        return tree.subtree(order[:best_k])
+    def _bucket_ratio(self, bucket: int) -> float | None:
+        """One bucket's entry of `_cost_ratios`, without computing the others."""
+        overall = self._overall_cost_ratio()
+        s = self.state
+        return None if overall is None else _blended(s.cost_ratio_sum[bucket], s.cost_ratio_n[bucket], overall)
 
     def _apply_decay(self) -> None:
-        if self._unapplied_decay != 1.0:
-            self._predicted *= self._unapplied_decay
-            self._accepted *= self._unapplied_decay
-            self._unapplied_decay = 1.0
+        s = self.state
+        if s.unapplied_decay != 1.0:
+            s.predicted *= s.unapplied_decay
+            s.accepted *= s.unapplied_decay
+            s.unapplied_decay = 1.0
 
-    def observe(self, tree: DraftTree, accepted_nodes: tuple[int, ...]) -> None:
-        """Fold one verified tree's outcome into the per-depth calibration."""
-        if not self.enabled:
-            return
-        self._unapplied_decay *= self.decay
-        self._all_accepted = len(tree) if len(accepted_nodes) == len(tree) else 0
-        if len(tree) == 0:
-            return
-        self._apply_decay()
-        raw = tree.scores if tree.scores is not None else np.ones(len(tree))
-        depths = np.minimum(tree.depths, MAX_DEPTH)
-        np.add.at(self._predicted, depths, raw)
-        for node in accepted_nodes:
-            self._accepted[depths[node]] += 1.0
+
+def new_budget(cost: CostModel | None, config: BudgetConfig = BudgetConfig()) -> Budget:
+    """A fresh budget over `cost`; None: verify every proposed node."""
+    return VerifyAll() if cost is None else CostAwareBudget(cost, config)
 
 
 def _blended(ratio_sum: float, timings: float, overall: float) -> float:
@@ -336,18 +446,71 @@ def _cost_key(runner, model_id: str) -> str:
 def load_or_measure_costs(runner, model_id: str) -> CostModel:
     """The cached t(k) for this model and machine, measuring it (a few seconds) the first time."""
     from aded.fileio import write_atomic
-    from aded.models import cache_dir
+    from aded.paths import cache_dir
     from aded.progress import status
 
     path = cache_dir() / "costs" / f"{_cost_key(runner, model_id)}.json"
     try:
-        data = json.loads(path.read_text())
-        return CostModel(tuple(data["sizes"]), tuple(data["seconds"]))
-    except (OSError, ValueError, KeyError, TypeError):
+        return CostModel.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
         pass
     with status("Measuring verification cost t(k) for this model and machine (once)"):
         costs = measure_costs(runner)
-    record = {"sizes": list(costs.sizes), "seconds": list(costs.seconds), "model": model_id,
-              "measured": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": os.uname().nodename}
+    record = {**costs.as_dict(), "model": model_id, "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "host": os.uname().nodename}
     write_atomic(path, json.dumps(record, indent=1))
     return costs
+
+
+def read_cost_file(path: str | os.PathLike) -> CostModel:
+    """A measured t(k) from a file: the cached curve of either backend (`~/.cache/aded/costs/*.json`)
+    or an `aded bench` results.json or its folder (the run's recorded curve)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{str(path)!r} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable cost file ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: holds no cost curve")
+    curve = data.get("config", {}).get("cost_model") if isinstance(data.get("config"), dict) else None
+    try:
+        return CostModel.from_dict(curve or data.get("cost_model") or data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: holds {exc}") from exc
+
+
+#: the budgets every surface names (a surface may offer fewer), and what each prices a step at
+BUDGETS = {
+    "measured": "t(k) measured once for this model and machine, then cached",
+    "fresh": "t(k) timed now, not cached (a final run on a quiet machine)",
+    "typical": "a typical small-model CPU curve (no measurement)",
+    "off": "no budget: every proposed node is verified",
+}
+
+
+def cost_model(name: str, runner=None, model_id: str = "model") -> CostModel | None:
+    """The cost curve a budget named `name` prices steps at (None for "off"): a name of `BUDGETS`
+    or, with no runner to time, a cost file (`read_cost_file`)."""
+    if name == "off":
+        return None
+    if name == "typical":
+        return CostModel.typical_cpu()
+    if name in ("measured", "fresh"):
+        if runner is None:
+            raise ValueError(f"the {name} budget times the model, and no model is loaded here")
+        if name == "measured":
+            return load_or_measure_costs(runner, model_id)
+        from aded.progress import status
+
+        with status("Measuring verification cost t(k) for this run"):
+            return measure_costs(runner)
+    if runner is not None:
+        raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {name!r}")
+    try:
+        return read_cost_file(name)
+    except ValueError as exc:
+        raise ValueError(f"budget must be one of {', '.join(BUDGETS)} or a cost file: {exc}") from None

@@ -11,80 +11,21 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from aded.budget import BudgetPolicy
+from aded.backends.base import Runner
+from aded.budget import Budget, CostAwareBudget, StepOutcome
 from aded.drafters.base import Drafter, StepFeedback
-from aded.processors import (LogitsProcessor, TokenLogprob, check_processing, logit_bias_pairs,
-                             token_id_tuple, token_logprobs)
+# defined below this module (so processors.py can name the config); public here as they always were
+from aded.generation_config import GenerationConfig, sampling_fields
+from aded.processors import LogitsProcessor, TokenLogprob, token_logprobs
 from aded.tree import DraftTree
 from aded.verify import Acceptance, Sampling, accept_greedy, accept_sampled
 
-if TYPE_CHECKING:
-    from aded.grammar import Grammar
-
 __all__ = ["GenerationConfig", "GenerationStats", "GenerationResult", "SpeculativeDecoder", "fit_tree",
            "sampling_fields"]
-
-
-def sampling_fields(temperature: float) -> dict[str, bool | float]:
-    """`do_sample` and `temperature` for a user's temperature, decided here for every surface (API,
-    CLI, server, benchmark): OpenAI's convention, 0 means greedy; above 0 samples at it."""
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    return {"do_sample": temperature > 0, "temperature": temperature if temperature > 0 else 1.0}
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """Named as in transformers' GenerationConfig (sampling, `repetition_penalty`, `min_p`), OpenAI's
-    API (`logit_bias`, `presence_penalty`, `frequency_penalty`, `logprobs`, `top_logprobs`) and
-    vLLM's (`stop_token_ids`, `ignore_eos`, `min_tokens`); `max_draft_nodes` bounds each draft tree.
-
-    All of them hold with speculation on: each draft node is judged with the processors applied in
-    its own context (processors.py has their order and semantics). `stop_token_ids` end generation
-    as EOS does (finish reason "stop", the id kept in the output); `ignore_eos` makes the model's EOS
-    an ordinary token; `min_tokens` holds back both until that many tokens are generated (stop
-    strings are text, checked by the caller, and still end generation). `logprobs` are the model's
-    raw log-probabilities (before processors and warpers), as vLLM reports them by default.
-    A `grammar` (from `response_format` or a required tool call) masks every row and prunes every
-    draft to what it allows; generation then ends where it is complete.
-    """
-
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    max_draft_nodes: int = 24
-    min_p: float = 0.0
-    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()  # kept as sorted pairs
-    presence_penalty: float = 0.0  # OpenAI's, over the output, in [-2, 2]
-    frequency_penalty: float = 0.0  # OpenAI's, over the output, in [-2, 2]
-    repetition_penalty: float = 1.0  # transformers', over prompt + output, > 0 (1 = off)
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    logprobs: bool = False
-    top_logprobs: int = 0  # alternatives per token, in [0, 20]; needs `logprobs`
-    grammar: "Grammar | None" = None  # the output must match it (grammar.py; the API makes it)
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not 0 <= self.max_draft_nodes <= 1024:
-            raise ValueError(f"max_draft_nodes must be in [0, 1024], got {self.max_draft_nodes}")
-        self.sampling()  # validates temperature, top_k, top_p, min_p even when greedy: a typo is an error
-        object.__setattr__(self, "logit_bias", logit_bias_pairs(self.logit_bias))
-        stop_ids = () if self.stop_token_ids is None else self.stop_token_ids
-        object.__setattr__(self, "stop_token_ids", token_id_tuple("stop_token_ids", stop_ids))
-        check_processing(self)
-
-    def sampling(self) -> Sampling:
-        return Sampling(self.temperature, self.top_k, self.top_p, self.min_p)
 
 
 @dataclass
@@ -137,16 +78,16 @@ class SpeculativeDecoder:
 
     def __init__(
         self,
-        runner,
+        runner: Runner,
         drafter: Drafter,
         eos_token_ids: Sequence[int] = (),
-        budget: BudgetPolicy | None = None,
+        budget: Budget | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.runner = runner
         self.drafter = drafter
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
-        self.budget = budget if budget is not None else BudgetPolicy()
+        self.budget: Budget = budget if budget is not None else CostAwareBudget()
         #: seconds for every timing the loop and the budget see (replay supplies simulated ones)
         self.clock = clock
 
@@ -186,9 +127,68 @@ class DecodeStream:
         self._steps.close()
 
 
+@dataclass
+class _Request:
+    """What stays fixed over one request's steps."""
+
+    runner: Runner
+    drafter: Drafter
+    budget: Budget
+    clock: Callable[[], float]
+    seq: Any  # the runner's state of this request
+    processor: LogitsProcessor | None
+    sampling: Sampling | None  # None: greedy
+    generator: torch.Generator | None
+    node_limit: int  # most draft nodes a step may verify
+    max_new: int  # most tokens to generate
+    max_positions: int  # the runner's context
+
+
+@dataclass
+class _Step:
+    tree: DraftTree  # the verified tree
+    logits: torch.Tensor  # [1 + len(tree), vocab] raw, row 0 after the root
+    acceptance: Acceptance
+    draft_s: float
+    verify_s: float
+
+    @property
+    def new_ids(self) -> list[int]:
+        return [*self.acceptance.accepted_ids, self.acceptance.bonus_id]
+
+
+def _speculative_step(req: _Request, context: list[int], generated: int) -> _Step:
+    """One step of the method: draft a tree after `context`, keep the part worth verifying, verify
+    it in one forward pass, accept what the model would have produced itself, and let the drafter
+    and the budget learn from the outcome."""
+    runner, drafter, budget, clock = req.runner, req.drafter, req.budget, req.clock
+    t0 = clock()
+    ask = budget.nodes_to_draft(req.node_limit)
+    tree = drafter.propose(context, ask)
+    tree = fit_tree(tree, req.max_new - generated, req.max_positions - len(context))
+    if req.processor is not None:  # before the budget: only what may be emitted is worth a node
+        tree = req.processor.allowed_subtree(tree)
+    tree = budget.plan(tree, runner.max_tree_leaves)
+    t1 = clock()
+    logits = runner.verify(req.seq, context[-1], tree)  # [1 + k, vocab]
+    scores = logits if req.processor is None else req.processor(logits, tree)  # each row in its context
+    acceptance = _accept(tree, scores, req.sampling, req.generator)
+    runner.commit(req.seq, acceptance.accepted_nodes)
+    t2 = clock()
+    topk = None
+    if drafter.wants_topk:  # the raw logits: drafters learn the model, not one request's processors
+        values, indices = logits.topk(drafter.wants_topk, dim=-1)  # [1 + k, K]
+        topk = indices.masked_fill(values == float("-inf"), -1).numpy()  # -inf: no evidence
+    drafter.observe(StepFeedback(tuple(context), tree, acceptance.accepted_nodes,
+                                 acceptance.accepted_ids, acceptance.bonus_id, topk))
+    t3 = clock()
+    budget.learn(StepOutcome(tree, acceptance.accepted_nodes, ask > 0, t2 - t1, t3 - t0))
+    return _Step(tree, logits, acceptance, (t1 - t0) + (t3 - t2), t2 - t1)
+
+
 def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: GenerationConfig,
             stop_check: StopCheck | None, out: DecodeStream) -> Iterator[list[int]]:
-    runner, drafter, budget, clock = decoder.runner, decoder.drafter, decoder.budget, decoder.clock
+    runner, drafter, clock = decoder.runner, decoder.drafter, decoder.clock
     if not prompt_ids:
         raise ValueError("the prompt must contain at least one token")
     limit = runner.max_positions
@@ -199,29 +199,29 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
     if config.do_sample:  # a private CPU generator: logits are CPU tensors on every runner
         seed = config.seed if config.seed is not None else secrets.randbits(63)
         generator = torch.Generator().manual_seed(seed)
-    sampling = config.sampling() if config.do_sample else None
     end_ids = frozenset(config.stop_token_ids)  # ids that end generation
     if not config.ignore_eos:
         end_ids |= decoder.eos_token_ids
-    processor = LogitsProcessor.for_request(config, prompt_ids, runner.vocab_size, end_ids)
-    logprobs, top_n = out.logprobs, config.top_logprobs
-
     node_limit = config.max_draft_nodes  # the runner may verify fewer exactly
     if runner.max_tree_nodes is not None:
         node_limit = min(node_limit, runner.max_tree_nodes)
+    req = _Request(runner, drafter, decoder.budget, clock,
+                   runner.new_sequence(len(prompt_ids) + max_new + config.max_draft_nodes + 2),
+                   LogitsProcessor.for_request(config, prompt_ids, runner.vocab_size, end_ids),
+                   config.sampling() if config.do_sample else None, generator, node_limit, max_new, limit)
+    logprobs, top_n = out.logprobs, config.top_logprobs
     stats = GenerationStats()
     generated: list[int] = []
     finish_reason = "length"
-    seq = runner.new_sequence(len(prompt_ids) + max_new + config.max_draft_nodes + 2)
     decode_start = None
     start = clock()
     drafter.begin(prompt_ids)
     try:
-        logits = runner.prefill(seq, prompt_ids)[None]  # [1, vocab]
-        stats.cached_prompt_tokens = runner.reused_tokens
-        scores = logits if processor is None else processor(logits, DraftTree.empty())
-        first = _accept(DraftTree.empty(), scores, sampling, generator).bonus_id
-        _emitted(processor, logprobs, logits, (), [first], top_n)
+        logits, stats.cached_prompt_tokens = runner.prefill(req.seq, prompt_ids)
+        logits = logits[None]  # [1, vocab]
+        scores = logits if req.processor is None else req.processor(logits, DraftTree.empty())
+        first = _accept(DraftTree.empty(), scores, req.sampling, generator).bonus_id
+        _emitted(req.processor, logprobs, logits, (), [first], top_n)
         stats.prefill_s = clock() - start
         decode_start = clock()
         context = list(prompt_ids) + [first]
@@ -244,35 +244,13 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
                 finish_reason = finish
                 break
 
-            t0 = clock()
-            ask = budget.proposal_nodes(node_limit)
-            tree = drafter.propose(context, ask)
-            tree = fit_tree(tree, max_new - len(generated), limit - len(context))
-            if processor is not None:  # before the budget: only what may be emitted is worth a node
-                tree = processor.allowed_subtree(tree)
-            tree = budget.plan_step(tree, runner.max_tree_leaves)
-            t1 = clock()
-            logits = runner.verify(seq, context[-1], tree)  # [1 + k, vocab]
-            scores = logits if processor is None else processor(logits, tree)  # each row in its context
-            acceptance = _accept(tree, scores, sampling, generator)
-            runner.commit(seq, acceptance.accepted_nodes)
-            t2 = clock()
-            budget.observe(tree, acceptance.accepted_nodes)
-            budget.observe_cost(len(tree), t2 - t1)
-            topk = None
-            if drafter.wants_topk:  # the raw logits: drafters learn the model, not one request's processors
-                values, indices = logits.topk(drafter.wants_topk, dim=-1)  # [1 + k, K]
-                topk = indices.masked_fill(values == float("-inf"), -1).numpy()  # -inf: no evidence
-            drafter.observe(StepFeedback(context, tree, acceptance.accepted_nodes,
-                                         acceptance.accepted_ids, acceptance.bonus_id, topk))
-            t3 = clock()
-            budget.observe_step(ask > 0, len(acceptance.accepted_ids) + 1, t3 - t0)
-            stats.draft_s += (t1 - t0) + (t3 - t2)
-            stats.verify_s += t2 - t1
+            step = _speculative_step(req, context, len(generated))
+            stats.draft_s += step.draft_s
+            stats.verify_s += step.verify_s
             stats.steps += 1
-            stats.draft_nodes += len(tree)
-            new_ids = [*acceptance.accepted_ids, acceptance.bonus_id]
-            _emitted(processor, logprobs, logits, acceptance.accepted_nodes, new_ids, top_n)
+            stats.draft_nodes += len(step.tree)
+            new_ids = step.new_ids
+            _emitted(req.processor, logprobs, step.logits, step.acceptance.accepted_nodes, new_ids, top_n)
             stats.accepted_lengths.append(len(new_ids))
             context.extend(new_ids)
     finally:
@@ -280,7 +258,7 @@ def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: Generati
         if decode_start is not None:
             # hold what plain decoding would: the prompt and every token emitted but the last (a
             # chain accepted past the end, e.g. through EOS, wrote cells plain decoding never ran)
-            runner.rewind(seq, len(prompt_ids) + max(len(generated) - 1, 0))
+            runner.rewind(req.seq, len(prompt_ids) + max(len(generated) - 1, 0))
             stats.decode_s = clock() - decode_start
         out.result = GenerationResult(generated, finish_reason, stats, logprobs)
 

@@ -1,4 +1,6 @@
-"""Writing files so that a crash at any moment leaves either the old file or the new one."""
+"""Writing files so that a crash at any moment leaves either the old file or the new one, and
+hashing big files once: plain file chores that models, backends and the store all need, kept
+here so none of them has to import another for them."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_atomic", "read_json_dict", "remembered"]
+__all__ = ["write_atomic", "read_json_dict", "remembered", "file_sha256"]
 
 
 def read_json_dict(path: str | os.PathLike) -> dict:
@@ -58,3 +60,28 @@ def remembered(path: str | os.PathLike, key: str, compute, valid) -> object:
     known[key] = compute()
     write_atomic(path, json.dumps(known, indent=1))
     return known[key]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered by (path, size, mtime) so big files are hashed once."""
+    import hashlib
+    import json
+
+    from aded.paths import cache_dir
+
+    stat = path.stat()
+    memo_path = cache_dir() / "hashes.json"
+    key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    memo[key] = digest.hexdigest()
+    write_atomic(memo_path, json.dumps(memo, indent=0))
+    return memo[key]

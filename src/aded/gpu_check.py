@@ -96,7 +96,7 @@ def check_identity(model, new_tokens: int, seed: int = 0) -> dict[str, Any]:
     """Every drafter's greedy output against `model.generate` on one prompt that repeats itself."""
     from aded.backends.hf import HFRunner
     from aded.bench.methods import common_prefix
-    from aded.budget import BudgetPolicy
+    from aded.budget import VerifyAll
     from aded.decoding import GenerationConfig, SpeculativeDecoder
     from aded.drafters import make_drafter
 
@@ -114,7 +114,7 @@ def check_identity(model, new_tokens: int, seed: int = 0) -> dict[str, Any]:
     drafters: dict[str, Drafter] = {name: make_drafter(name, None) for name in DRAFTERS}
     drafters["mixed-trees"] = MixedTrees(reference, len(prompt), vocab, seed)
     for name, drafter in drafters.items():
-        decoder = SpeculativeDecoder(runner, drafter, (), BudgetPolicy(enabled=False))
+        decoder = SpeculativeDecoder(runner, drafter, (), VerifyAll())
         result = decoder.generate(prompt, GenerationConfig(max_new_tokens=new_tokens, max_draft_nodes=32))
         tokens = list(result.token_ids)
         out[name] = {"identical": tokens == reference, "shared_prefix": common_prefix(tokens, reference),

@@ -17,7 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from aded.fileio import write_atomic
+from aded.fileio import file_sha256, write_atomic
+from aded.paths import cache_dir
 
 __all__ = [
     "ModelError",
@@ -72,12 +73,6 @@ ALIASES: dict[str, Alias] = {
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
-
-
-def cache_dir() -> Path:
-    """Where converted models and measured costs live: $ADED_CACHE_DIR or ~/.cache/aded."""
-    root = os.environ.get("ADED_CACHE_DIR") or Path.home() / ".cache" / "aded"
-    return Path(root)
 
 
 # ---------------------------------------------------------------------------- resolution
@@ -176,26 +171,6 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
 
 
 # ---------------------------------------------------------------------------- GGUF conversion
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, remembered by (path, size, mtime) so big files are hashed once."""
-    stat = path.stat()
-    memo_path = cache_dir() / "hashes.json"
-    key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if key in memo:
-        return memo[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    memo[key] = digest.hexdigest()
-    write_atomic(memo_path, json.dumps(memo, indent=0))
-    return memo[key]
-
-
 def converted_dir(gguf: Path) -> Path:
     """The cache folder for a GGUF file, converting it on first use."""
     target = cache_dir() / "converted" / file_sha256(gguf)[:24]

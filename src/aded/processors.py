@@ -24,23 +24,22 @@ reports them by default: they say what the model thinks, whatever the request di
 
 from __future__ import annotations
 
-import math
-import operator
-from typing import TYPE_CHECKING, Iterable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
+# the request checks, re-exported: they were public here before they moved below this module
+from aded.generation_config import (MAX_TOP_LOGPROBS, check_processing, logit_bias_pairs,  # noqa: F401
+                                    token_id_tuple)
 from aded.tree import DraftTree
 
 if TYPE_CHECKING:
-    from aded.decoding import GenerationConfig
+    from aded.generation_config import GenerationConfig
     from aded.grammar import GrammarState
 
 __all__ = ["LogitsProcessor", "TokenLogprob", "token_logprobs", "logit_bias_pairs", "token_id_tuple",
            "check_processing", "MAX_TOP_LOGPROBS"]
-
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat `top_logprobs`
 
 
 class TokenLogprob(NamedTuple):
@@ -50,83 +49,6 @@ class TokenLogprob(NamedTuple):
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]
-
-
-def _check_range(name: str, value, low: float, high: float) -> None:
-    """ValueError naming `name` unless `value` is a real number in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
-
-
-def check_processing(config: "GenerationConfig") -> None:
-    """ValueError naming the first bad processor or logprobs field of `config` (sampling's fields
-    are `Sampling`'s to check; `logit_bias` and `stop_token_ids` are normalised before this)."""
-    _check_range("presence_penalty", config.presence_penalty, -2, 2)
-    _check_range("frequency_penalty", config.frequency_penalty, -2, 2)
-    penalty = config.repetition_penalty
-    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty < math.inf:
-        raise ValueError(f"repetition_penalty must be a number > 0 (1 = off), got {penalty!r}")
-    for name in ("ignore_eos", "logprobs"):
-        if not isinstance(getattr(config, name), bool):
-            raise ValueError(f"{name} must be true or false, got {getattr(config, name)!r}")
-    if not _is_int(config.min_tokens) or not 0 <= config.min_tokens <= config.max_new_tokens:
-        raise ValueError(f"min_tokens must be an integer in [0, max_new_tokens = {config.max_new_tokens}], "
-                         f"got {config.min_tokens!r}")
-    if not _is_int(config.top_logprobs) or not 0 <= config.top_logprobs <= MAX_TOP_LOGPROBS:
-        raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], "
-                         f"got {config.top_logprobs!r}")
-    if config.top_logprobs and not config.logprobs:
-        raise ValueError("top_logprobs needs logprobs=True")
-    if config.grammar is not None:
-        if not callable(getattr(config.grammar, "start", None)):
-            raise ValueError(f"grammar must be an aded.grammar.Grammar, got {config.grammar!r}")
-        for name in ("ignore_eos", "min_tokens"):  # a grammar decides where the output may end
-            if getattr(config, name):
-                raise ValueError(f"{name} cannot be combined with a grammar (response_format or a "
-                                 "required tool call): generation ends where the grammar is complete")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _token_id(name: str, value) -> int:
-    try:
-        token = -1 if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        token = -1
-    if token < 0:
-        raise ValueError(f"{name} must hold token ids (non-negative integers), got {value!r}")
-    return token
-
-
-def token_id_tuple(name: str, values: Iterable[int]) -> tuple[int, ...]:
-    """Validated token ids, in the given order, without repeats."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise ValueError(f"{name} must be a list of token ids, got {values!r}")
-    return tuple(dict.fromkeys(_token_id(name, v) for v in values))
-
-
-def logit_bias_pairs(bias: Mapping[int, float] | Iterable[tuple[int, float]] | None
-                     ) -> tuple[tuple[int, float], ...]:
-    """`logit_bias` (token id -> bias, or such pairs) as sorted pairs, hashable so that the config
-    stays frozen; each bias in OpenAI's range [-100, 100]. Ids may be decimal strings, as JSON
-    object keys are."""
-    if bias is None:
-        return ()
-    if isinstance(bias, (str, bytes)) or not isinstance(bias, (Mapping, Iterable)):
-        raise ValueError(f"logit_bias must map token ids to biases, got {bias!r}")
-    items = list(bias.items()) if isinstance(bias, Mapping) else list(bias)
-    pairs: dict[int, float] = {}
-    for item in items:
-        if not isinstance(item, tuple) or len(item) != 2:
-            raise ValueError(f"logit_bias must map token ids to biases, got {bias!r}")
-        key, value = item
-        _check_range(f"logit_bias[{key!r}]", value, -100, 100)
-        if isinstance(key, str) and key.isdecimal():
-            key = int(key)
-        pairs[_token_id("logit_bias", key)] = float(value)
-    return tuple(sorted(pairs.items()))
 
 
 class LogitsProcessor:

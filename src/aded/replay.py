@@ -8,7 +8,7 @@ recording and nothing elsewhere; so replay and real runs cannot drift apart. The
 the only model evidence a drafter gets, unless the record carries the model's own top-k along the
 output (`recorded_topk`, `aded simulate --model-topk`). For a deterministic drafter whose `wants_topk` is 0, mean
 accepted tokens equal those of a real greedy run exactly, provided the replay sees what the engine
-did: pass the same `BudgetPolicy` kind (and cost curve) and each record's `max_new_tokens`.
+did: pass the same cost curve (None for a run with the budget off) and each record's `max_new_tokens`.
 
 With a budget, each step's verification cost t(k) is summed too, so a speedup over plain decoding
 can be predicted from the measured cost curve without running the model.
@@ -36,7 +36,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from aded.budget import BudgetPolicy
+from aded.backends.base import Prefill
+from aded.budget import Budget, CostModel, cost_model, new_budget
 from aded.decoding import GenerationConfig, SpeculativeDecoder
 from aded.drafters.base import Drafter
 from aded.tree import DraftTree
@@ -93,9 +94,9 @@ class ReplayStats:
         return self.tokens * plain_step_s / seconds if seconds > 0 and self.verify_cost_s > 0 else None
 
 
-def replay_one(drafter: Drafter, record: Recorded, max_nodes: int, budget: BudgetPolicy | None = None,
+def replay_one(drafter: Drafter, record: Recorded, max_nodes: int, costs: CostModel | None = None,
                max_leaves: int | None = None, eos_token_ids: Sequence[int] = (),
-               max_tree_nodes: int | None = None) -> ReplayStats:
+               max_tree_nodes: int | None = None, budget: Budget | None = None) -> ReplayStats:
     """Replay one recorded output through the engine's own loop (`SpeculativeDecoder`), with a
     runner that answers from the recording instead of a model; the first output token comes from
     prefill, as in a real run.
@@ -104,7 +105,8 @@ def replay_one(drafter: Drafter, record: Recorded, max_nodes: int, budget: Budge
     pay, trees are trimmed to the tokens left, the budget picks the subtree to verify, at most
     `max_leaves` paths wide and `max_tree_nodes` nodes (the recorded runner's limits: one path on
     llama.cpp). The loop's clock sees each verification take the budget's t(k), so the budget
-    learns from simulated step times as it would from measured ones.
+    learns from simulated step times as it would from measured ones. `costs` None verifies every
+    proposed node; `budget` (a budget over `costs`) carries what earlier records taught it.
     """
     output = [int(t) for t in record.output_token_ids]
     if not output:
@@ -112,8 +114,8 @@ def replay_one(drafter: Drafter, record: Recorded, max_nodes: int, budget: Budge
     eos = frozenset(int(t) for t in eos_token_ids)
     # the run's limit holds only if the output ended itself; otherwise the recording is the limit
     max_new = (record.max_new_tokens or len(output)) if output[-1] in eos else len(output)
-    policy = budget if budget is not None else BudgetPolicy(enabled=False)  # width limit only
-    runner = RecordedRunner(record.prompt_token_ids, output, policy.cost if budget is not None else None,
+    policy = budget if budget is not None else new_budget(costs)
+    runner = RecordedRunner(record.prompt_token_ids, output, costs,
                             max_leaves, max_tree_nodes, record.model_topk)
     decoder = SpeculativeDecoder(runner, drafter, eos, policy, clock=runner.clock)
     result = decoder.generate(list(record.prompt_token_ids),
@@ -155,7 +157,6 @@ class RecordedRunner:
         self.max_tree_leaves = max_tree_leaves
         self.max_tree_nodes = max_tree_nodes
         self.eos_token_ids = ()
-        self.reused_tokens = 0
         self.cost = cost
         self.simulated_s = 0.0
         self._offset = 0.0  # simulated minus real seconds spent in verifications
@@ -167,9 +168,9 @@ class RecordedRunner:
     def new_sequence(self, capacity: int) -> None:
         self._pos = 0
 
-    def prefill(self, seq: Any, input_ids: Sequence[int]) -> torch.Tensor:
+    def prefill(self, seq: Any, input_ids: Sequence[int]) -> Prefill:
         self._pos = 1  # the first output token is the prefill's
-        return self._logits(1, {0: 0})[0]
+        return Prefill(self._logits(1, {0: 0})[0], 0)
 
     def verify(self, seq: Any, root_id: int, tree: DraftTree) -> torch.Tensor:
         start = time.perf_counter()
@@ -229,7 +230,7 @@ def recorded_topk(runner, record: Recorded, k: int, chunk: int = 64) -> np.ndarr
         chunk = min(chunk, runner.max_tree_nodes)
     seq = runner.new_sequence(len(record.prompt_token_ids) + len(output) + chunk + 2)
     ranks = min(k + 1, runner.vocab_size)
-    rows = [runner.prefill(seq, list(record.prompt_token_ids))[None].topk(ranks).indices]
+    rows = [runner.prefill(seq, list(record.prompt_token_ids)).logits[None].topk(ranks).indices]
     root = 0
     while root < len(output) - 1:  # as the decoding loop steps: the chain accepted, the next root its bonus
         ids = output[root + 1 : root + 1 + chunk]
@@ -246,7 +247,7 @@ def recorded_topk(runner, record: Recorded, k: int, chunk: int = 64) -> np.ndarr
 
 
 def replay(
-    drafter: Drafter, records: Iterable[Recorded], max_nodes: int, budget: BudgetPolicy | None = None,
+    drafter: Drafter, records: Iterable[Recorded], max_nodes: int, costs: CostModel | None = None,
     max_leaves: int | None = None, eos_token_ids: Sequence[int] = (), max_tree_nodes: int | None = None,
     before_each: Callable[[Recorded], None] | None = None,
 ) -> dict[str, ReplayStats]:
@@ -254,10 +255,11 @@ def replay(
     calibration learn across records, as in a real run); `before_each` sees each record first."""
     by_category: dict[str, ReplayStats] = defaultdict(ReplayStats)
     overall = ReplayStats()
+    budget = new_budget(costs)
     for record in records:
         if before_each is not None:
             before_each(record)
-        one = replay_one(drafter, record, max_nodes, budget, max_leaves, eos_token_ids, max_tree_nodes)
+        one = replay_one(drafter, record, max_nodes, costs, max_leaves, eos_token_ids, max_tree_nodes, budget)
         if record.category != "all":
             by_category[record.category].merge(one)
         overall.merge(one)
@@ -285,45 +287,16 @@ def recorded_from_results(results: dict[str, Any]) -> list[Recorded]:
     return records
 
 
-def _cost_model(results: dict[str, Any], budget: str):
-    """The t(k) a replay charges: off, typical, the run's own, or one read from a file."""
-    from aded.budget import CostModel
-
-    if budget == "off":
-        return None
-    if budget == "typical":
-        return CostModel.typical_cpu()
+def _cost_model(results: dict[str, Any], budget: str) -> CostModel | None:
+    """The t(k) a replay charges: the run's own ("recorded"), or as `aded.budget.cost_model` names
+    it without a model: off, typical or a cost file."""
     if budget != "recorded":
-        return cost_model_file(budget)
+        return cost_model(budget)
     config = results.get("config", {})
     if config.get("budget") == "off":
         return None  # the run verified every proposed node: replay it the same way
     recorded = config.get("cost_model")
-    if not recorded:
-        return CostModel.typical_cpu()
-    return CostModel(tuple(recorded["sizes"]), tuple(recorded["seconds"]))
-
-
-def cost_model_file(path: str | os.PathLike):
-    """A measured t(k) from a file: the cached curve of either backend (`~/.cache/aded/costs/*.json`,
-    {"sizes": [...], "seconds": [...]}) or an `aded bench` results.json (its recorded curve)."""
-    from aded.budget import CostModel
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "results.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"--budget takes recorded, typical, off or a cost file; {str(path)!r} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable cost file ({exc})") from exc
-    curve = data.get("config", {}).get("cost_model") if isinstance(data.get("config"), dict) else None
-    curve = curve or data.get("cost_model") or data
-    try:
-        return CostModel(tuple(float(k) for k in curve["sizes"]), tuple(float(s) for s in curve["seconds"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: holds no cost curve {{\"sizes\": [...], \"seconds\": [...]}} ({exc})") from exc
+    return CostModel.from_dict(recorded) if recorded else CostModel.typical_cpu()
 
 
 def simulate_results(results: dict[str, Any], drafters: Sequence[str],
@@ -347,10 +320,10 @@ def simulate_results(results: dict[str, Any], drafters: Sequence[str],
 
     `budget`: "recorded" (the run's cost curve, or a typical CPU one if it has none), "typical",
     "off" (every proposed node counts; no speedup prediction), or a file of measured t(k) (see
-    `cost_model_file`). `oracle` (the recorded continuation itself, as the benchmark's oracle
+    `aded.budget.read_cost_file`). `oracle` (the recorded continuation itself, as the benchmark's oracle
     drafts it) is the ceiling any drafter can reach under that budget.
     """
-    from aded.budget import BudgetPolicy
+    from aded.backends.base import Prefill
     from aded.drafters import DRAFTERS, drafter_class, make_drafter
 
     if repeats < 1:
@@ -382,7 +355,7 @@ def simulate_results(results: dict[str, Any], drafters: Sequence[str],
         nonlocal tokenizer
         before_each = None
         if name == "oracle":
-            from aded.bench.methods import OracleDrafter
+            from aded.drafters.oracle import OracleDrafter
 
             drafter = OracleDrafter()
             before_each = lambda record, oracle=drafter: oracle.expect(record.output_token_ids)  # noqa: E731
@@ -390,9 +363,8 @@ def simulate_results(results: dict[str, Any], drafters: Sequence[str],
             if drafter_class(name).needs_tokenizer and tokenizer is None and tokenizer_loader is not None:
                 tokenizer = tokenizer_loader()
             drafter = make_drafter(name, tokenizer)
-        policy = BudgetPolicy(costs) if costs is not None else None
         start = time.perf_counter()
-        stats = replay(drafter, records, nodes, policy, max_leaves, eos, runner_nodes, before_each)
+        stats = replay(drafter, records, nodes, costs, max_leaves, eos, runner_nodes, before_each)
         elapsed = time.perf_counter() - start
         return [_row(name, category, stats[category], plain, elapsed if category == "all" else None)
                 for category in ["all", *[c for c in stats if c != "all"]]]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -76,19 +76,6 @@ class DraftTree:
             sources=(source,) * n if source is not None else None,
         )
 
-    @classmethod
-    def from_paths(
-        cls,
-        paths: Iterable[Sequence[int]],
-        max_nodes: int | None = None,
-        source: str | None = None,
-    ) -> "DraftTree":
-        """Merge token paths into a trie, in the given order, stopping at `max_nodes` nodes."""
-        builder = TreeBuilder(max_nodes)
-        for path in paths:
-            builder.add_path(path, source=source)
-        return builder.build()
-
     # ------------------------------------------------------------------ derived structure
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -137,6 +124,15 @@ class DraftTree:
     def position_offsets(self) -> np.ndarray:
         """[1 + k] position of (root, nodes) relative to the root's position."""
         return _frozen(np.concatenate([[0], self.depths]).astype(np.int64))
+
+    @cached_property
+    def paths(self) -> tuple[tuple[int, ...], ...]:
+        """The token path from the root to each node (the node's own token last): what tells the
+        same draft apart in trees of different sources or steps, whatever its index there."""
+        paths: list[tuple[int, ...]] = []
+        for parent, token in zip(self.parents.tolist(), self.token_ids.tolist()):
+            paths.append((paths[parent] if parent >= 0 else ()) + (token,))
+        return tuple(paths)
 
     @cached_property
     def is_chain(self) -> bool:

@@ -4,7 +4,7 @@ need from a model, whichever engine runs it.
 A runner holds one model and serves one sequence at a time:
 
     seq = runner.new_sequence(capacity)          # a fresh KV state for one request
-    logits = runner.prefill(seq, prompt_ids)     # [vocab] after the prompt's last token
+    logits, reused = runner.prefill(seq, prompt_ids)   # [vocab] after the prompt's last token
     loop:
         logits = runner.verify(seq, root_id, tree)   # [1 + k, vocab]: row 0 after the root,
                                                      # row i + 1 after tree node i
@@ -17,13 +17,13 @@ sampling and the drafters' feedback then never touch device memory or engine buf
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from aded.tree import DraftTree
 
-__all__ = ["Runner", "BACKENDS", "physical_cores"]
+__all__ = ["Runner", "Prefill", "BACKENDS", "physical_cores"]
 
 #: the engines a model can run on; "auto" picks llama.cpp for GGUF files when it is installed
 BACKENDS = ("auto", "hf", "llama.cpp")
@@ -39,6 +39,13 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
+class Prefill(NamedTuple):
+    """What a prefill computed, and how much of the prompt it did not have to."""
+
+    logits: torch.Tensor  # [vocab] CPU float32, after the prompt's last token
+    reused: int  # prompt tokens kept from the previous sequence (0 on engines that run it whole)
+
+
 @runtime_checkable
 class Runner(Protocol):
     #: "hf" or "llama.cpp": which plain decoding is this runner's baseline
@@ -52,16 +59,12 @@ class Runner(Protocol):
     max_tree_nodes: int | None
     #: token ids that end generation as the model's own plain decoding stops on them
     eos_token_ids: tuple[int, ...]
-    #: prompt tokens the last prefill found already computed, kept from the previous sequence
-    #: (0 on engines that run every prompt whole)
-    reused_tokens: int
 
     def new_sequence(self, capacity: int) -> Any:
         """Fresh per-request state for up to `capacity` positions (the previous one is void)."""
 
-    def prefill(self, seq: Any, input_ids: Sequence[int]) -> torch.Tensor:
-        """Run the prompt (what it shares with the previous sequence may be kept, bit for bit);
-        logits after its last token, [vocab] CPU float32."""
+    def prefill(self, seq: Any, input_ids: Sequence[int]) -> Prefill:
+        """Run the prompt (what it shares with the previous sequence may be kept, bit for bit)."""
 
     def forget(self, keep: Sequence[int] = ()) -> None:
         """Keep of earlier sequences at most the prefix they share with `keep` (by default nothing:

@@ -22,10 +22,11 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from aded.backends.base import Prefill, Runner
 from aded.backends.kernels import fast_linears, tune_all
 from aded.tree import DraftTree
 
-__all__ = ["HFRunner", "HFSequence", "SlotLayer"]
+__all__ = ["HFRunner", "HFSequence", "SlotLayer", "as_runner"]
 
 
 class SlotLayer(DynamicLayer):
@@ -119,7 +120,6 @@ class HFRunner:
     max_tree_nodes = None
     # every prompt runs whole: torch's kernels sum in another order for another batch shape, so
     # cells kept from decoding would differ from a fresh prefill's in the last bits
-    reused_tokens = 0
 
     def __init__(self, model) -> None:
         self.model = model
@@ -188,10 +188,10 @@ class HFRunner:
         return HFSequence(cache, layers)
 
     @torch.inference_mode()
-    def prefill(self, seq: HFSequence, input_ids: list[int]) -> torch.Tensor:
-        """Run the prompt; returns the logits after its last token, [vocab] float32."""
+    def prefill(self, seq: HFSequence, input_ids: list[int]) -> Prefill:
+        """Run the prompt whole (nothing is kept across sequences)."""
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)  # [1, n]
-        return self._forward(seq, last_only=True, input_ids=ids)[-1]
+        return Prefill(self._forward(seq, last_only=True, input_ids=ids)[-1], 0)
 
     @torch.inference_mode()
     def verify(self, seq: HFSequence, root_id: int, tree: DraftTree) -> torch.Tensor:
@@ -232,10 +232,15 @@ class HFRunner:
             layer.crop(min(0, length - layer.length))
 
     def forget(self, keep: Sequence[int] = ()) -> None:
-        pass  # nothing is kept across sequences (`reused_tokens`)
+        pass  # nothing is kept across sequences
 
     def cost_identity(self) -> str:
         return f"hf|{self.dtype}|{self.device}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+    def plain_decoder(self, prompt_lookup: int | None = None, seed: int = 0):
+        """transformers' model itself: its `generate` is plain decoding as users run it (prompt
+        lookup is a field of its generation config there)."""
+        return self.model
 
     def describe(self) -> dict:
         import transformers
@@ -259,3 +264,8 @@ def _configured_eos(model) -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,)
     return tuple(sorted(int(v) for v in value)) if value else ()
+
+
+def as_runner(model) -> Runner:
+    """`model` itself if it is a runner, else a transformers causal LM run by `HFRunner`."""
+    return model if isinstance(model, Runner) else HFRunner(model)

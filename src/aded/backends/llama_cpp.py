@@ -63,7 +63,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from aded.backends.base import physical_cores
+from aded.backends.base import Prefill, physical_cores
 from aded.tree import DraftTree
 
 __all__ = ["LlamaCppRunner", "LlamaCppError", "llama_cpp_available", "tree_sequences", "cpu_features",
@@ -195,7 +195,6 @@ class LlamaCppRunner:
         #: new sequences keep the prefix they share with the previous one (see the module's doc)
         self.reuse_prefix = bool(reuse_prefix)
         #: prompt tokens the last prefill found already computed
-        self.reused_tokens = 0
         self._kv_tokens: list[int] = []  # the token ids held at positions 0, 1, ... of sequence 0
         self.repack = bool(repack)
         model_params = llama_cpp.llama_model_default_params()
@@ -250,8 +249,8 @@ class LlamaCppRunner:
 
     def _cached_probe(self, name: str, probe, valid) -> Any:
         """`probe()`, remembered per file, build and settings (each takes a second or more)."""
-        from aded.fileio import remembered
-        from aded.models import cache_dir, file_sha256
+        from aded.fileio import file_sha256, remembered
+        from aded.paths import cache_dir
 
         key = f"{file_sha256(self.path)[:24]}|{self.cost_identity()}|{name}|{PROBE_VERSION}"
         return remembered(cache_dir() / "exact-chains.json", key, probe, valid)
@@ -293,6 +292,52 @@ class LlamaCppRunner:
         return tuple(int(t) for t in np.flatnonzero(flags))
 
     # ------------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------------ the same model, elsewhere
+    def plain_decoder(self, prompt_lookup: int | None = None, seed: int = 0):
+        """llama-cpp-python's own `Llama` on this runner's file, context, threads and weight
+        layout: plain decoding as users run it (with its own prompt lookup of `prompt_lookup`
+        tokens), the benchmark's baseline."""
+        import llama_cpp.llama as high_level
+        from llama_cpp import Llama
+
+        options: dict[str, Any] = {}
+        if prompt_lookup:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+            # its draft path breaks on prompts longer than n_batch unless the batch holds them
+            options = {"draft_model": LlamaPromptLookupDecoding(num_pred_tokens=prompt_lookup)}
+        batch = self.n_ctx if prompt_lookup else self.n_batch
+        # `Llama` takes no argument for weight repacking; it reads its model parameters from the
+        # low-level defaults, so those are what carry this runner's choice while it loads
+        defaults = high_level.llama_cpp.llama_model_default_params
+
+        def with_this_layout():
+            params = defaults()
+            params.use_extra_bufts = self.repack
+            return params
+
+        high_level.llama_cpp.llama_model_default_params = with_this_layout
+        try:
+            return Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads,
+                         n_threads_batch=self.n_threads, n_batch=batch, n_ubatch=batch, seed=seed,
+                         verbose=False, **options)
+        finally:
+            high_level.llama_cpp.llama_model_default_params = defaults
+
+    def server_args(self) -> list[str]:
+        """`llama-server` options that load this runner's file with its context, threads, batch
+        and weight layout (one slot, no flash attention, as this runner decodes)."""
+        args = ["-m", str(self.path), "-c", str(self.n_ctx), "-t", str(self.n_threads),
+                "-tb", str(self.n_threads), "-b", str(self.n_batch), "-ub", str(self.n_batch),
+                "-np", "1", "-fa", "off"]
+        return args if self.repack else [*args, "--no-repack"]
+
+    def sibling(self, repack: bool, max_nodes: int | None = -1) -> "LlamaCppRunner":
+        """Another runner of this file and context settings with another weight layout and chain
+        limit (the benchmark's opt-in mode on llama.cpp's own numerics)."""
+        return LlamaCppRunner(self.path, n_ctx=self.n_ctx, n_threads=self.n_threads, n_batch=self.n_batch,
+                              max_nodes=max_nodes, reuse_prefix=self.reuse_prefix, repack=repack)
+
     def close(self) -> None:
         lib = self._lib
         if self._batch is not None:
@@ -317,15 +362,17 @@ class LlamaCppRunner:
         live at a time (the previous one is void); its first prefill decides what it keeps of them."""
         return LlamaSequence()
 
-    def prefill(self, seq: LlamaSequence, input_ids: Sequence[int]) -> torch.Tensor:
+    def prefill(self, seq: LlamaSequence, input_ids: Sequence[int]) -> Prefill:
         ids = [int(t) for t in input_ids]
         if not ids:
             raise ValueError("the prompt must contain at least one token")
         if seq.past_len + len(ids) > self.n_ctx:
             raise ValueError(f"{seq.past_len + len(ids)} positions exceed the context of {self.n_ctx}")
         self._check_ids(ids)
+        reused = 0
         if seq.past_len == 0:
-            ids = ids[self._keep_prefix(seq, ids):]
+            reused = self._keep_prefix(seq, ids)
+            ids = ids[reused:]
         for start in range(0, len(ids), self.n_batch):
             chunk = ids[start : start + self.n_batch]
             last = start + len(chunk) == len(ids)
@@ -334,7 +381,7 @@ class LlamaCppRunner:
             self._decode(f"prefill of {len(ids)} tokens")
             seq.past_len += len(chunk)
             self._kv_tokens.extend(chunk)
-        return self._logits([-1])[0]
+        return Prefill(self._logits([-1])[0], reused)
 
     def forget(self, keep: Sequence[int] = ()) -> None:
         held = self._kv_tokens  # the next prefill keeps at most this prefix, and frees the rest
@@ -360,7 +407,7 @@ class LlamaCppRunner:
         else:
             lib.llama_memory_clear(mem, True)
         del held[keep:]
-        seq.past_len = self.reused_tokens = keep
+        seq.past_len = keep
         return keep
 
     def verify(self, seq: LlamaSequence, root_id: int, tree: DraftTree) -> torch.Tensor:

@@ -124,8 +124,8 @@ def choose_repack(path: os.PathLike, threads: int | None = None) -> bool:
 
     from aded.backends.llama_cpp import LlamaCppRunner, llama_build_identity
     from aded.budget import measure_costs
-    from aded.fileio import remembered
-    from aded.models import cache_dir, file_sha256
+    from aded.fileio import file_sha256, remembered
+    from aded.paths import cache_dir
     from aded.progress import status
 
     def measure() -> dict:

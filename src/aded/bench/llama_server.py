@@ -79,12 +79,8 @@ class LlamaServerMethod(SettingsMethod):
         self.spec_type = name[len("llama-server-"):] if name != "llama-server" else None
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = [str(binary), "-m", str(runner.path), "-c", str(runner.n_ctx), "-t", str(runner.n_threads),
-                "-tb", str(runner.n_threads), "-b", str(runner.n_batch), "-ub", str(runner.n_batch),
-                "-np", "1", "-fa", "off", "--host", "127.0.0.1", "--port", str(self.port), "--no-webui",
-                "--seed", str(settings.seed)]
-        if not getattr(runner, "repack", True):
-            args.append("--no-repack")
+        args = [str(binary), *runner.server_args(), "--host", "127.0.0.1", "--port", str(self.port),
+                "--no-webui", "--seed", str(settings.seed)]
         if self.spec_type:
             args += ["--spec-type", self.spec_type]
         self._log = tempfile.TemporaryFile()

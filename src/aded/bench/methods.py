@@ -20,22 +20,21 @@ returned as skipped with the reason instead of failing the run.
 
 from __future__ import annotations
 
-import copy
-import importlib.util
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
 
+from aded.budget import Budget, CostAwareBudget
 from aded.decoding import sampling_fields
-from aded.drafters import DRAFTERS, make_drafter
-from aded.drafters.base import Drafter
-from aded.tree import DraftTree
+from aded.drafters import DRAFTERS
+from aded.drafters.base import Drafter, LearningDrafter
+from aded.drafters.oracle import OracleDrafter
 
-__all__ = ["DecodeSettings", "TurnResult", "Method", "HFGenerate", "hf_generation_config", "LlamaCppGenerate", "AdedMethod", "OracleDrafter",
-           "SettingsMethod", "build_methods", "method_names", "known_methods", "baseline_of", "common_prefix", "PEERS"]
+__all__ = ["DecodeSettings", "TurnResult", "Method", "HFGenerate", "hf_generation_config", "LlamaCppGenerate", "AdedMethod",
+           "SettingsMethod", "method_names", "baseline_of", "common_prefix", "PEERS"]
 
 #: per backend, its plain decoding (the baseline, first) and its own prompt lookup
 PEERS = {"hf": ("hf", "hf-pld"), "llama.cpp": ("llama.cpp", "llama.cpp-pld")}
@@ -48,21 +47,6 @@ def baseline_of(backend: str) -> str:
 def method_names(backend: str = "hf") -> list[str]:
     """The methods `aded bench` runs by default (`all`) on a backend, its baseline first."""
     return [*PEERS[backend], *DRAFTERS, "oracle"]
-
-
-#: a drafter's name with this suffix runs it in the opt-in mode on llama.cpp's own terms
-BATCHED = "+batched"
-
-
-def known_methods(backend: str = "hf") -> list[str]:
-    """Every method `aded bench` knows on a backend: the default ones, and on llama.cpp, only when
-    asked for by name, the `llama-server` peers (a server process each) and every drafter in the
-    opt-in batched mode (`suffix+batched`: llama.cpp's fastest kernels at any chain length)."""
-    from aded.bench.llama_server import METHODS
-
-    if backend != "llama.cpp":
-        return method_names(backend)
-    return method_names(backend) + list(METHODS) + [f"{name}{BATCHED}" for name in [*DRAFTERS, "oracle"]]
 
 
 @dataclass
@@ -141,7 +125,7 @@ class DecodeSettings:
     def for_model(cls, runner, tokenizer, max_new_tokens: int, **fields) -> "DecodeSettings":
         """Settings with the model's stop tokens (as `aded.load` finds them) and a pad id, so the
         benchmark and `aded demo` build their methods alike."""
-        from aded.api import eos_token_ids
+        from aded.backends.tokens import eos_token_ids
 
         eos = tuple(eos_token_ids(runner, tokenizer))
         pad = tokenizer.pad_token_id
@@ -199,34 +183,9 @@ class LlamaCppGenerate(SettingsMethod):
     turn left, as for aded's runner. Steps are counted as `llama_decode` calls (`eval`)."""
 
     def __init__(self, name: str, runner, settings: DecodeSettings, prompt_lookup: int | None = None) -> None:
-        import llama_cpp.llama as high_level
-        from llama_cpp import Llama
-
         self.name = name
         self.settings = settings
-        options: dict[str, Any] = {}
-        if prompt_lookup:
-            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-
-            # its draft path breaks on prompts longer than n_batch unless the batch holds them
-            options = {"draft_model": LlamaPromptLookupDecoding(num_pred_tokens=prompt_lookup)}
-        batch = runner.n_ctx if prompt_lookup else runner.n_batch
-        # `Llama` takes no argument for weight repacking; it reads its model parameters from the
-        # low-level defaults, so those are what carry the runner's choice while it loads
-        defaults = high_level.llama_cpp.llama_model_default_params
-
-        def with_runners_layout():
-            params = defaults()
-            params.use_extra_bufts = getattr(runner, "repack", True)
-            return params
-
-        high_level.llama_cpp.llama_model_default_params = with_runners_layout
-        try:
-            self.llm = Llama(model_path=str(runner.path), n_ctx=runner.n_ctx, n_threads=runner.n_threads,
-                             n_threads_batch=runner.n_threads, n_batch=batch, n_ubatch=batch,
-                             seed=settings.seed, verbose=False, **options)
-        finally:
-            high_level.llama_cpp.llama_model_default_params = defaults
+        self.llm = runner.plain_decoder(prompt_lookup, settings.seed)
         self._evals: list[int] = []
         self._produced = 0
         self._kept = 0  # prompt tokens the run's `generate` kept cached (its first eval starts there)
@@ -303,9 +262,9 @@ class HFGenerate(Method):
     """transformers' `generate` as users call it, with `hf_generation_config`: no model defaults
     (such as repetition penalties, which would make greedy outputs incomparable)."""
 
-    def __init__(self, name: str, model, settings: DecodeSettings, prompt_lookup: int | None = None) -> None:
+    def __init__(self, name: str, runner, settings: DecodeSettings, prompt_lookup: int | None = None) -> None:
         self.name = name
-        self.model = model
+        self.model = runner.plain_decoder(prompt_lookup, settings.seed)
         self.settings = settings
         self.config = hf_generation_config(settings, prompt_lookup)
 
@@ -338,12 +297,14 @@ class HFGenerate(Method):
 class AdedMethod(Method):
     """One aded drafter on the shared runner, with its own budget policy over the shared costs."""
 
-    def __init__(self, name: str, runner, drafter: Drafter, settings: DecodeSettings, budget) -> None:
+    def __init__(self, name: str, runner, drafter: Drafter, settings: DecodeSettings, budget: Budget | None) -> None:
         from aded.decoding import GenerationConfig, SpeculativeDecoder
 
         self.name = name
         self.drafter = drafter
-        self.decoder = SpeculativeDecoder(runner, drafter, settings.eos_token_ids, budget)
+        self.runner = runner
+        self.budget = budget if budget is not None else CostAwareBudget()
+        self.decoder = SpeculativeDecoder(runner, drafter, settings.eos_token_ids, self.budget)
         self.config = GenerationConfig(
             max_new_tokens=settings.max_new_tokens,
             **sampling_fields(settings.temperature),
@@ -354,18 +315,18 @@ class AdedMethod(Method):
         )
 
     def snapshot(self) -> Any:
-        state = self.drafter.state_dict() if self.drafter.learns else None
+        state = self.drafter.state_dict() if isinstance(self.drafter, LearningDrafter) else None
         state = None if state is None else {k: np.array(v, copy=True) for k, v in state.items()}
-        return state, copy.deepcopy(self.decoder.budget)
+        return state, self.budget.snapshot()
 
     def restore(self, snapshot: Any) -> None:
         state, budget = snapshot
         if state is not None:
             self.drafter.load_state_dict(state)
-        self.decoder.budget = copy.deepcopy(budget)
+        self.budget.restore(budget)
 
     def resume(self, held: Sequence[int]) -> None:
-        self.decoder.runner.forget(held)  # the methods share one runner: each starts as plain decoding left it
+        self.runner.forget(held)  # the methods share one runner: each starts as plain decoding left it
 
     def run(self, prompt_ids: list[int], baseline_ids: list[int] | None) -> TurnResult:
         if isinstance(self.drafter, OracleDrafter):
@@ -375,106 +336,3 @@ class AdedMethod(Method):
         return TurnResult(list(result.token_ids), stats.prefill_s, stats.decode_s,
                           list(stats.accepted_lengths), 1 if result.token_ids else 0,
                           stats.draft_s, stats.draft_nodes, stats.cached_prompt_tokens)
-
-
-class OracleDrafter(Drafter):
-    """Proposes the recorded continuation (the baseline's output) as a chain of `max_nodes` tokens.
-
-    Every node scores 1.0, so the cost-aware budget keeps the chain length that pays most on this
-    machine. Once the context leaves the recording (a sampled or numerically different run), it
-    proposes nothing, which is plain decoding.
-    """
-
-    name = "oracle"
-
-    def __init__(self) -> None:
-        self._expected: list[int] = []
-        self._prompt_len = 0
-
-    def expect(self, output_ids: Sequence[int]) -> None:
-        self._expected = [int(t) for t in output_ids]
-
-    def begin(self, prompt_ids: Sequence[int]) -> None:
-        self._prompt_len = len(prompt_ids)
-
-    def propose(self, context_ids: Sequence[int], max_nodes: int) -> DraftTree:
-        done = len(context_ids) - self._prompt_len  # generated tokens so far (the root included)
-        expected = self._expected
-        if max_nodes <= 0 or done < 1 or done >= len(expected) or expected[done - 1] != context_ids[-1]:
-            return DraftTree.empty()
-        chain = expected[done : done + max_nodes]
-        return DraftTree(np.asarray(chain), np.arange(-1, len(chain) - 1), scores=np.ones(len(chain)))
-
-
-class _BatchedRunner:
-    """The second runner that `+batched` methods share: the same file and context settings, on
-    llama.cpp's own weight layout, verifying chains of any length (no exactness cap), with its own
-    t(k) (timed when the first such method is built)."""
-
-    def __init__(self, runner) -> None:
-        self.runner = runner
-        self.made = None
-
-    def get(self):
-        if self.made is None:
-            from aded.backends.llama_cpp import LlamaCppRunner
-            from aded.budget import BudgetPolicy, measure_costs
-
-            other = LlamaCppRunner(self.runner.path, n_ctx=self.runner.n_ctx, n_threads=self.runner.n_threads,
-                                   n_batch=self.runner.n_batch, max_nodes=None, repack=True)
-            costs = measure_costs(other)
-            self.made = other, (lambda: BudgetPolicy(costs))
-        return self.made
-
-
-@dataclass
-class MethodSet:
-    methods: list[Method] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # name -> reason
-
-
-def _drafter(name: str, tokenizer) -> Drafter:
-    if name == "oracle":
-        return OracleDrafter()
-    if name == "aded-reference" and importlib.util.find_spec("draftretriever") is None:
-        raise ImportError("draftretriever is not installed (pip install draftretriever==0.1.1)")
-    return make_drafter(name, tokenizer)
-
-
-def build_methods(names: Sequence[str], tokenizer, runner, settings: DecodeSettings,
-                  make_budget) -> MethodSet:
-    """The methods in `names` (the runner's baseline first), each fresh; unavailable ones skipped.
-
-    `make_budget()` returns a new `BudgetPolicy` over the run's shared cost model.
-    """
-    known = known_methods(runner.backend)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))} on the {runner.backend} "
-                         f"backend; choose from: {', '.join(known)}")
-    baseline, peer = PEERS[runner.backend]
-    ordered = [baseline] + [n for n in dict.fromkeys(names) if n != baseline]
-    out = MethodSet()
-    batched = _BatchedRunner(runner)
-    for name in ordered:
-        try:
-            if name in PEERS["hf"]:
-                out.methods.append(HFGenerate(name, runner.model, settings, 10 if name == peer else None))
-            elif name in PEERS["llama.cpp"]:
-                out.methods.append(LlamaCppGenerate(name, runner, settings, 10 if name == peer else None))
-            elif name.startswith("llama-server"):
-                from aded.bench.llama_server import LlamaServerMethod  # it builds on this module
-
-                out.methods.append(LlamaServerMethod(name, runner, settings))
-            elif name.endswith(BATCHED):
-                drafter = _drafter(name[: -len(BATCHED)], tokenizer)
-                other, make_other_budget = batched.get()
-                out.methods.append(AdedMethod(name, other, drafter, settings, make_other_budget()))
-            else:
-                drafter = _drafter(name, tokenizer)
-                out.methods.append(AdedMethod(name, runner, drafter, settings, make_budget()))
-        except (ImportError, RuntimeError, ValueError, OSError) as exc:
-            if name == baseline:
-                raise
-            out.skipped[name] = f"{type(exc).__name__}: {exc}"
-    return out

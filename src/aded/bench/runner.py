@@ -30,9 +30,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Sequence
 
 from aded.backends.base import physical_cores
-from aded.bench.methods import (DecodeSettings, Method, MethodSet, TurnResult, baseline_of, build_methods,
-                                common_prefix)
+from aded.bench.catalog import MethodSet, build_methods
+from aded.bench.methods import DecodeSettings, Method, TurnResult, baseline_of, common_prefix
 from aded.bench.questions import Question
+from aded.budget import BUDGETS, cost_model, new_budget
 from aded.decoding import sampling_fields
 
 __all__ = ["BenchConfig", "run_bench", "machine_info", "physical_cores"]
@@ -56,8 +57,8 @@ class BenchConfig:
         if self.repeats < 1:
             raise ValueError(f"repeats must be at least 1, got {self.repeats}")
         sampling_fields(self.temperature)  # the one place that checks it
-        if self.budget not in ("measured", "fresh", "typical", "off"):
-            raise ValueError(f"budget must be measured, fresh, typical or off, got {self.budget!r}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
 
 
 # ---------------------------------------------------------------------------- machine and prompts
@@ -168,40 +169,18 @@ class _Row:
 
 
 # ---------------------------------------------------------------------------- the loop
-def _warm_up(methods: Sequence[Method], prompt_ids: list[int]) -> None:
+def _warm_up(methods: Sequence[Method], prompt_ids: list[int], runner, settings: DecodeSettings) -> None:
     """Run each code path once on a short generation, so first-call costs land in no method's time.
-    Learning drafters see this prompt too; it is the same for all and costs them nothing."""
+    Learning drafters see this prompt too; it is the same for all and costs them nothing. A
+    throwaway prompt-lookup run on the shared runner verifies trees whatever the methods drafted."""
     from aded.bench.methods import AdedMethod
+    from aded.drafters.pld import PromptLookupDrafter
 
     for method in methods:
         method.warm_up(prompt_ids)
-    aded = next((m for m in methods if isinstance(m, AdedMethod)), None)
-    if aded is not None:
-        from aded.decoding import SpeculativeDecoder
-        from aded.drafters.pld import PromptLookupDrafter
-
-        throwaway = SpeculativeDecoder(aded.decoder.runner, PromptLookupDrafter(),
-                                       aded.decoder.eos_token_ids)
-        throwaway.generate(prompt_ids, replace(aded.config, max_new_tokens=8))
-
-
-def _budget_factory(runner, model_id: str, budget: str) -> tuple[Callable, dict | None]:
-    """One cost curve t(k) for every aded method. "measured" reuses the cached curve of this model
-    and machine (as `aded generate` does); "fresh" times it now, for a final run on a quiet machine
-    when the cached curve may have been measured under load."""
-    from aded.budget import BudgetPolicy, CostModel, load_or_measure_costs, measure_costs
-    from aded.progress import status
-
-    if budget == "off":
-        return (lambda: BudgetPolicy(enabled=False)), None
-    if budget == "fresh":
-        with status("Measuring verification cost t(k) for this run"):
-            costs = measure_costs(runner)
-    elif budget == "measured":
-        costs = load_or_measure_costs(runner, model_id)
-    else:
-        costs = CostModel.typical_cpu()
-    return (lambda: BudgetPolicy(costs)), {"sizes": list(costs.sizes), "seconds": list(costs.seconds)}
+    if any(isinstance(m, AdedMethod) for m in methods):
+        short = replace(settings, max_new_tokens=min(8, settings.max_new_tokens))
+        AdedMethod("warm-up", runner, PromptLookupDrafter(), short, None).run(prompt_ids, None)
 
 
 def run_bench(model, tokenizer, questions: Sequence[Question], methods: Sequence[str],
@@ -215,13 +194,12 @@ def run_bench(model, tokenizer, questions: Sequence[Question], methods: Sequence
     `progress` is a `BenchProgress`-like object (or None for silence). Ctrl-C stops after the
     questions already done, which are returned with `config.interrupted` set.
     """
-    from aded.backends.base import Runner
-    from aded.backends.hf import HFRunner
+    from aded.backends.hf import as_runner
     from aded.bench.report import summarize
 
     if not questions:
         raise ValueError("no questions to run")
-    runner = model if isinstance(model, Runner) else HFRunner(model)
+    runner = as_runner(model)
     baseline = baseline_of(runner.backend)
     settings = DecodeSettings.for_model(runner, tokenizer, config.max_new_tokens,
                                         temperature=config.temperature, top_k=config.top_k,
@@ -229,11 +207,13 @@ def run_bench(model, tokenizer, questions: Sequence[Question], methods: Sequence
                                         max_draft_nodes=config.max_draft_nodes)
     if model_id is None:
         model_id = f"{model_name}:{runner.describe().get('dtype', 'gguf')}"
-    make_budget, cost_model = _budget_factory(runner, model_id, config.budget)
-    built = build_methods(methods, tokenizer, runner, settings, make_budget)
+    # one cost curve for every aded method: "measured" reuses the cached curve of this model and
+    # machine (as `aded generate` does), "fresh" times it now (a final run on a quiet machine)
+    costs = cost_model(config.budget, runner, model_id)
+    built = build_methods(methods, tokenizer, runner, settings, lambda: new_budget(costs))
     session = _Session(runner, PromptBuilder(tokenizer), built, config, settings.greedy, progress, baseline)
     if config.warmup:
-        _warm_up(built.methods, session.prompts.ids(questions[0].messages(0)))
+        _warm_up(built.methods, session.prompts.ids(questions[0].messages(0)), runner, settings)
 
     rows: list[dict[str, Any]] = []
     done, interrupted = 0, False
@@ -255,7 +235,7 @@ def run_bench(model, tokenizer, questions: Sequence[Question], methods: Sequence
         "config": {**asdict(config), "methods": [m.name for m in built.methods],
                    "backend": runner.backend, "baseline": baseline,
                    "chat_template": session.prompts.chat, "eos_token_ids": list(settings.eos_token_ids),
-                   "cost_model": cost_model, "timing": TIMING_NOTE,
+                   "cost_model": costs.as_dict() if costs is not None else None, "timing": TIMING_NOTE,
                    "questions": done, "interrupted": interrupted},
         "skipped": [{"method": k, "reason": v} for k, v in built.skipped.items()],
         "skipped_questions": session.skipped_questions,

@@ -59,11 +59,13 @@ def _run(model, questions, methods, backend, max_new_tokens, limit, temperature,
     import torch
 
     from aded.backends.select import choose_backend, load_runner
-    from aded.bench.methods import known_methods, method_names
+    from aded.bench.catalog import known_methods
+    from aded.bench.methods import method_names
     from aded.bench.questions import load_questions
     from aded.bench.report import render_report, write_outputs
     from aded.bench.runner import BenchConfig, physical_cores, run_bench
-    from aded.progress import BenchProgress, console, status
+    from aded.bench.progress import BenchProgress
+    from aded.progress import console, status
 
     chosen = choose_backend(model, backend)
     known = known_methods(chosen)

@@ -61,7 +61,8 @@ def run_demo(lm, max_new_tokens: int, conversations=None) -> tuple[list[dict], s
     baseline method) against the loaded `Aded`, same prompt ids, each keeping the prompt cache the
     conversation's turns share. A turn's answer fed back is the baseline's, as in the benchmark.
     `conversations`: (task, the messages opening each turn) pairs; default the demo's own."""
-    from aded.bench.methods import DecodeSettings, build_methods
+    from aded.bench.catalog import build_methods
+    from aded.bench.methods import DecodeSettings
     from aded.bench.runner import PromptBuilder
     from aded.progress import console
 
@@ -98,7 +99,7 @@ def run_demo(lm, max_new_tokens: int, conversations=None) -> tuple[list[dict], s
 
 def step_cost(lm) -> float | None:
     """What one verified draft token costs, in plain decoding steps, by the loaded budget's t(k)."""
-    costs = getattr(lm.decoder.budget, "cost", None)
+    costs = lm.costs
     try:
         return costs(1) / costs(0) - 1.0 if costs is not None else None
     except (TypeError, ZeroDivisionError):

@@ -9,22 +9,22 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from aded.drafters.base import Drafter, NoDrafter, StepFeedback
+from aded.drafters.base import Drafter, LearningDrafter, NoDrafter, StepFeedback
 
-#: The drafter each backend uses unless told otherwise, chosen by measurement (benchmarks/drafts.md,
-#: runs in benchmarks/results/). llama.cpp verifies one path a step, and a verified node costs 45-90%
-#: of a CPU step there: suffix's small, precise trees are the fastest or tied with edit's in every
-#: run; it drafts in a tenth of a millisecond, needs no datastore (so it serves any model) and also
-#: drafts from earlier requests' outputs. transformers verifies a whole tree for little more than
-#: one node: there the hybrid's merged trees accept the most tokens a step in every run, and it is
-#: the fastest over edits, mixed tasks and MT-Bench together (ahead of aded by 10% on edits, behind
-#: it by 2-5% on the others, ahead of suffix by 6-7% on all three).
+#: The drafter each backend uses unless told otherwise, chosen by measurement (measured:
+#: benchmarks/drafts.md; runs in benchmarks/results/). llama.cpp verifies one path a step, and a
+#: verified node costs a large share of a CPU step there: suffix's small, precise trees are the
+#: fastest or tied with edit's in every run; its drafting is a lookup, it needs no datastore (so it
+#: serves any model) and it also drafts from earlier requests' outputs. transformers verifies a
+#: whole tree for little more than one node: there the hybrid's merged trees accept the most tokens
+#: a step in every run, and it is the fastest over edits, mixed tasks and MT-Bench together (ahead
+#: of aded on edits, slightly behind it on the others, ahead of suffix on all three).
 #: A backend not listed (vLLM's proposer verifies one path) takes llama.cpp's.
 DEFAULT_DRAFTERS = {"llama.cpp": "suffix", "hf": "hybrid"}
 #: `drafter="auto"`: the default of the backend the model runs on (`default_drafter`)
 DEFAULT_DRAFTER = "auto"
 
-__all__ = ["DEFAULT_DRAFTER", "DEFAULT_DRAFTERS", "DRAFTERS", "Drafter", "NoDrafter", "StepFeedback",
+__all__ = ["DEFAULT_DRAFTER", "DEFAULT_DRAFTERS", "DRAFTERS", "Drafter", "LearningDrafter", "NoDrafter", "StepFeedback",
            "default_drafter", "drafter_names", "drafter_summary", "make_drafter"]
 
 DRAFTERS: dict[str, str] = {

@@ -2,7 +2,7 @@
 
 What differs from the public code, and why:
 - The value means something: a node's Q is the expected number of accepted tokens through it,
-  given its parent is accepted, from *calibrated* acceptance probabilities. A `Calibrator` maps
+  given its parent is accepted, from *calibrated* acceptance probabilities. A `ProbabilityCalibrator` maps
   the representative's raw probability (and which layer it came from) to the acceptance rate
   measured on this model's verification feedback, so the search learns what this model accepts.
 - Randomness (rollouts) comes from a seeded generator, re-seeded per proposal from the context,
@@ -27,28 +27,29 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from aded.drafters.base import Drafter, StepFeedback
+from aded.drafters.base import LearningDrafter, StepFeedback
 from aded.drafters.calibration import bucket
 from aded.drafters.counts import CountTable
 from aded.drafters.representative import NUM_LEVELS, Representative, RepresentativeConfig
 from aded.store.datastore import Datastore, TokenizerIdentity, tokenizer_identity
 from aded.tree import DraftTree, TreeBuilder
 
-__all__ = ["AdedDrafter", "Calibrator"]
+__all__ = ["AdedDrafter", "ProbabilityCalibrator"]
 
 _BIN_EDGES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 _DEPTH_EDGES = (2, 3, 5)  # depth buckets: 1, 2, 3-4, 5+
 _DEPTH_PRIOR = 10.0  # pseudo-counts pulling a depth factor toward 1
 
 
-class Calibrator:
-    """Acceptance rate of a drafted edge by (layer, supported, raw-probability bin).
+class ProbabilityCalibrator:
+    """Turns the representative's raw probability of a drafted edge into the rate at which this
+    model accepts such edges, by (layer, supported, raw-probability bin).
 
     Each cell is a Beta posterior whose prior mean is the raw probability itself (strength
     `prior`), so with no feedback the raw probability is returned; counts decay slowly so it
     follows the model as the representative drifts. On top, a factor per depth (1, 2, 3-4, 5+)
-    corrects what the cells miss about deep edges (measured: without it the expected accepted
-    length of a 16-node tree is over-estimated by ~10%; errors compound along a path).
+    corrects what the cells miss about deep edges: errors compound along a path, and without it
+    deep trees promised more accepted tokens than they delivered (measured: benchmarks/drafts.md).
     """
 
     def __init__(self, prior: float = 4.0, decay: float = 0.9995) -> None:
@@ -133,7 +134,7 @@ class _Node:
         self.expanded = False
 
 
-class AdedDrafter(Drafter):
+class AdedDrafter(LearningDrafter):
     """MCTS drafts over an adaptive layered tri-gram representative.
 
     `datastore`: a datastore file (or an open `Datastore`); None uses the default datastore of
@@ -144,16 +145,17 @@ class AdedDrafter(Drafter):
     """
 
     name = "aded"
-    learns = True
     needs_tokenizer = True  # to find (or build) and check its datastore
-    expensive = True  # a Monte-Carlo tree search: ~1 ms a step against ~0.1 ms for a lookup
+    # a Monte-Carlo tree search: many lookups' time a step (measured: benchmarks/drafts.md)
+    expensive = True
 
     def __init__(
         self,
         datastore: str | os.PathLike | Datastore | None = None,
         tokenizer: Any = None,
         *,
-        num_simulations: int = 8,  # replay: 8 and 24 give the same MAT at 8 and 16 nodes, 8 costs half
+        # more simulations accepted no more tokens in replay, at a higher cost (measured: benchmarks/drafts.md)
+        num_simulations: int = 8,
         # at least one simulation per asked node, so a large ask can grow a path that deep (each
         # simulation expands one node); the hybrid turns it off: its lookups draft the deep paths
         simulations_follow_ask: bool = True,
@@ -161,9 +163,9 @@ class AdedDrafter(Drafter):
         rollout_depth: int = 1,
         c_puct: float = 1.0,
         branching: int = 6,
-        # the model's top-k at verified nodes as extra evidence (Token Recycling); off: replay with the
-        # model's real top-8 on five recordings, both backends, gave 1.20-1.69x without it against
-        # 1.17-1.67x with it (never better with), and drafting cost 35-40% less (benchmarks/drafts.md)
+        # the model's top-k at verified nodes as extra evidence (Token Recycling); off: replayed with
+        # the model's real top-k it was never faster, and it makes drafting slower (measured:
+        # benchmarks/drafts.md)
         topk: int = 0,
         seed: int = 0,
         learn: bool = True,
@@ -186,7 +188,7 @@ class AdedDrafter(Drafter):
         if self.identity is None and store is not None:
             self.identity = store.tokenizer
         self.rep = Representative(store, config or RepresentativeConfig())
-        self.calibrator = Calibrator()
+        self.calibrator = ProbabilityCalibrator()
         self.num_simulations = num_simulations
         self.simulations_follow_ask = simulations_follow_ask
         self.max_depth = max_depth
@@ -350,14 +352,13 @@ class AdedDrafter(Drafter):
 
     # ------------------------------------------------------------------ learning from verification
     def observe(self, feedback: StepFeedback) -> None:
-        tree, context = feedback.tree, list(feedback.context_ids)
-        order = self.rep.config.max_order
+        tree, order = feedback.tree, self.rep.config.max_order
+        context = list(feedback.context_ids[-order:])  # all a tail below (`order` >= 2) reads
         accepted = set(feedback.accepted_nodes)
         topk = feedback.model_topk
-        paths: list[tuple[int, ...]] = []
+        paths = tree.paths
         for i, (parent, token) in enumerate(zip(tree.parents.tolist(), tree.token_ids.tolist())):
-            path = (paths[parent] if parent >= 0 else ()) + (token,)
-            paths.append(path)
+            path = paths[i]
             parent_on_path = parent < 0 or parent in accepted
             if parent_on_path:  # this edge was tested against the model's own token
                 meta = self._proposed.get(path)  # (level, supported, raw p, p before the depth factor)

@@ -10,15 +10,13 @@ Lifecycle of one request (one `generate` call):
     drafter.end(emitted)                                   # how many tokens the request output
 
 Drafters propose token ids only; they never touch model tensors. An empty tree is a normal answer
-(the step then decodes one token, as plain decoding would). State that should outlive a request
-(learned statistics) lives in the drafter object; per-request state is reset by `begin`.
+(the step then decodes one token, as plain decoding would). Per-request state is reset by `begin`.
 
-What every surface (API, server, benchmark, vLLM proposer, replicas' shared state) needs to know of
-a drafter is here too, so none of them looks inside one: whether it `learns` across requests, what
-it needs at construction (`needs_tokenizer`), its learned state as plain named arrays
-(`state_dict` / `load_state_dict`, saved in the one format of `aded.drafters.state_file`), a sibling
-for a concurrent request that shares what it learns (`spawn`), and whether it can draft from
-tri-gram counts kept elsewhere (`use_shared_counts`).
+`Drafter` is that lifecycle and what a drafter declares (`name`, `wants_topk`, `needs_tokenizer`,
+`expensive`), nothing more. A drafter whose learned statistics should outlive a request (to be
+saved, loaded, shared by concurrent requests or replicas) is a `LearningDrafter`; every surface
+(API, server, benchmark, vLLM proposer) asks `isinstance(drafter, LearningDrafter)` before it
+touches learned state, so a drafter that learns nothing carries no state methods at all.
 """
 
 from __future__ import annotations
@@ -35,12 +33,15 @@ from aded.tree import DraftTree
 if TYPE_CHECKING:
     from aded.drafters.counts import CountTable
 
-__all__ = ["Drafter", "StepFeedback", "NoDrafter"]
+__all__ = ["Drafter", "LearningDrafter", "StepFeedback", "NoDrafter", "load_state", "sibling_of"]
 
 
 @dataclass(frozen=True)
 class StepFeedback:
     """What one verification step showed about a proposed tree.
+
+    `context_ids` is a snapshot, not the loop's own list: the loop goes on extending its context
+    after `observe` returns, so a drafter may keep this tuple without copying it.
 
     `model_topk` holds, when the drafter asked for it (`Drafter.wants_topk > 0`), the target model's
     top tokens after the root (row 0) and after every node i of the tree (row i + 1), best first.
@@ -48,23 +49,26 @@ class StepFeedback:
     says after each drafted context, accepted or not.
     """
 
-    context_ids: Sequence[int]  # committed tokens before the step (last = root); the loop's live
-    # list, extended after `observe` returns: copy it to keep it
+    context_ids: tuple[int, ...]  # committed tokens before the step (last = root), read-only
     tree: DraftTree
     accepted_nodes: tuple[int, ...]  # tree indices on the accepted path, root's child first
     accepted_ids: tuple[int, ...]  # their tokens
     bonus_id: int  # the model's own token after the accepted path
     model_topk: np.ndarray | None = None  # [1 + len(tree), wants_topk] int64
 
+    @property
+    def committed(self) -> tuple[int, ...]:
+        """The tokens the step added to the context: the accepted path, then the bonus."""
+        return (*self.accepted_ids, self.bonus_id)
+
 
 class Drafter(ABC):
-    """Base class and protocol. Subclasses override `propose` and, if they learn, `observe`."""
+    """Base class and protocol. Subclasses override `propose` and, to learn from verification,
+    `observe`."""
 
     name: str = "base"
     #: how many of the model's top next tokens per verified node `observe` should receive (0 = none)
     wants_topk: int = 0
-    #: whether it keeps what requests teach it (its `state_dict` is then worth saving and sharing)
-    learns: bool = False
     #: whether its constructor takes `tokenizer=` (to find or check a datastore)
     needs_tokenizer: bool = False
     #: whether drafting costs a search rather than a lookup (a combiner asks it only when the
@@ -93,31 +97,56 @@ class Drafter(ABC):
         cut were never the model's answer, so they are not learned. None: all the drafter saw.
         """
 
-    # ------------------------------------------------------------------ learned state
+
+class LearningDrafter(Drafter):
+    """A drafter that keeps what requests teach it: its learned state is worth saving and sharing.
+
+    The state is plain named arrays (`state_dict` / `load_state_dict`, saved in the one format of
+    `aded.drafters.state_file`), so no holder needs to know what is inside.
+    """
+
+    @abstractmethod
     def state_dict(self) -> dict[str, np.ndarray]:
         """What it learned across requests as named plain arrays (copies; call between requests)."""
-        return {}
 
+    @abstractmethod
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Replace what it learned by `state_dict()` arrays; ValueError when they do not fit."""
-        if state:
-            raise ValueError(f"the {self.name} drafter learns nothing, but got arrays {sorted(state)}")
 
-    def spawn(self) -> "Drafter":
+    def spawn(self) -> Drafter:
         """A drafter for a concurrent request (a batch row) that shares this one's learned state.
 
-        The default copies the object (attributes shared) and starts a fresh request on the copy;
-        a drafter whose per-request state sits inside a shared object overrides it.
+        The default shares every attribute, which suits learned state held in attributes; a drafter
+        whose per-request state sits inside a shared object overrides it.
         """
-        sibling = copy.copy(self)
-        sibling.begin(())
-        return sibling
+        return _fresh_copy(self)
 
     def use_shared_counts(self, table: "CountTable") -> bool:
         """Draft from `table`, cross-request tri-gram counts kept by someone else (the replicas'
         shared state, which records outputs itself), instead of learning counts; False when this
         drafter has no such layer."""
         return False
+
+
+def sibling_of(drafter: Drafter) -> Drafter:
+    """A drafter for a concurrent request: a learner's `spawn` (sharing what it learns), else a
+    shallow copy starting a fresh request (whatever it keeps across requests stays shared too)."""
+    return drafter.spawn() if isinstance(drafter, LearningDrafter) else _fresh_copy(drafter)
+
+
+def load_state(drafter: Drafter, state: Mapping[str, np.ndarray]) -> None:
+    """Load learned arrays into any drafter: one that learns nothing takes none, so arrays offered
+    to it belong to another drafter and are refused (ValueError) rather than silently dropped."""
+    if isinstance(drafter, LearningDrafter):
+        drafter.load_state_dict(state)
+    elif state:
+        raise ValueError(f"the {drafter.name} drafter learns nothing, but got arrays {sorted(state)}")
+
+
+def _fresh_copy(drafter: Drafter) -> Drafter:
+    sibling = copy.copy(drafter)
+    sibling.begin(())
+    return sibling
 
 
 class NoDrafter(Drafter):

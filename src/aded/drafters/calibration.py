@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_right
-from typing import Hashable, Iterable
+from typing import Hashable, Iterable, Mapping
 
 from aded.drafters.base import StepFeedback
 
-__all__ = ["EdgeCalibrator", "bucket", "judged_edges"]
+__all__ = ["BackoffCalibrator", "bucket", "judged_edges"]
 
 
 def bucket(value: float, edges: tuple[float, ...]) -> int:
@@ -35,8 +35,9 @@ def bucket(value: float, edges: tuple[float, ...]) -> int:
     return bisect_right(edges, value)
 
 
-class EdgeCalibrator:
-    """Acceptance rate per feature cell, with backoff; see the module docstring."""
+class BackoffCalibrator:
+    """Acceptance rate of drafted edges per feature cell, backing off from a fine cell to a coarse
+    one to a prior; see the module docstring."""
 
     def __init__(self, prior_weight: float = 4.0, max_weight: float = 400.0) -> None:
         if prior_weight <= 0 or max_weight <= prior_weight:
@@ -61,6 +62,12 @@ class EdgeCalibrator:
                 scale = self.max_weight / stats[1]
                 stats[0] *= scale
                 stats[1] *= scale
+
+    def learn(self, cells: Mapping[tuple[int, ...], tuple[Hashable, Hashable]], feedback: StepFeedback) -> None:
+        """Count every judged edge of a proposal (`judged_edges`); `cells` maps each proposed path
+        to its (fine, coarse) cells."""
+        for path, accepted in judged_edges(cells, feedback):
+            self.update(*cells[path], accepted)
 
     def tried(self, cell: Hashable) -> float:
         return self._stats.get(cell, (0.0, 0.0))[1]
@@ -96,7 +103,7 @@ def judged_edges(
     proposal (not only what was verified) keeps an edge class that the engine prunes from being
     starved of evidence at a low estimate.
     """
-    committed = (*feedback.accepted_ids, feedback.bonus_id)
+    committed = feedback.committed
     out = []
     for path in paths:
         depth = len(path)

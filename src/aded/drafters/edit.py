@@ -43,7 +43,8 @@ from typing import Sequence
 import numpy as np
 
 from aded.drafters.base import Drafter, StepFeedback
-from aded.drafters.calibration import EdgeCalibrator, bucket, judged_edges
+from aded.drafters.calibration import BackoffCalibrator, bucket
+from aded.drafters.context import FollowsContext
 from aded.drafters.suffix import merge_proposals
 from aded.tree import DraftTree
 
@@ -132,7 +133,7 @@ class _Alignment:
     confirmed: bool = False
 
 
-class EditDrafter(Drafter):
+class EditDrafter(FollowsContext, Drafter):
     """`window`/`back`: how far after/before the anchor a resumed copy is looked for;
     `min_recent`: shortest match anywhere that may take over; `confirm`: tokens a resumed copy
     must predict right before its edit is learned and its break may move the anchor;
@@ -175,7 +176,7 @@ class EditDrafter(Drafter):
         self.near = near
         self.settle = settle
         self.resume_within = resume_within
-        self.calibrator = EdgeCalibrator()
+        self.calibrator = BackoffCalibrator()
         self.begin(())
 
     # ------------------------------------------------------------------ lifecycle
@@ -187,28 +188,18 @@ class EditDrafter(Drafter):
         self._break_out = 0  # context position of the first output token after that break
         self._subs: dict[int, list[_Substitution]] = {}  # first old token -> longest old first
         self._cells: dict[tuple[int, ...], tuple] = {}
-        self._append(prompt_ids, track=False)
+        self._take(prompt_ids, track=False)
         self._prompt_len = self._len
 
     def observe(self, feedback: StepFeedback) -> None:
-        for path, accepted in judged_edges(self._cells, feedback):
-            self.calibrator.update(*self._cells[path], accepted)
+        self.calibrator.learn(self._cells, feedback)
         self._cells = {}
-        committed = [*feedback.accepted_ids, feedback.bonus_id]
-        if len(feedback.context_ids) == self._len:
-            self._append(committed)
-        else:
-            self._sync([*feedback.context_ids, *committed])
+        self._follow_step(feedback)
 
-    def _sync(self, context_ids: Sequence[int]) -> None:
-        """Follow the context; a context that is not an extension of ours restarts the request."""
-        n = self._len
-        if len(context_ids) < n or (n and int(context_ids[n - 1]) != self._tokens[n - 1]):
-            self.begin(context_ids)
-        elif len(context_ids) > n:
-            self._append(context_ids[n:])
+    def _seen(self) -> np.ndarray:
+        return self._tokens[: self._len]
 
-    def _append(self, tokens: Sequence[int], track: bool = True) -> None:
+    def _take(self, tokens: Sequence[int], track: bool = True) -> None:
         new = np.asarray(tokens, np.int64).reshape(-1)
         need = self._len + len(new)
         if need > len(self._tokens):
@@ -221,10 +212,10 @@ class EditDrafter(Drafter):
             for pos in range(start, need):
                 if self._align is None:
                     break  # diverged: the next proposal searches
-                self._follow(pos)
+                self._advance(pos)
 
     # ------------------------------------------------------------------ alignment
-    def _follow(self, pos: int) -> None:
+    def _advance(self, pos: int) -> None:
         """Advance the alignment by the output token at `pos`, or mark a divergence there."""
         align = self._align
         token = int(self._tokens[pos])
@@ -317,7 +308,7 @@ class EditDrafter(Drafter):
         resumes) and the longest, most recent match anywhere (prompt lookup's rule: the output
         repeats what it just wrote, as in lists and loops). The anchor's wins unless the other
         matches 2 more tokens. (Choosing by which rule predicted better so far in the request
-        measured the same on replays, so the simple rule stays.)
+        gained nothing on replays, so the simple rule stays; measured: benchmarks/drafts.md.)
         """
         ends, lengths = suffix_matches(self._tokens, self._len, self.max_ngram)
         if not len(ends):
@@ -344,7 +335,7 @@ class EditDrafter(Drafter):
 
     # ------------------------------------------------------------------ drafting
     def propose(self, context_ids: Sequence[int], max_nodes: int) -> DraftTree:
-        self._sync(context_ids)
+        self._follow(context_ids)
         self._cells = {}
         if self._align is None and self._len:
             self._resync()

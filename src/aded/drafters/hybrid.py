@@ -4,7 +4,7 @@ Each source (edit-aware copying, suffix indexes, ADED when it is available) prop
 for the full budget. The trees are merged into one trie keyed by token path; every edge records
 which sources proposed it and their confidence (a node's score over its parent's). The hybrid then
 learns, from verification, `P(edge accepted | parent accepted)` per cell (set of agreeing sources,
-their best confidence bucket, depth bucket) with `aded.drafters.calibration.EdgeCalibrator`, and
+their best confidence bucket, depth bucket) with `aded.drafters.calibration.BackoffCalibrator`, and
 keeps the `max_nodes` nodes of highest path probability (product of edge estimates), best first.
 
 Cheap sources first: the lookups (prompt lookup, suffix, edit) are asked every step; a source
@@ -38,8 +38,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from aded.drafters.base import Drafter, StepFeedback
-from aded.drafters.calibration import EdgeCalibrator, bucket, judged_edges
+from aded.drafters.base import Drafter, LearningDrafter, StepFeedback, load_state, sibling_of
+from aded.drafters.calibration import BackoffCalibrator, bucket
 from aded.drafters.counts import CountTable
 from aded.tree import DraftTree, TreeBuilder
 
@@ -55,8 +55,8 @@ def default_sources() -> list[str]:
 
     Not pld: edit copies what prompt lookup copies (its fallback is prompt lookup's match) and
     stays aligned through edits; with pld as a fourth source the hybrid accepted fewer tokens per
-    step in replay (code edits 2.16 against 2.36), its near-duplicate proposals splitting the
-    calibration cells."""
+    step in replay, its near-duplicate proposals splitting the calibration cells (measured:
+    benchmarks/drafts.md)."""
     from aded.drafters import DRAFTERS, drafter_class
 
     names = ["edit", "suffix"]
@@ -69,13 +69,12 @@ def default_sources() -> list[str]:
     return names
 
 
-class HybridDrafter(Drafter):
+class HybridDrafter(LearningDrafter):
     """`sources`: drafter names (from the registry) or drafter objects; None = `default_sources()`.
     `tokenizer` / `datastore` go to the aded source; `source_options` maps a name to its options."""
 
     name = "hybrid"
     needs_tokenizer = True  # passed on to the aded source, to find and check its datastore
-    learns = True  # its calibration, and its sources' state
 
     def __init__(
         self,
@@ -84,7 +83,9 @@ class HybridDrafter(Drafter):
         tokenizer: Any = None,
         datastore: Any = None,
         source_options: dict[str, dict[str, Any]] | None = None,
-        prior_scale: float = 1.0,  # sources score calibrated probabilities already; 0.8 lost 0.02-0.05 MAT
+        # sources score calibrated probabilities already: shrinking them lost accepted tokens in
+        # replay (measured: benchmarks/drafts.md)
+        prior_scale: float = 1.0,
         confident: float = 0.6,
     ) -> None:
         from aded.drafters import make_drafter
@@ -113,8 +114,8 @@ class HybridDrafter(Drafter):
         self.prior_scale = prior_scale
         self.confident = confident
         self._verifies_trees = False  # set by the first verified tree that is not a chain
-        self.calibrator = EdgeCalibrator()
-        self.gate = EdgeCalibrator()  # P(the lookups' likeliest first token is right | its cell)
+        self.calibrator = BackoffCalibrator()
+        self.gate = BackoffCalibrator()  # P(the lookups' likeliest first token is right | its cell)
         self._gate_pick: tuple[tuple, int] | None = None  # (cells, token) judged by the next observe
         self._last: list[DraftTree] = []
         self._cells: dict[tuple[int, ...], tuple] = {}
@@ -191,7 +192,7 @@ class HybridDrafter(Drafter):
         for source, tree in zip(self.sources, trees):
             if tree is None:
                 continue
-            paths = _paths(tree)
+            paths = tree.paths
             parents = tree.parents.tolist()
             scores = tree.scores.tolist() if tree.scores is not None else None
             for i, path in enumerate(paths):
@@ -211,7 +212,7 @@ class HybridDrafter(Drafter):
         """Its calibrations and each learning source's state, keyed `source/name`."""
         state = {"hybrid/calibration": np.array(self.calibrator.to_json()),
                  "hybrid/gate": np.array(self.gate.to_json())}
-        for source in self.sources:
+        for source in self._learners():
             state.update({f"{source.name}/{k}": v for k, v in source.state_dict().items()})
         return state
 
@@ -222,9 +223,7 @@ class HybridDrafter(Drafter):
             raise ValueError(f"hybrid state has arrays of no source of this hybrid: {foreign}")
         for source in self.sources:
             prefix = f"{source.name}/"
-            mine = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            if mine or source.learns:
-                source.load_state_dict(mine)
+            load_state(source, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
         if "hybrid/calibration" in state:
             self.calibrator.load_json(str(state["hybrid/calibration"]))
         if "hybrid/gate" in state:
@@ -233,12 +232,16 @@ class HybridDrafter(Drafter):
     def spawn(self) -> "HybridDrafter":
         """A sibling whose sources are siblings of these; the calibration is shared."""
         sibling = copy.copy(self)
-        sibling.sources = [source.spawn() for source in self.sources]
+        sibling.sources = [sibling_of(source) for source in self.sources]
         sibling._last, sibling._cells, sibling._gate_pick = [], {}, None
         return sibling
 
     def use_shared_counts(self, table: CountTable) -> bool:
-        return any([source.use_shared_counts(table) for source in self.sources])
+        # a list, not a generator: every source with such a layer attaches, not only the first
+        return any([source.use_shared_counts(table) for source in self._learners()])
+
+    def _learners(self) -> list[LearningDrafter]:
+        return [source for source in self.sources if isinstance(source, LearningDrafter)]
 
     # ------------------------------------------------------------------ feedback
     def observe(self, feedback: StepFeedback) -> None:
@@ -246,41 +249,24 @@ class HybridDrafter(Drafter):
             (cell, labels), token = self._gate_pick
             self.gate.update(cell, labels, token == (feedback.accepted_ids or (feedback.bonus_id,))[0])
             self._gate_pick = None
-        for path, accepted in judged_edges(self._cells, feedback):
-            cells = self._cells.get(path)
-            if cells is not None:
-                self.calibrator.update(*cells, accepted)
+        self.calibrator.learn(self._cells, feedback)
         if not self._verifies_trees:  # `is_chain` is cached on the tree; the real runners ask it too
             self._verifies_trees = not feedback.tree.is_chain
-        verified = {path: i for i, path in enumerate(_paths(feedback.tree))}
-        committed = [*feedback.accepted_ids, feedback.bonus_id]
+        verified = {path: i for i, path in enumerate(feedback.tree.paths)}
         for source, tree in zip(self.sources, self._last or [DraftTree.empty()] * len(self.sources)):
-            if type(source).observe is not Drafter.observe:  # skip sources that learn nothing
-                source.observe(_restrict(source, tree, verified, committed, feedback))
+            source.observe(_restrict(source, tree, verified, feedback))
 
 
-def _paths(tree: DraftTree) -> list[tuple[int, ...]]:
-    paths: list[tuple[int, ...]] = []
-    for parent, token in zip(tree.parents.tolist(), tree.token_ids.tolist()):
-        paths.append((paths[parent] if parent >= 0 else ()) + (token,))
-    return paths
-
-
-def _restrict(
-    source: Drafter,
-    tree: DraftTree,
-    verified: dict[tuple[int, ...], int],
-    committed: list[int],
-    feedback: StepFeedback,
-) -> StepFeedback:
+def _restrict(source: Drafter, tree: DraftTree, verified: dict[tuple[int, ...], int],
+              feedback: StepFeedback) -> StepFeedback:
     """The step as one source saw it: its verified nodes, its accepted path, the next token."""
     # verified nodes are parent-closed (the engine verifies subtrees), so this is a tree
-    sub = tree.subtree([i for i, path in enumerate(_paths(tree)) if path in verified])
+    sub = tree.subtree([i for i, path in enumerate(tree.paths) if path in verified])
+    committed = feedback.committed
     path = sub.longest_match(committed[:-1])
     topk = None
     if source.wants_topk and feedback.model_topk is not None:
-        paths = _paths(sub)
-        rows = [0] + [verified[p] + 1 for p in paths]
+        rows = [0] + [verified[p] + 1 for p in sub.paths]
         topk = feedback.model_topk[rows, : source.wants_topk]
     return StepFeedback(
         context_ids=feedback.context_ids,

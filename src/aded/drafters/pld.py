@@ -16,10 +16,11 @@ from collections import defaultdict
 from typing import Sequence
 
 from aded.drafters.base import Drafter
+from aded.drafters.context import FollowsContext
 from aded.tree import DraftTree, TreeBuilder
 
 
-class PromptLookupDrafter(Drafter):
+class PromptLookupDrafter(FollowsContext, Drafter):
     name = "pld"
 
     def __init__(
@@ -45,20 +46,21 @@ class PromptLookupDrafter(Drafter):
         self._index: list[dict[tuple[int, ...], list[int]]] = [
             defaultdict(list) for _ in range(self.max_ngram + 1)
         ]
+        self._take(prompt_ids)
 
-    def _extend(self, context_ids: Sequence[int]) -> None:
+    def _seen(self) -> list[int]:
+        return self._tokens
+
+    def _take(self, new_ids: Sequence[int]) -> None:
         tokens = self._tokens
-        if len(context_ids) < len(tokens) or (tokens and context_ids[len(tokens) - 1] != tokens[-1]):
-            self.begin(())  # a different context: start over (cheap, and never wrong)
-            tokens = self._tokens
-        for token in context_ids[len(tokens) :]:
+        for token in new_ids:
             tokens.append(int(token))
             end = len(tokens)
             for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
                 self._index[n][tuple(tokens[end - n : end])].append(end)
 
     def propose(self, context_ids: Sequence[int], max_nodes: int) -> DraftTree:
-        self._extend(context_ids)
+        self._follow(context_ids)
         tokens = self._tokens
         end = len(tokens)
         if max_nodes <= 0 or end == 0:

@@ -25,6 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple, Sequence
 
+from aded.drafters.context import FollowsContext
 from aded.drafters.counts import Bounds, CountTable, Counts
 from aded.store.datastore import Datastore
 
@@ -67,7 +68,7 @@ class Candidate(NamedTuple):  # a tuple: made ~50 times a step (a frozen datacla
     supported: bool  # whether that level itself saw this token (not only a back-off)
 
 
-class Representative:
+class Representative(FollowsContext):
     """Layered counts behind `candidates(tail)`; `begin/commit/add_model_topk/reject/end` feed it."""
 
     def __init__(self, datastore: Datastore | None = None, config: RepresentativeConfig = RepresentativeConfig(),
@@ -107,13 +108,13 @@ class Representative:
 
     def sync(self, context_ids: Sequence[int]) -> None:
         """Make the history equal `context_ids`, committing what is new (restarting if it diverged)."""
-        history = self.history
-        n = len(history)
-        if len(context_ids) < n or (n and int(context_ids[n - 1]) != history[-1]):
-            self.begin(context_ids)
-            return
-        if len(context_ids) > n:
-            self.commit(context_ids[n:])
+        self._follow(context_ids)
+
+    def _seen(self) -> list[int]:
+        return self.history
+
+    def _take(self, tokens: Sequence[int]) -> None:
+        self.commit(tokens)
 
     def add_model_topk(self, tail: Sequence[int], topk: Sequence[int]) -> None:
         """The model's top tokens (best first, -1 = unknown) after a context ending in `tail`."""
@@ -225,11 +226,6 @@ def _merged(first: Counts | None, second: Counts | None) -> Counts | None:
     for c, w in second.items():
         merged[c] = merged.get(c, 0.0) + w
     return merged
-
-
-def _normal(counts: Counts, total: float | None) -> Counts:
-    norm = total if total else sum(counts.values())
-    return {c: w / norm for c, w in counts.items()} if norm > 0 else {}
 
 
 def _interpolate(levels: list[tuple[Counts | None, float, float | None]]) -> Counts:

@@ -9,7 +9,6 @@ the previous file or the new one.
 
 A file that cannot be read (truncated, garbage, wrong format or version) raises `CorruptState`; a
 readable file made for another drafter or tokenizer raises `StateError`, a configuration mistake.
-Files of the server's earlier format ("aded-server-state" version 1) hold the same arrays and load.
 `load_learned` is how every holder loads one (the server, its tenants, `Aded.load_learned`): a bad
 file is set aside with a `.corrupt-<timestamp>` suffix and the drafter starts fresh.
 """
@@ -23,15 +22,13 @@ import os
 import time
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 
+from aded.drafters.base import Drafter, load_state
 from aded.fileio import write_atomic
 from aded.store.datastore import TokenizerIdentity
-
-if TYPE_CHECKING:
-    from aded.drafters.base import Drafter
 
 __all__ = ["STATE_FORMAT", "STATE_VERSION", "StateError", "CorruptState", "StateFile", "load_learned"]
 
@@ -39,7 +36,6 @@ log = logging.getLogger("aded.state")
 
 STATE_FORMAT = "aded-learned-state"
 STATE_VERSION = 2
-_READABLE = {(STATE_FORMAT, STATE_VERSION), ("aded-server-state", 1)}
 _HEADER = "__header__"
 
 
@@ -95,7 +91,7 @@ class StateFile:
             drafter, tokenizer, keys = header["drafter"], header["tokenizer"], header["keys"]
         except (KeyError, ValueError, TypeError) as exc:
             raise CorruptState(f"{self.path}: missing or unreadable header ({exc})") from exc
-        if kind not in _READABLE:
+        if kind != (STATE_FORMAT, STATE_VERSION):
             raise CorruptState(f"{self.path}: format {kind[0]!r} version {kind[1]!r}, "
                                f"expected {STATE_FORMAT!r} version {STATE_VERSION}")
         if sorted(arrays) != sorted(keys):
@@ -152,7 +148,7 @@ def load_learned(drafter: Drafter, state_file: StateFile, fresh: Callable[[], Dr
             raise
         return drafter, _set_aside(state_file, f"{exc}", "unusable") + note
     try:
-        drafter.load_state_dict(arrays)
+        load_state(drafter, arrays)
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         return fresh(), _set_aside(state_file, f"its arrays do not load ({exc})", "unloadable") + note
     saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(header.get("saved_at", 0)))

@@ -29,8 +29,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from aded.drafters.base import Drafter, StepFeedback
-from aded.drafters.calibration import EdgeCalibrator, bucket, judged_edges
+from aded.drafters.base import LearningDrafter, StepFeedback
+from aded.drafters.calibration import BackoffCalibrator, bucket
+from aded.drafters.context import FollowsContext
 from aded.drafters.suffix_index import Match, SuffixIndex
 from aded.tree import DraftTree, TreeBuilder
 
@@ -44,9 +45,8 @@ _LENGTH_EDGES = (2, 3, 5, 9, 17)
 Proposal = tuple[tuple[int, ...], float, tuple, str]
 
 
-class SuffixDrafter(Drafter):
+class SuffixDrafter(FollowsContext, LearningDrafter):
     name = "suffix"
-    learns = True  # the global index over earlier outputs, and the calibration
 
     def __init__(
         self,
@@ -77,7 +77,7 @@ class SuffixDrafter(Drafter):
         self.global_index = SuffixIndex(
             max_depth, max_tokens=global_max_tokens, max_occurrences=max_occurrences
         )
-        self.calibrator = EdgeCalibrator()
+        self.calibrator = BackoffCalibrator()
         self.begin(())
 
     # ------------------------------------------------------------------ lifecycle
@@ -85,33 +85,20 @@ class SuffixDrafter(Drafter):
         self._request = SuffixIndex(self.max_depth, max_occurrences=self.max_occurrences)
         self._context: list[int] = []
         self._cells: dict[tuple[int, ...], tuple] = {}
-        self._append(prompt_ids)
+        self._take(prompt_ids)
         self._prompt_len = len(self._context)
 
-    def _append(self, tokens: Sequence[int]) -> None:
+    def _seen(self) -> list[int]:
+        return self._context
+
+    def _take(self, tokens: Sequence[int]) -> None:
         tokens = [int(t) for t in tokens]
         self._context.extend(tokens)
         self._request.extend(tokens)
 
-    def _sync(self, context_ids: Sequence[int]) -> None:
-        """Index what the context added since last time; a foreign context restarts the request."""
-        seen = len(self._context)
-        if len(context_ids) < seen or (seen and int(context_ids[seen - 1]) != self._context[-1]):
-            self.begin(context_ids)
-            return
-        if len(context_ids) > seen:
-            self._append(context_ids[seen:])
-
     def observe(self, feedback: StepFeedback) -> None:
-        for path, accepted in judged_edges(self._cells, feedback):
-            cells = self._cells.get(path)
-            if cells is not None:
-                self.calibrator.update(*cells, accepted)
-        committed = [*feedback.accepted_ids, feedback.bonus_id]
-        if len(feedback.context_ids) == len(self._context):
-            self._append(committed)
-        else:
-            self._sync([*feedback.context_ids, *committed])
+        self.calibrator.learn(self._cells, feedback)
+        self._follow_step(feedback)
 
     def end(self, emitted: int | None = None) -> None:
         output = self._context[self._prompt_len :][:emitted]
@@ -120,7 +107,7 @@ class SuffixDrafter(Drafter):
 
     # ------------------------------------------------------------------ drafting
     def propose(self, context_ids: Sequence[int], max_nodes: int) -> DraftTree:
-        self._sync(context_ids)
+        self._follow(context_ids)
         proposals = self.propose_nodes(max_nodes)
         self._cells = {path: cells for path, _, cells, _ in proposals}
         return merge_proposals(proposals, max_nodes)

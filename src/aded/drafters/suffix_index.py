@@ -97,10 +97,6 @@ class SuffixIndex:
     def __len__(self) -> int:
         return self._num_tokens
 
-    @property
-    def num_sequences(self) -> int:
-        return len(self._spans)
-
     def start_sequence(self) -> None:
         """Open a new sequence; n-grams never span two. Evicts old sequences past `max_tokens`."""
         if self._spans:

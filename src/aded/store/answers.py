@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from aded.fileio import write_atomic
+from aded.paths import cache_dir
+from aded.store.corpus import chitchat_file
 from aded.store.datastore import TokenizerIdentity
 
 __all__ = ["ANSWERS_FORMAT", "answer_prompts", "write_answers", "read_answers_header", "answers_for",
@@ -78,8 +80,6 @@ def _module_docs(rng: random.Random, count: int) -> list[tuple[str, str]]:
 
 def _chat_openers(rng: random.Random, count: int) -> list[str]:
     """First messages of chitchat-dataset conversations (when installed), else built-in ones."""
-    from aded.store.default import chitchat_file
-
     path = chitchat_file()
     lines: list[str] = []
     if path is not None:
@@ -229,9 +229,7 @@ def packaged_answers_dir() -> Path:
 
 def cached_answers_file(identity: TokenizerIdentity) -> Path:
     """Where `aded datastore answers` writes a model's answers unless told otherwise."""
-    from aded.store.default import cache_root
-
-    return cache_root() / "answers" / f"answers-{identity.vocab_hash[:16]}.jsonl"
+    return cache_dir() / "answers" / f"answers-{identity.vocab_hash[:16]}.jsonl"
 
 
 def answers_for(identity: TokenizerIdentity) -> Path | None:

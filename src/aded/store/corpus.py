@@ -13,13 +13,14 @@ Accepted inputs, chosen by suffix (folders are walked recursively, in sorted ord
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["CorpusError", "CorpusFile", "corpus_files", "iter_documents", "documents_of"]
+__all__ = ["CorpusError", "CorpusFile", "corpus_files", "iter_documents", "documents_of", "chitchat_file"]
 
 TEXT_KEYS = ("text", "content", "value")
 CONTAINER_KEYS = ("messages", "conversations", "conversation", "turns", "dialog")
@@ -36,6 +37,16 @@ class CorpusError(ValueError):
 class CorpusFile:
     path: Path
     size: int  # bytes, for progress
+
+
+def chitchat_file() -> Path | None:
+    """chitchat-dataset's conversations (`dataset.json`) when the package is installed: beside the
+    readers that know its shape, so the default corpus and the answer prompts both find it here."""
+    spec = importlib.util.find_spec("chitchat_dataset")  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    chat = Path(list(spec.submodule_search_locations)[0]) / "dataset.json"
+    return chat if chat.is_file() else None
 
 
 def corpus_files(paths: Iterable[str | os.PathLike]) -> list[CorpusFile]:

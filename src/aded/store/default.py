@@ -13,14 +13,15 @@ vocabulary hash, so each tokenizer gets its own.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import sysconfig
 from pathlib import Path
 from typing import Any
 
+from aded.paths import cache_dir
+from aded.store.answers import answers_for
 from aded.store.build import BuildParams
-from aded.store.corpus import CorpusFile
+from aded.store.corpus import CorpusFile, chitchat_file
 from aded.store.datastore import TokenizerIdentity, tokenizer_identity
 
 __all__ = ["cache_root", "chitchat_file", "ANSWERS_WEIGHT", "default_corpus", "default_datastore_file", "default_datastore_path", "DEFAULT_CORPUS_VERSION", "DEFAULT_PARAMS"]
@@ -35,24 +36,13 @@ _SKIP_DIRS = {"test", "tests", "site-packages", "dist-packages", "idlelib", "tur
               "ensurepip", "lib2to3", "tkinter", "pydoc_data"}  # fmt: skip
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("ADED_CACHE_DIR") or Path.home() / ".cache" / "aded")
-
-
-def chitchat_file() -> Path | None:
-    """chitchat-dataset's conversations (`dataset.json`) when the package is installed."""
-    spec = importlib.util.find_spec("chitchat_dataset")  # located, never imported
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    chat = Path(list(spec.submodule_search_locations)[0]) / "dataset.json"
-    return chat if chat.is_file() else None
+#: the old name of `aded.paths.cache_dir`, kept for callers that still import it from here
+cache_root = cache_dir
 
 
 def default_corpus(identity: TokenizerIdentity | None = None) -> list[CorpusFile]:
     """The files the default datastore is built from, in a stable order; the answers of the model
     with tokenizer `identity` when there are some (repeated `ANSWERS_WEIGHT` times)."""
-    from aded.store.answers import answers_for
-
     files: list[CorpusFile] = []
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for root, dirs, names in os.walk(stdlib):
@@ -74,12 +64,10 @@ def default_datastore_file(identity: TokenizerIdentity, files: list[CorpusFile] 
     """Where the default datastore of a tokenizer lives (named by the corpora present)."""
     files = default_corpus(identity) if files is None else files
     tag = "c" if any(f.path.name == "dataset.json" for f in files) else "s"
-    from aded.store.answers import answers_for
-
     answers = answers_for(identity)
     if answers is not None and any(f.path == answers for f in files):  # new answers, a new datastore
         tag += "a" + hashlib.sha256(answers.read_bytes()).hexdigest()[:8]
-    return cache_root() / "datastores" / f"default-v{DEFAULT_CORPUS_VERSION}{tag}-{identity.vocab_hash[:16]}.aded"
+    return cache_dir() / "datastores" / f"default-v{DEFAULT_CORPUS_VERSION}{tag}-{identity.vocab_hash[:16]}.aded"
 
 
 def default_datastore_path(tokenizer: Any) -> Path:
