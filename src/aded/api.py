@@ -35,10 +35,11 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from aded.budget import BudgetPolicy, CostModel, load_or_measure_costs
+from aded.backends.tokens import eos_token_ids  # public here too: `aded.api.eos_token_ids`
+from aded.budget import BUDGETS, cost_model, new_budget
 from aded.decoding import GenerationConfig, GenerationResult, GenerationStats, SpeculativeDecoder, sampling_fields
 from aded.detokenize import IncrementalDetokenizer, StopFinder
-from aded.drafters import DEFAULT_DRAFTER, Drafter, default_drafter, make_drafter
+from aded.drafters import DEFAULT_DRAFTER, Drafter, LearningDrafter, default_drafter, make_drafter
 from aded.models import DEFAULT_MODEL
 from aded.processors import TokenLogprob
 from aded.tools import chat_prompt_ids, check_tools, output_grammar, parse_tool_calls
@@ -132,10 +133,9 @@ class Aded:
 
     def __init__(self, model, tokenizer, drafter: str | Drafter = DEFAULT_DRAFTER, model_id: str = "model",
                  budget: str = "typical", **drafter_options: Any) -> None:
-        from aded.backends.base import Runner
-        from aded.backends.hf import HFRunner
+        from aded.backends.hf import as_runner
 
-        self.runner = model if isinstance(model, Runner) else HFRunner(model)
+        self.runner = as_runner(model)
         self.model = getattr(self.runner, "model", None)  # the transformers model, if any
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -145,15 +145,12 @@ class Aded:
             drafter = make_drafter(drafter, tokenizer, **drafter_options)
         self.drafter = drafter
         self._drafter_options = drafter_options  # for a fresh one of the same kind
-        policies = {
-            "measured": lambda: BudgetPolicy(load_or_measure_costs(self.runner, model_id)),
-            "typical": lambda: BudgetPolicy(CostModel.typical_cpu()),
-            "off": lambda: BudgetPolicy(enabled=False),
-        }
-        if budget not in policies:
-            raise ValueError(f"budget must be one of {', '.join(policies)}, got {budget!r}")
+        if budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+        #: t(k) the budget prices verification at (None: no budget, every drafted node verified)
+        self.costs = cost_model(budget, self.runner, model_id)
         self.decoder = SpeculativeDecoder(self.runner, drafter, eos_token_ids(self.runner, tokenizer),
-                                          policies[budget]())
+                                          new_budget(self.costs))
         self._grammar_tokenizer = None
         self._grammar_lock = threading.Lock()
 
@@ -185,7 +182,7 @@ class Aded:
 
     def save_learned(self, path: str | os.PathLike) -> None:
         """Write what the drafter has learned to `path`, atomically; nothing for one that never learns."""
-        if self.drafter.learns:
+        if isinstance(self.drafter, LearningDrafter):
             self._state_file(path).save(self.drafter.state_dict())
 
     def _state_file(self, path: str | os.PathLike):
@@ -261,6 +258,27 @@ class Aded:
             ids = [int(t) for t in prompt]
         names = tuple(t["function"]["name"] for t in tools) if tools and tool_choice != "none" else None
         return TextStream(self, ids, config, tuple(s for s in stop if s), tool_names=names)
+
+    # ------------------------------------------------------------------ what a server needs to know
+    @property
+    def context_length(self) -> int:
+        """Token positions the model holds, prompt and output together."""
+        return int(self.runner.max_positions)
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model scores: 0 to vocab_size - 1."""
+        return int(self.runner.vocab_size)
+
+    @property
+    def end_token_ids(self) -> frozenset[int]:
+        """The ids that end generation unless `ignore_eos` (the model's and the tokenizer's EOS)."""
+        return frozenset(self.decoder.eos_token_ids)
+
+    def forget_cache(self) -> None:
+        """Drop the prompt the runner keeps for the next request, which then computes its prompt in
+        full (a server does this between clients: one's cached prompt is not another's to time)."""
+        self.runner.forget()
 
 
 class TextStream:
@@ -340,11 +358,3 @@ class TextStream:
             finish_reason = "tool_calls"  # as OpenAI reports a turn that ends in calls
         self.completion = Completion(text, result.token_ids, self.prompt_ids, finish_reason,
                                      result.stats, result.logprobs, calls, content)
-
-
-def eos_token_ids(runner, tokenizer) -> list[int]:
-    """Where generation ends: the runner's own stop tokens and the tokenizer's EOS."""
-    ids = {int(t) for t in runner.eos_token_ids}
-    if tokenizer is not None and isinstance(tokenizer.eos_token_id, int):
-        ids.add(tokenizer.eos_token_id)
-    return sorted(ids)

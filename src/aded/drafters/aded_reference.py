@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from aded.drafters.base import Drafter
 from aded.tree import DraftTree, TreeBuilder
@@ -70,16 +71,17 @@ class AdedReferenceDrafter(Drafter):
 def build_reference_index(tokenizer: Any, corpus: Sequence[str | os.PathLike] | None = None,
                           cache: str | os.PathLike | None = None) -> Path:
     """Index the corpus (default: our default datastore's) with draftretriever's writer, once."""
+    from aded.paths import cache_dir
     from aded.progress import status
     from aded.store.build import batch_encoder
     from aded.store.corpus import corpus_files, iter_documents
     from aded.store.datastore import tokenizer_identity
-    from aded.store.default import cache_root, default_corpus
+    from aded.store.default import default_corpus
 
     identity = tokenizer_identity(tokenizer)
     files = corpus_files(corpus) if corpus else default_corpus()
     tag = f"{len(files)}-{sum(f.size for f in files)}"
-    path = Path(cache or cache_root() / "reference") / f"{identity.vocab_hash[:16]}-{tag}.idx"
+    path = Path(cache or cache_dir() / "reference") / f"{identity.vocab_hash[:16]}-{tag}.idx"
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,15 +8,19 @@ row handed to another request) restarts it: derived state of another text would 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from aded.drafters.base import StepFeedback
 
 __all__ = ["FollowsContext", "continuation"]
 
 
-def continuation(seen: Sequence[int], context: Sequence[int], *, whole: bool = False) -> Sequence[int] | None:
+def continuation(seen: Sequence[int] | np.ndarray, context: Sequence[int], *, whole: bool = False) -> Sequence[int] | None:
     """The tokens `context` adds to `seen`, or None when it does not continue `seen`.
 
     By default only the last seen token is compared with the token at its place: contexts within a
@@ -31,15 +35,17 @@ def continuation(seen: Sequence[int], context: Sequence[int], *, whole: bool = F
     return context[n:]
 
 
-class FollowsContext:
+class FollowsContext(ABC):
     """Mixin for whatever keeps derived state over the tokens it has seen (`_seen`), extends it by
     new tokens (`_take`) and rebuilds it from scratch with its own `begin(context)`."""
 
-    def _seen(self) -> Sequence[int]:
-        raise NotImplementedError
+    @abstractmethod
+    def _seen(self) -> Sequence[int] | np.ndarray:
+        """The tokens the derived state covers, in order."""
 
+    @abstractmethod
     def _take(self, tokens: Sequence[int]) -> None:
-        raise NotImplementedError
+        """Extend the derived state by tokens that follow `_seen()`."""
 
     if TYPE_CHECKING:
 

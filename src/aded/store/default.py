@@ -24,7 +24,7 @@ from aded.store.build import BuildParams
 from aded.store.corpus import CorpusFile, chitchat_file
 from aded.store.datastore import TokenizerIdentity, tokenizer_identity
 
-__all__ = ["cache_root", "chitchat_file", "ANSWERS_WEIGHT", "default_corpus", "default_datastore_file", "default_datastore_path", "DEFAULT_CORPUS_VERSION", "DEFAULT_PARAMS"]
+__all__ = ["ANSWERS_WEIGHT", "default_corpus", "default_datastore_file", "default_datastore_path", "DEFAULT_CORPUS_VERSION", "DEFAULT_PARAMS"]
 
 DEFAULT_CORPUS_VERSION = 2  # bump when the recipe changes, so caches rebuild
 #: the model's own answers are a small corpus (~40k tokens against ~6M); counted this many times
@@ -36,8 +36,6 @@ _SKIP_DIRS = {"test", "tests", "site-packages", "dist-packages", "idlelib", "tur
               "ensurepip", "lib2to3", "tkinter", "pydoc_data"}  # fmt: skip
 
 
-#: the old name of `aded.paths.cache_dir`, kept for callers that still import it from here
-cache_root = cache_dir
 
 
 def default_corpus(identity: TokenizerIdentity | None = None) -> list[CorpusFile]:
