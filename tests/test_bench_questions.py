@@ -11,7 +11,7 @@ from aded.bench.questions import QuestionError, default_questions_path, load_que
 
 def write(tmp_path, name, lines):
     path = tmp_path / name
-    path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
     return path
 
 

@@ -7,14 +7,14 @@ import json
 import string
 
 import pytest
+from conftest import tiny_llama
 from typer.testing import CliRunner
 
 from aded.bench.questions import Question
 from aded.bench.report import render_report
 from aded.bench.runner import BenchConfig, run_bench
-from aded.replay import recorded_from_results
 from aded.cli import app
-from conftest import tiny_llama
+from aded.replay import recorded_from_results
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")

@@ -156,8 +156,9 @@ def test_drafting_is_thinned_while_drafts_are_not_worth_verifying_and_resumes_wh
 def test_measured_costs_time_a_plain_step_after_a_plain_step():
     """A batch of another size costs more (llama.cpp rebuilds its graph); decoding meets a plain
     step after a plain one, so that is how t(0) is timed."""
-    from aded.budget import measure_costs
     from scripted import ScriptedRunner
+
+    from aded.budget import measure_costs
 
     class ShapeRunner(ScriptedRunner):
         last = None

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import hf_greedy, tiny_llama, tiny_tokenizer
 
 ADED = Path(sys.executable).with_name("aded")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from conftest import tiny_llama, tiny_tokenizer
+
 from aded.api import Aded
 from aded.cli.demo import DEMO_PROMPTS, print_demo, run_demo
-from conftest import tiny_llama, tiny_tokenizer
 
 
 def test_demo_baseline_ignores_the_models_generation_defaults_and_matches_aded():

@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from conftest import hf_greedy
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scripted import ScriptDrafter, ScriptedRunner
+from trees import tree_of
 
 from aded.backends.hf import HFRunner
 from aded.budget import BudgetConfig, CostAwareBudget, CostModel, VerifyAll
@@ -14,9 +18,6 @@ from aded.drafters import make_drafter
 from aded.drafters.base import Drafter
 from aded.tree import DraftTree, TreeBuilder
 from aded.verify import accept_greedy
-from conftest import hf_greedy
-from scripted import ScriptDrafter, ScriptedRunner
-from trees import tree_of
 
 
 class ScriptedDrafter(Drafter):

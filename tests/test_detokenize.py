@@ -5,10 +5,11 @@ pieces."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from offline_tokenizers import TOKENIZERS, CountingTokenizer, ids_of, offline_tokenizer, sentencepiece_tokenizer
 
 from aded.detokenize import IncrementalDetokenizer, StopFinder
-from offline_tokenizers import TOKENIZERS, CountingTokenizer, ids_of, offline_tokenizer, sentencepiece_tokenizer
 
 
 @pytest.fixture(params=sorted(TOKENIZERS))

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import import_llama_cpp
 
 pytestmark = pytest.mark.e2e

@@ -165,10 +165,11 @@ def test_bad_arguments_name_the_value():
 
 def test_greedy_output_equals_plain_decoding(tiny_model):
     """Through the real loop on tiny random models, with prompts the output may copy from."""
+    from conftest import hf_greedy
+
     from aded.backends.hf import HFRunner
     from aded.budget import VerifyAll
     from aded.decoding import GenerationConfig, SpeculativeDecoder
-    from conftest import hf_greedy
 
     decoder = SpeculativeDecoder(HFRunner(tiny_model), EditDrafter(), (), VerifyAll())
     rng = np.random.default_rng(5)

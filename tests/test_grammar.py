@@ -13,6 +13,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama
+from distribution import assert_follows
+from offline_tokenizers import default_tokenizer, ids_of
+from test_processors import WideDrafter
+from test_processors import drafters_for as processor_drafters
+from trees import tree_of
 
 from aded.backends.hf import HFRunner
 from aded.budget import VerifyAll
@@ -22,11 +28,6 @@ from aded.drafters.base import Drafter, NoDrafter
 from aded.grammar import Grammar, grammar_tokenizer, response_format_schema
 from aded.processors import LogitsProcessor
 from aded.tree import DraftTree, TreeBuilder
-from conftest import tiny_llama
-from distribution import assert_follows
-from offline_tokenizers import default_tokenizer, ids_of
-from test_processors import WideDrafter, drafters_for as processor_drafters
-from trees import tree_of
 
 EOS = 2  # the default tokenizer's EOS (<|im_end|>)
 VOCAB = 49152

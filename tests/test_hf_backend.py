@@ -7,12 +7,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import TINY, hf_greedy, tiny_llama, tiny_qwen2
 
 from aded.backends.hf import HFRunner
 from aded.budget import VerifyAll
 from aded.decoding import GenerationConfig, SpeculativeDecoder
 from aded.drafters.pld import PromptLookupDrafter
-from conftest import TINY, hf_greedy, tiny_llama, tiny_qwen2
 
 PROMPT = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 9, 5, 6, 7]  # repeats, so prompt lookup drafts trees
 

@@ -3,16 +3,18 @@ sequence ids, every drafter equal to llama.cpp's own greedy decoding, exact samp
 
 from __future__ import annotations
 
-
 import json
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import import_llama_cpp
 
 llama_cpp = import_llama_cpp()  # fails when missing; skips only under ADED_SKIP_LLAMA=1
+
+from distribution import assert_follows  # noqa: E402
+from gguf_models import write_tiny_gguf  # noqa: E402
+from trees import tree_of  # noqa: E402
 
 from aded.api import Aded  # noqa: E402
 from aded.backends.base import Runner  # noqa: E402
@@ -23,9 +25,6 @@ from aded.drafters import make_drafter  # noqa: E402
 from aded.drafters.base import Drafter, NoDrafter  # noqa: E402
 from aded.tree import DraftTree, TreeBuilder  # noqa: E402
 from aded.verify import Sampling, warp  # noqa: E402
-from distribution import assert_follows  # noqa: E402
-from gguf_models import write_tiny_gguf  # noqa: E402
-from trees import tree_of  # noqa: E402
 
 N_CTX = 1024
 
@@ -415,11 +414,11 @@ def test_the_server_keeps_each_clients_prompt_to_itself_and_reports_it(tiny_path
     kept; with API keys, one key's kept prompt is never another's to start from (or to time)."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    import aded
     import httpx
-
-    from aded.server.app import ServerConfig, create_app
     from server_support import post, serve_in_thread
+
+    import aded
+    from aded.server.app import ServerConfig, create_app
 
     lm = aded.load(str(tiny_path), drafter="suffix", budget="off", backend="llama.cpp")
     config = ServerConfig(model_name="tiny", api_keys=("key-a", "key-b"))

@@ -4,16 +4,16 @@ fed the same token ids, its prompt cache kept within a session and dropped betwe
 from __future__ import annotations
 
 import pytest
-
 from conftest import import_llama_cpp
 
 llama_cpp = import_llama_cpp()  # fails when missing; skips only under ADED_SKIP_LLAMA=1
 
-from aded.backends.llama_cpp import LlamaCppRunner  # noqa: E402
-from aded.bench.llama_server import BUILD_HINT, LlamaServerMethod, server_binary  # noqa: E402
-from aded.bench.catalog import build_methods  # noqa: E402
-from aded.bench.methods import DecodeSettings  # noqa: E402
 from gguf_models import write_tiny_gguf  # noqa: E402
+
+from aded.backends.llama_cpp import LlamaCppRunner  # noqa: E402
+from aded.bench.catalog import build_methods  # noqa: E402
+from aded.bench.llama_server import BUILD_HINT, LlamaServerMethod, server_binary  # noqa: E402
+from aded.bench.methods import DecodeSettings  # noqa: E402
 
 
 @pytest.fixture(scope="module")

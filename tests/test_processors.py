@@ -9,7 +9,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from conftest import tiny_llama
+from distribution import assert_follows
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_decoding import ScriptedDrafter
+from trees import tree_of
 
 from aded.backends.hf import HFRunner
 from aded.budget import VerifyAll
@@ -18,11 +23,7 @@ from aded.drafters import make_drafter
 from aded.drafters.base import Drafter, NoDrafter
 from aded.processors import LogitsProcessor
 from aded.tree import TreeBuilder
-from aded.verify import Sampling, warp
-from conftest import tiny_llama
-from distribution import assert_follows
-from test_decoding import ScriptedDrafter
-from trees import tree_of
+from aded.verify import warp
 
 MAX_NEW = 40
 

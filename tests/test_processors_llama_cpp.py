@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import import_llama_cpp
 
 import_llama_cpp()  # fails when missing; skips only under ADED_SKIP_LLAMA=1
+
+from gguf_models import write_tiny_gguf  # noqa: E402
+from test_llama_cpp import ScriptedDrafter  # noqa: E402
 
 from aded.backends.llama_cpp import LlamaCppRunner  # noqa: E402
 from aded.budget import VerifyAll  # noqa: E402
 from aded.decoding import GenerationConfig, SpeculativeDecoder  # noqa: E402
 from aded.drafters import make_drafter  # noqa: E402
 from aded.drafters.base import NoDrafter  # noqa: E402
-from gguf_models import write_tiny_gguf  # noqa: E402
-from test_llama_cpp import ScriptedDrafter  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,18 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import hf_greedy, tiny_llama
+from test_bench_smoke import QUESTIONS, tiny_char_tokenizer
 
 from aded.backends.hf import HFRunner
 from aded.bench.questions import Question
 from aded.bench.runner import BenchConfig, run_bench
-from aded.replay import recorded_from_results, render_simulation, simulate_results
-from aded.budget import CostModel, VerifyAll
+from aded.budget import CostModel, VerifyAll, read_cost_file
 from aded.decoding import GenerationConfig, SpeculativeDecoder
 from aded.drafters import make_drafter
-from aded.budget import read_cost_file
-from aded.replay import Recorded, replay, replay_one
 from aded.drafters.base import Drafter
+from aded.replay import Recorded, recorded_from_results, render_simulation, replay, replay_one, simulate_results
 from aded.tree import DraftTree
-from conftest import hf_greedy, tiny_llama
-from test_bench_smoke import QUESTIONS, tiny_char_tokenizer
 
 PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 9, 10, 11, 12], [5, 6, 7, 30, 31, 5, 6, 7]]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,7 +9,7 @@ from hypothesis import strategies as st
 from aded.drafters.counts import CountTable
 from aded.drafters.representative import LEVELS, Representative, RepresentativeConfig
 from aded.store.build import NgramCounter
-from aded.store.datastore import Datastore, DatastoreError, TokenizerIdentity
+from aded.store.datastore import Datastore, TokenizerIdentity
 
 V = 20
 IDENTITY = TokenizerIdentity("t", V, "vocab")
@@ -105,7 +104,7 @@ def test_learning_across_requests_with_decay():
 def test_learned_memory_is_bounded(requests):
     config = RepresentativeConfig(max_contexts=7, max_successors=2, decay=0.9, compact_every=3)
     rep = Representative(config=config)
-    for number, output in enumerate(requests, 1):
+    for output in requests:
         rep.begin([0])
         rep.sync([0] + output)
         rep.add_model_topk(output[-2:], list(range(6)))

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama
+from distribution import assert_follows
+from trees import tree_of
 
 from aded.backends.hf import HFRunner
 from aded.budget import VerifyAll
 from aded.decoding import GenerationConfig, SpeculativeDecoder
 from aded.drafters.base import Drafter, NoDrafter
 from aded.verify import Sampling, warp
-from conftest import tiny_llama
-from distribution import assert_follows
-from trees import tree_of
 
 VOCAB = 6
 PROMPT = [1, 2, 3, 4]
@@ -65,7 +65,11 @@ def test_same_seed_same_sample():
                           (0, 1.0, 1.0, 0.1), (10, 0.9, 0.7, 0.05), (0, 1.0, 2.0, 0.3)])
 def test_warp_matches_transformers_warpers(top_k, top_p, temperature, min_p):
     from transformers.generation.logits_process import (
-        MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0)) * 3
     scores = TemperatureLogitsWarper(temperature)(None, logits.clone())

@@ -146,10 +146,11 @@ def test_bad_arguments_name_the_value():
 @pytest.mark.parametrize("drafter_name", ["suffix", "hybrid"])
 def test_greedy_output_equals_plain_decoding(tiny_model, drafter_name):
     """Through the real loop on tiny random models, over requests that teach the global index."""
+    from conftest import hf_greedy
+
     from aded.backends.hf import HFRunner
     from aded.budget import VerifyAll
     from aded.decoding import GenerationConfig, SpeculativeDecoder
-    from conftest import hf_greedy
 
     options = {"sources": ["pld", "suffix"]} if drafter_name == "hybrid" else {}
     decoder = SpeculativeDecoder(HFRunner(tiny_model), make_drafter(drafter_name, **options), (),

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from trees import tree_of
 
 from aded.tree import DraftTree, TreeBuilder
-from trees import tree_of
 
 
 def test_shared_prefixes_merge_and_the_layout_is_derived():

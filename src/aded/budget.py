@@ -66,7 +66,7 @@ class CostModel:
         return self.upto(int(self.sizes[-1])).tolist()
 
     @classmethod
-    def from_dict(cls, data: Any) -> "CostModel":
+    def from_dict(cls, data: Any) -> CostModel:
         """The curve of `{"sizes": [...], "seconds": [...]}`; ValueError when it is not one."""
         try:
             return cls(tuple(int(k) for k in data["sizes"]), tuple(float(t) for t in data["seconds"]))
@@ -77,12 +77,12 @@ class CostModel:
         return {"sizes": list(self.sizes), "seconds": list(self.seconds)}
 
     @classmethod
-    def flat(cls) -> "CostModel":
+    def flat(cls) -> CostModel:
         """Every size costs the same (roughly a GPU): the budget is then limited by scores alone."""
         return cls((0, 1024), (1.0, 1.0))
 
     @classmethod
-    def typical_cpu(cls) -> "CostModel":
+    def typical_cpu(cls) -> CostModel:
         """Relative costs seen for small models on a 2-core CPU; used until a measurement exists."""
         return cls((0, 2, 4, 8, 16, 32, 64), (1.0, 1.25, 1.35, 1.55, 1.85, 2.5, 3.8))
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from aded.backends.base import Runner
 from aded.budget import Budget, CostAwareBudget, StepOutcome
 from aded.drafters.base import Drafter, StepFeedback
+
 # defined below this module (so processors.py can name the config); public here as they always were
 from aded.generation_config import GenerationConfig, sampling_fields
 from aded.processors import LogitsProcessor, TokenLogprob, token_logprobs
@@ -80,7 +82,7 @@ class SpeculativeDecoder:
         self,
         runner: Runner,
         drafter: Drafter,
-        eos_token_ids: Sequence[int] = (),
+        eos_token_ids: Iterable[int] = (),
         budget: Budget | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -97,11 +99,12 @@ class SpeculativeDecoder:
         stream = self.stream(prompt_ids, config, stop_check)
         for _ in stream:
             pass
+        assert stream.result is not None  # set when the steps end
         return stream.result
 
     def stream(
         self, prompt_ids: Sequence[int], config: GenerationConfig, stop_check: StopCheck | None = None
-    ) -> "DecodeStream":
+    ) -> DecodeStream:
         """An iterator over the tokens each step commits; `.result` is set when it ends."""
         return DecodeStream(self, list(prompt_ids), config, stop_check)
 
@@ -187,7 +190,7 @@ def _speculative_step(req: _Request, context: list[int], generated: int) -> _Ste
 
 
 def _decode(decoder: SpeculativeDecoder, prompt_ids: list[int], config: GenerationConfig,
-            stop_check: StopCheck | None, out: DecodeStream) -> Iterator[list[int]]:
+            stop_check: StopCheck | None, out: DecodeStream) -> Generator[list[int], None, None]:
     runner, drafter, clock = decoder.runner, decoder.drafter, decoder.clock
     if not prompt_ids:
         raise ValueError("the prompt must contain at least one token")

@@ -24,7 +24,7 @@ and the last `max(len(stop)) - 1` characters before it only.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["IncrementalDetokenizer", "StopFinder"]
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 __all__ = ["write_atomic", "read_json_dict", "remembered", "file_sha256"]
 
@@ -49,9 +51,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
         pass
 
 
-def remembered(path: str | os.PathLike, key: str, compute, valid) -> object:
+def remembered(path: str | os.PathLike, key: str, compute: Callable[[], Any], valid: Callable[[Any], bool]) -> Any:
     """`compute()`, kept under `key` in the JSON cache file `path` (one file, many keys) and taken
-    from there next time while `valid` accepts what is stored: for measurements that take seconds."""
+    from there next time while `valid` accepts what is stored: for measurements that take seconds.
+    Returns a JSON value (from the file, or `compute()`'s)."""
     import json
 
     known = read_json_dict(path)

@@ -10,21 +10,29 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING, TypedDict
 
 from aded.verify import Sampling
 
 if TYPE_CHECKING:
     from aded.grammar import Grammar
 
-__all__ = ["GenerationConfig", "sampling_fields", "check_processing", "logit_bias_pairs", "token_id_tuple",
+__all__ = ["GenerationConfig", "SamplingFields", "sampling_fields", "check_processing", "logit_bias_pairs", "token_id_tuple",
            "MAX_TOP_LOGPROBS"]
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat `top_logprobs`
 
 
-def sampling_fields(temperature: float) -> dict[str, bool | float]:
+class SamplingFields(TypedDict):
+    """What `sampling_fields` returns: keyword arguments of `GenerationConfig`."""
+
+    do_sample: bool
+    temperature: float
+
+
+def sampling_fields(temperature: float) -> SamplingFields:
     """`do_sample` and `temperature` for a user's temperature, decided here for every surface (API,
     CLI, server, benchmark): OpenAI's convention, 0 means greedy; above 0 samples at it."""
     if not temperature >= 0:
@@ -56,7 +64,8 @@ class GenerationConfig:
     seed: int | None = None
     max_draft_nodes: int = 24
     min_p: float = 0.0
-    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()  # kept as sorted pairs
+    # given as a mapping (token id -> bias) or pairs; kept as sorted pairs, as `stop_token_ids` is kept a tuple
+    logit_bias: tuple[tuple[int, float], ...] = ()
     presence_penalty: float = 0.0  # OpenAI's, over the output, in [-2, 2]
     frequency_penalty: float = 0.0  # OpenAI's, over the output, in [-2, 2]
     repetition_penalty: float = 1.0  # transformers', over prompt + output, > 0 (1 = off)
@@ -65,7 +74,7 @@ class GenerationConfig:
     min_tokens: int = 0
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives per token, in [0, 20]; needs `logprobs`
-    grammar: "Grammar | None" = None  # the output must match it (grammar.py; the API makes it)
+    grammar: Grammar | None = None  # the output must match it (grammar.py; the API makes it)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -88,7 +97,7 @@ def _check_range(name: str, value, low: float, high: float) -> None:
         raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
 
 
-def check_processing(config: "GenerationConfig") -> None:
+def check_processing(config: GenerationConfig) -> None:
     """ValueError naming the first bad processor or logprobs field of `config` (sampling's fields
     are `Sampling`'s to check; `logit_bias` and `stop_token_ids` are normalised before this)."""
     _check_range("presence_penalty", config.presence_penalty, -2, 2)

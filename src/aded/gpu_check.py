@@ -26,8 +26,9 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ def random_model(shape: str, dtype: torch.dtype, device: str, seed: int = 0):
     config = Qwen2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv_heads, intermediate_size=ffn, vocab_size=vocab,
                          max_position_embeddings=4096, tie_word_embeddings=shape in ("0.5b", "1.5b", "tiny"),
-                         attn_implementation="sdpa")
+                         attn_implementation="sdpa")  # type: ignore[call-arg]  # taken from **kwargs; the dataclass stub omits it
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -26,8 +26,9 @@ are left as they are: acceptance never reads them.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,7 +118,7 @@ class Grammar:
     tokenizer: Any = field(compare=False, repr=False)  # llguidance.LLTokenizer (`grammar_tokenizer`)
 
     @classmethod
-    def from_json_schema(cls, schema: Mapping | bool, tokenizer, what: str = "the JSON schema") -> "Grammar":
+    def from_json_schema(cls, schema: Mapping | bool, tokenizer, what: str = "the JSON schema") -> Grammar:
         from llguidance import LLMatcher
 
         try:
@@ -127,13 +128,13 @@ class Grammar:
         return cls.checked(text, tokenizer, what)
 
     @classmethod
-    def from_lark(cls, lark: str, tokenizer, what: str = "the grammar") -> "Grammar":
+    def from_lark(cls, lark: str, tokenizer, what: str = "the grammar") -> Grammar:
         from llguidance import LLMatcher
 
         return cls.checked(LLMatcher.grammar_from_lark(lark), tokenizer, what)
 
     @classmethod
-    def checked(cls, text: str, tokenizer, what: str) -> "Grammar":
+    def checked(cls, text: str, tokenizer, what: str) -> Grammar:
         """ValueError naming `what` and llguidance's reason when the grammar cannot be used."""
         from llguidance import LLMatcher
 
@@ -142,7 +143,7 @@ class Grammar:
             raise ValueError(f"{what} is not usable: {messages[0] if messages else 'invalid grammar'}")
         return cls(text, tokenizer)
 
-    def start(self, vocab_size: int, end_ids: Iterable[int]) -> "GrammarState":
+    def start(self, vocab_size: int, end_ids: Iterable[int]) -> GrammarState:
         return GrammarState(self, vocab_size, end_ids)
 
 

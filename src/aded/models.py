@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from aded.fileio import file_sha256, write_atomic
+from aded.fileio import file_sha256
 from aded.paths import cache_dir
 
 __all__ = [
@@ -94,10 +94,11 @@ def _alias_file(name: str, alias: Alias) -> Path:
     """The alias's GGUF file, assembling and verifying chunked packages on first use."""
     dirs = [_package_dir(p) for p in alias.packages]
     missing = [p for p, d in zip(alias.packages, dirs) if d is None]
+    found = [d for d in dirs if d is not None]  # all of `dirs` once `missing` is empty
     if len(alias.files) == 1:
         if missing:
             raise ModelError(f"model {name!r} needs its package; install it with: {alias.install}")
-        path = dirs[0] / alias.files[0]
+        path = found[0] / alias.files[0]
         if not path.is_file():
             raise ModelError(f"model file {path} is missing; reinstall with: {alias.install}")
         return path
@@ -109,7 +110,7 @@ def _alias_file(name: str, alias: Alias) -> Path:
             f"model {name!r} is assembled from {len(alias.packages)} packages, "
             f"{len(missing)} missing; install them with: aded models install {name} (or {alias.install})"
         )
-    return _assemble([d / f for d, f in zip(dirs, alias.files)], target, alias.sha256)
+    return _assemble([d / f for d, f in zip(found, alias.files)], target, alias.sha256)
 
 
 def _assemble(chunks: list[Path], target: Path, sha256: str | None) -> Path:
@@ -189,7 +190,7 @@ def converted_dir(gguf: Path) -> Path:
         )
         # transformers marks GGUF-loaded models as quantized and refuses to save them; the
         # weights are plain de-quantised fp32 tensors by now, so drop the marker.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # nn.Module.__setattr__'s stub admits only tensors and modules
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         _publish(target, gguf, "aded-converted.json", model, tokenizer)
@@ -277,5 +278,5 @@ def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "c
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a causal language model from {folder}: {exc}") from exc
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped `to` stub binds `device` to `self`
     return model, tokenizer

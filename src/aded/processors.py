@@ -24,14 +24,14 @@ reports them by default: they say what the model thinks, whatever the request di
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 # the request checks, re-exported: they were public here before they moved below this module
-from aded.generation_config import (MAX_TOP_LOGPROBS, check_processing, logit_bias_pairs,  # noqa: F401
-                                    token_id_tuple)
+from aded.generation_config import MAX_TOP_LOGPROBS, check_processing, logit_bias_pairs, token_id_tuple  # noqa: F401
 from aded.tree import DraftTree
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class LogitsProcessor:
     def __init__(self, vocab_size: int, prompt_ids: Sequence[int], *,
                  logit_bias: Sequence[tuple[int, float]] = (), repetition_penalty: float = 1.0,
                  frequency_penalty: float = 0.0, presence_penalty: float = 0.0, min_tokens: int = 0,
-                 end_ids: Sequence[int] = (), grammar: "GrammarState | None" = None) -> None:
+                 end_ids: Iterable[int] = (), grammar: GrammarState | None = None) -> None:
         self.vocab_size = vocab_size
         self.grammar = grammar
         self.repetition_penalty = float(repetition_penalty)
@@ -83,8 +83,8 @@ class LogitsProcessor:
             self._counts = np.zeros(vocab_size, dtype=np.float32)  # [vocab] occurrences in the output
 
     @classmethod
-    def for_request(cls, config: "GenerationConfig", prompt_ids: Sequence[int], vocab_size: int,
-                    end_ids: Sequence[int]) -> "LogitsProcessor | None":
+    def for_request(cls, config: GenerationConfig, prompt_ids: Sequence[int], vocab_size: int,
+                    end_ids: Collection[int]) -> LogitsProcessor | None:
         """The processors `config` asks for, or None. `end_ids`: the ids that end generation (EOS
         unless ignored, and `stop_token_ids`), which `min_tokens` holds back."""
         for name, ids in (("logit_bias", [t for t, _ in config.logit_bias]),

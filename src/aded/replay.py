@@ -25,13 +25,11 @@ Only the tokenizer is loaded, and only for drafters that need one (to find their
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,7 +78,7 @@ class ReplayStats:
         accepted = self.tokens - self.steps
         return accepted / self.draft_nodes if self.draft_nodes else 0.0
 
-    def merge(self, other: "ReplayStats") -> None:
+    def merge(self, other: ReplayStats) -> None:
         self.steps += other.steps
         self.tokens += other.tokens
         self.draft_nodes += other.draft_nodes
@@ -156,7 +154,7 @@ class RecordedRunner:
         self.max_positions = len(prompt_ids) + len(self.output) + 4096
         self.max_tree_leaves = max_tree_leaves
         self.max_tree_nodes = max_tree_nodes
-        self.eos_token_ids = ()
+        self.eos_token_ids: tuple[int, ...] = ()
         self.cost = cost
         self.simulated_s = 0.0
         self._offset = 0.0  # simulated minus real seconds spent in verifications
@@ -323,7 +321,6 @@ def simulate_results(results: dict[str, Any], drafters: Sequence[str],
     `aded.budget.read_cost_file`). `oracle` (the recorded continuation itself, as the benchmark's oracle
     drafts it) is the ceiling any drafter can reach under that budget.
     """
-    from aded.backends.base import Prefill
     from aded.drafters import DRAFTERS, drafter_class, make_drafter
 
     if repeats < 1:
@@ -354,11 +351,13 @@ def simulate_results(results: dict[str, Any], drafters: Sequence[str],
         """One replay of `name` with a fresh drafter and budget: its rows, "all" first."""
         nonlocal tokenizer
         before_each = None
+        drafter: Drafter
         if name == "oracle":
             from aded.drafters.oracle import OracleDrafter
 
-            drafter = OracleDrafter()
-            before_each = lambda record, oracle=drafter: oracle.expect(record.output_token_ids)  # noqa: E731
+            oracle = OracleDrafter()
+            drafter = oracle
+            before_each = lambda record, oracle=oracle: oracle.expect(record.output_token_ids)  # noqa: E731
         else:
             if drafter_class(name).needs_tokenizer and tokenizer is None and tokenizer_loader is not None:
                 tokenizer = tokenizer_loader()

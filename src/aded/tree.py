@@ -16,9 +16,9 @@ Example: drafts "a b c" and "a d" become
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Sequence
 
 import numpy as np
 
@@ -64,11 +64,11 @@ class DraftTree:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def empty(cls) -> "DraftTree":
+    def empty(cls) -> DraftTree:
         return _EMPTY
 
     @classmethod
-    def chain(cls, token_ids: Sequence[int], source: str | None = None) -> "DraftTree":
+    def chain(cls, token_ids: Sequence[int], source: str | None = None) -> DraftTree:
         n = len(token_ids)
         return cls(
             np.asarray(token_ids, dtype=np.int64),
@@ -166,7 +166,7 @@ class DraftTree:
             node = child
         return path
 
-    def subtree(self, keep: Sequence[int]) -> "DraftTree":
+    def subtree(self, keep: Sequence[int]) -> DraftTree:
         """The tree restricted to the nodes `keep` (which must include every kept node's parent)."""
         keep_sorted = sorted(int(i) for i in keep)
         if len(keep_sorted) == len(self):

@@ -80,9 +80,10 @@ def warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
 
 
 def accept_sampled(
-    tree: DraftTree, logits: torch.Tensor, sampling: Sampling, generator: torch.Generator
+    tree: DraftTree, logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None
 ) -> Acceptance:
-    """Sample-and-match over the tree; only the rows actually visited are warped and sampled."""
+    """Sample-and-match over the tree; only the rows actually visited are warped and sampled
+    (`generator` None: torch's default one)."""
 
     def draw(row: int) -> int:
         probs = warp(logits[row], sampling)

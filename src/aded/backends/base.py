@@ -17,7 +17,8 @@ sampling and the drafters' feedback then never touch device memory or engine buf
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 

@@ -18,7 +18,7 @@ __all__ = ["FastHead"]
 class FastHead:
     """`head(hidden) -> logits` for hidden [rows, hidden_size]; rows picked by a per-bucket kernel."""
 
-    def __init__(self, linear: torch.nn.Module) -> None:
+    def __init__(self, linear: torch.nn.Linear) -> None:
         self.weight = linear.weight  # [vocab, hidden], shared with the model (tied embeddings stay tied)
         self.bias = getattr(linear, "bias", None)
         self._kernels = {"linear": lambda x: KERNELS["linear"](x, self.weight, self.bias)}

@@ -15,8 +15,8 @@ mask is silently mis-read by eager attention).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from transformers import DynamicCache
@@ -116,8 +116,8 @@ class HFRunner:
     model on any torch device; knows token ids and tensors, nothing of drafters or text."""
 
     backend = "hf"
-    max_tree_leaves = None  # a 4D mask expresses any tree
-    max_tree_nodes = None
+    max_tree_leaves: int | None = None  # a 4D mask expresses any tree
+    max_tree_nodes: int | None = None
     # every prompt runs whole: torch's kernels sum in another order for another batch shape, so
     # cells kept from decoding would differ from a fresh prefill's in the last bits
 
@@ -184,11 +184,12 @@ class HFRunner:
     def new_sequence(self, capacity: int) -> HFSequence:
         layers = [SlotLayer(capacity) for _ in range(self._num_layers)]
         cache = DynamicCache(config=self.model.config)
-        cache.layers = layers
+        # one list, shared with the sequence; a list[SlotLayer] is not a list of the cache's layer union to mypy
+        cache.layers = layers  # type: ignore[assignment]
         return HFSequence(cache, layers)
 
     @torch.inference_mode()
-    def prefill(self, seq: HFSequence, input_ids: list[int]) -> Prefill:
+    def prefill(self, seq: HFSequence, input_ids: Sequence[int]) -> Prefill:
         """Run the prompt whole (nothing is kept across sequences)."""
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)  # [1, n]
         return Prefill(self._forward(seq, last_only=True, input_ids=ids)[-1], 0)
@@ -221,7 +222,7 @@ class HFRunner:
         )
 
     @torch.inference_mode()
-    def commit(self, seq: HFSequence, accepted_nodes: tuple[int, ...] | list[int]) -> None:
+    def commit(self, seq: HFSequence, accepted_nodes: Sequence[int]) -> None:
         """After `verify`: keep the root and the accepted path, in order; drop rejected nodes."""
         rows = torch.tensor([0] + [i + 1 for i in accepted_nodes], dtype=torch.long, device=self.device)
         for layer in seq.layers:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -63,7 +63,7 @@ class KernelChoice:
     the choice will serve, so the timing sees the weights stream from memory as they will.
     """
 
-    def __init__(self, candidates: dict[str, Callable[[torch.Tensor], object]], in_features: int,
+    def __init__(self, candidates: Mapping[str, Callable[[torch.Tensor], object]], in_features: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         self.candidates = candidates
         self.in_features = in_features
@@ -102,7 +102,7 @@ class KernelChoice:
                 start = time.perf_counter()
                 run(sample)
                 best[name] = min(best[name], time.perf_counter() - start)
-        return min(best, key=best.get) if best else default
+        return min(best, key=best.__getitem__) if best else default
 
 
 class FastLinear(torch.nn.Module):

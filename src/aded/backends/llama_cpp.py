@@ -56,9 +56,10 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -191,7 +192,10 @@ class LlamaCppRunner:
         if not 1 <= max_leaves <= 256:
             raise ValueError(f"max_leaves must be in [1, 256], got {max_leaves}")
         self.n_threads = int(n_threads or physical_cores())
-        self._model = self._ctx = self._batch = None
+        # llama.cpp handles (ctypes objects of the untyped llama_cpp module), set up below
+        self._model: Any = None
+        self._ctx: Any = None
+        self._batch: Any = None
         #: new sequences keep the prefix they share with the previous one (see the module's doc)
         self.reuse_prefix = bool(reuse_prefix)
         #: prompt tokens the last prefill found already computed
@@ -241,9 +245,9 @@ class LlamaCppRunner:
             raise LlamaCppError(f"llama.cpp cannot create a context of {self.n_ctx} positions "
                                 f"for {self.path} (out of memory?)")
         self.n_ctx = int(lib.llama_n_ctx(self._ctx))
-        self.max_tree_leaves = int(lib.llama_n_seq_max(self._ctx))
+        self.max_tree_leaves: int = int(lib.llama_n_seq_max(self._ctx))
         self.max_positions = self.n_ctx
-        self._memory = lib.llama_get_memory(self._ctx)
+        self._memory: Any = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(self.n_batch, 0, self.max_tree_leaves)
         self.eos_token_ids = self._end_of_generation_ids()
 
@@ -332,7 +336,7 @@ class LlamaCppRunner:
                 "-np", "1", "-fa", "off"]
         return args if self.repack else [*args, "--no-repack"]
 
-    def sibling(self, repack: bool, max_nodes: int | None = -1) -> "LlamaCppRunner":
+    def sibling(self, repack: bool, max_nodes: int | None = -1) -> LlamaCppRunner:
         """Another runner of this file and context settings with another weight layout and chain
         limit (the benchmark's opt-in mode on llama.cpp's own numerics)."""
         return LlamaCppRunner(self.path, n_ctx=self.n_ctx, n_threads=self.n_threads, n_batch=self.n_batch,
@@ -445,6 +449,7 @@ class LlamaCppRunner:
         kept = len(accepted_nodes)
         end = seq.step_past + 1 + kept  # positions of the past, the root and the accepted path
         if seq.step_width > 1:
+            assert seq.step_keep is not None  # verify sets it with a width above 1
             keep = seq.step_keep[accepted_nodes[-1]] if kept else 0
             lib.llama_memory_seq_keep(mem, keep)
             lib.llama_memory_seq_rm(mem, keep, end, -1)
@@ -454,6 +459,7 @@ class LlamaCppRunner:
         else:
             lib.llama_memory_seq_rm(mem, 0, end, -1)
         tokens = seq.step_tokens
+        assert tokens is not None, "commit follows a verification"
         self._kv_tokens.append(tokens[0])
         self._kv_tokens.extend(tokens[1 + node] for node in accepted_nodes)
         seq.past_len = end

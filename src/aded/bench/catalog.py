@@ -7,8 +7,8 @@ the list of every method can both be named without a circle.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from aded.bench.llama_server import METHODS as LLAMA_SERVER_METHODS
 from aded.bench.llama_server import LlamaServerMethod

@@ -28,8 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from aded.bench.methods import DecodeSettings, SettingsMethod, TurnResult
 

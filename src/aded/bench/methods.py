@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -92,10 +93,10 @@ class Method(ABC):
     def run(self, prompt_ids: list[int], baseline_ids: list[int] | None) -> TurnResult:
         """Generate for `prompt_ids`; `baseline_ids` is the baseline's output for the same prompt."""
 
-    def warm_up(self, prompt_ids: list[int]) -> None:
+    def warm_up(self, prompt_ids: list[int]) -> None:  # noqa: B027
         """Run each code path once (a short generation) so first-call costs land in no timing."""
 
-    def resume(self, held: Sequence[int]) -> None:
+    def resume(self, held: Sequence[int]) -> None:  # noqa: B027
         """Start the next run from a prompt cache holding at most the prefix it shares with `held`
         (what plain decoding left cached after the session's previous turn; empty: a new session)."""
 
@@ -103,7 +104,7 @@ class Method(ABC):
         """What the method has learned so far (None: nothing), for `restore` before a repeated run."""
         return None
 
-    def restore(self, snapshot: Any) -> None:
+    def restore(self, snapshot: Any) -> None:  # noqa: B027
         """Forget what was learned since `snapshot`: a repeated turn must not draft from its own
         earlier answer."""
 
@@ -122,7 +123,7 @@ class DecodeSettings:
     max_draft_nodes: int = 24
 
     @classmethod
-    def for_model(cls, runner, tokenizer, max_new_tokens: int, **fields) -> "DecodeSettings":
+    def for_model(cls, runner, tokenizer, max_new_tokens: int, **fields) -> DecodeSettings:
         """Settings with the model's stop tokens (as `aded.load` finds them) and a pad id, so the
         benchmark and `aded demo` build their methods alike."""
         from aded.backends.tokens import eos_token_ids
@@ -321,7 +322,7 @@ class AdedMethod(Method):
 
     def restore(self, snapshot: Any) -> None:
         state, budget = snapshot
-        if state is not None:
+        if state is not None and isinstance(self.drafter, LearningDrafter):  # as `snapshot` took it
             self.drafter.load_state_dict(state)
         self.budget.restore(budget)
 

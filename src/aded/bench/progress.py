@@ -13,6 +13,8 @@ from rich.markup import escape
 from aded.progress import console
 
 if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
     from aded.bench.methods import TurnResult
 
 __all__ = ["BenchProgress"]
@@ -23,8 +25,8 @@ class BenchProgress:
         self.console = console
         self._decoded: dict[str, int] = {}
         self._seconds: dict[str, float] = {}
-        self._bar = None
-        self._task = None
+        self._bar: Progress | None = None  # with its one task, on a terminal
+        self._task: TaskID | None = None
         self._last_index = -1
 
     def start(self, num_questions: int, methods: list[str]) -> None:
@@ -48,6 +50,7 @@ class BenchProgress:
 
     def update(self, index: int, question, method: str) -> None:
         if self._bar is not None:
+            assert self._task is not None  # added with the bar
             self._bar.update(self._task, completed=index,
                              description=escape(f"{question.key} [{question.category}] · {method}"),
                              rates=self.rates())
@@ -57,12 +60,13 @@ class BenchProgress:
             self.console.print(f"question {index + 1}: {question.key} [{question.category}]", markup=False)
             self._last_index = index
 
-    def record(self, method: str, result: "TurnResult") -> None:
+    def record(self, method: str, result: TurnResult) -> None:
         self._decoded[method] = self._decoded.get(method, 0) + result.decode_tokens
         self._seconds[method] = self._seconds.get(method, 0.0) + result.decode_s
 
     def stop(self) -> None:
         if self._bar is not None:
+            assert self._task is not None  # added with the bar
             self._bar.update(self._task, completed=self._bar.tasks[0].total, description="done",
                              rates=self.rates())
             self._bar.stop()

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Sequence
 
 __all__ = ["Question", "QuestionError", "load_questions", "read_questions", "default_questions_path",
            "question_file", "take", "SHIPPED"]

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
-
+from typing import Any
 
 __all__ = ["summarize", "write_outputs", "render_report", "plot", "load_results", "compare",
            "render_compare", "baseline_name"]

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import os
 import platform
-import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from aded.backends.base import physical_cores
 from aded.bench.catalog import MethodSet, build_methods

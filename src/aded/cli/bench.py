@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -33,11 +32,11 @@ def bench(
                                 "(scripts/build-llama-server.sh builds it)."),
     backend: str = typer.Option("auto", "--backend", help="auto (llama.cpp for GGUF files when installed), hf, or llama.cpp."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Most tokens per turn."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most K questions, spread over categories."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="At most K questions, spread over categories."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (outputs compared with hf)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", file_okay=False, help="Output folder (default: bench-results/<timestamp>)."),
+    out: Path | None = typer.Option(None, "--out", "-o", file_okay=False, help="Output folder (default: bench-results/<timestamp>)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: physical cores)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: physical cores)."),
     max_draft_nodes: int = NodesOpt,
     budget: str = typer.Option("measured", "--budget", help="measured (cached t(k)), fresh (time t(k) now), typical, or off: how aded methods size trees."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling."),
@@ -61,10 +60,10 @@ def _run(model, questions, methods, backend, max_new_tokens, limit, temperature,
     from aded.backends.select import choose_backend, load_runner
     from aded.bench.catalog import known_methods
     from aded.bench.methods import method_names
+    from aded.bench.progress import BenchProgress
     from aded.bench.questions import load_questions
     from aded.bench.report import render_report, write_outputs
     from aded.bench.runner import BenchConfig, physical_cores, run_bench
-    from aded.bench.progress import BenchProgress
     from aded.progress import console, status
 
     chosen = choose_backend(model, backend)
@@ -120,16 +119,16 @@ def simulate_command(
     recorded: Path = typer.Option(..., "--recorded", "-r", help="results.json of an `aded bench` run (or its folder)."),
     drafters: str = typer.Option("pld,suffix,oracle", "--drafters", "-d",
                                  help="Comma-separated drafter names; oracle (the recording itself) is the ceiling."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Tokenizer source (default: the run's model)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Tokenizer source (default: the run's model)."),
     budget: str = typer.Option("recorded", "--budget",
                                help="recorded (the run's t(k)), typical, off, or a file of measured t(k): a cost "
                                     "cache file of either backend (~/.cache/aded/costs/*.json) or a results.json."),
-    max_draft_nodes: Optional[int] = typer.Option(None, "--max-draft-nodes", min=0, max=1024,
+    max_draft_nodes: int | None = typer.Option(None, "--max-draft-nodes", min=0, max=1024,
                                                   help="Largest draft tree (default: the run's)."),
     model_topk: int = typer.Option(0, "--model-topk", min=0, max=64,
                                    help="Load the run's model and give drafters its top K tokens along the "
                                         "recorded outputs, as real runs do (aded learns from them); 0: none."),
-    max_tree_leaves: Optional[int] = typer.Option(None, "--max-tree-leaves", min=0, max=1024,
+    max_tree_leaves: int | None = typer.Option(None, "--max-tree-leaves", min=0, max=1024,
                                                   help="Paths per verification (default: the run's runner's, "
                                                        "1 on llama.cpp; 0: any tree, as transformers verifies)."),
     repeats: int = typer.Option(1, "--repeats", min=1, max=100,
@@ -139,8 +138,8 @@ def simulate_command(
 ) -> None:
     """Replay a benchmark's recorded outputs through drafters, without the model (seconds, not minutes)."""
     from aded.bench.report import load_results
-    from aded.replay import render_simulation, simulate_results
     from aded.models import load_tokenizer
+    from aded.replay import render_simulation, simulate_results
 
     results = load_results(recorded)
     source = model or results.get("model")

@@ -6,8 +6,8 @@ Command modules import from here, never from `aded.cli` itself, so the package h
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import typer
 
@@ -39,10 +39,10 @@ def friendly(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         except _user_errors() as exc:
             typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
 
     return wrapper
 
@@ -52,7 +52,7 @@ def split_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def datastore_option(datastore: Optional[Path]) -> dict:
+def datastore_option(datastore: Path | None) -> dict:
     """`--datastore` as `aded.load` keyword arguments (none: the drafter's built-in default)."""
     return {"datastore": str(datastore)} if datastore is not None else {}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -24,8 +23,8 @@ def load_tokenizer(model: str):
 
 @datastore_app.command()
 def build(
-    corpus: Optional[List[Path]] = typer.Option(None, "--corpus", help="Text files, folders, .jsonl or conversation .json; repeatable. Default: the default datastore's corpus."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Datastore file to write (atomically). Default: the default datastore's cache path."),
+    corpus: list[Path] | None = typer.Option(None, "--corpus", help="Text files, folders, .jsonl or conversation .json; repeatable. Default: the default datastore's corpus."),
+    out: Path | None = typer.Option(None, "--out", help="Datastore file to write (atomically). Default: the default datastore's cache path."),
     model: str = typer.Option("smollm2-135m-instruct", "--model", help="Model alias, folder or .gguf whose tokenizer to use."),
     top_k: int = typer.Option(12, "--top-k", help="Successors kept per two-token context."),
     bigram_top_k: int = typer.Option(12, "--bigram-top-k", help="Successors kept per one-token context."),
@@ -56,9 +55,9 @@ def build(
 @datastore_app.command()
 def answers(
     model: str = ModelOpt,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Answers file (JSON Lines). Default: the cache path the default datastore reads for this model's tokenizer."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Answers file (JSON Lines). Default: the cache path the default datastore reads for this model's tokenizer."),
     count: int = typer.Option(320, "--count", min=1, max=100_000, help="How many of the built-in varied prompts to answer."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Your own prompts instead: a question file as `aded bench -q` reads (JSON Lines with id, category, turns; the first turn is asked)."),
+    prompts: Path | None = typer.Option(None, "--prompts", help="Your own prompts instead: a question file as `aded bench -q` reads (JSON Lines with id, category, turns; the first turn is asked)."),
     max_new_tokens: int = typer.Option(160, "--max-new-tokens", "-n", min=1, max=100_000, help="Most tokens per answer."),
     backend: str = BackendOpt,
 ) -> None:

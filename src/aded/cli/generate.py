@@ -5,21 +5,39 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from aded.cli.common import (BackendOpt, BudgetOpt, ChatOpt, DatastoreOpt, DrafterOpt, DtypeOpt, MaxNewOpt,
-                             ModelOpt, NodesOpt, NumericsOpt, RepackOpt, SeedOpt, StateOpt, TempOpt, ThreadsOpt, TopKOpt, TopPOpt,
-                             datastore_option, friendly)
+from aded.cli.common import (
+    BackendOpt,
+    BudgetOpt,
+    ChatOpt,
+    DatastoreOpt,
+    DrafterOpt,
+    DtypeOpt,
+    MaxNewOpt,
+    ModelOpt,
+    NodesOpt,
+    NumericsOpt,
+    RepackOpt,
+    SeedOpt,
+    StateOpt,
+    TempOpt,
+    ThreadsOpt,
+    TopKOpt,
+    TopPOpt,
+    datastore_option,
+    friendly,
+)
 
 __all__ = ["generate", "chat"]
 
 STDIN = "-"
 
 
-def _read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
-    """The prompt from PROMPT or --prompt-file; `-` in either place means stdin, as in most tools."""
+def _read_prompt(prompt: str | None, prompt_file: str | Path | None) -> str:
+    """The prompt from PROMPT or --prompt-file; `-` in either place means stdin, as in most tools.
+    (`prompt_file` arrives as a str, though annotated a Path for typer to check it as a file.)"""
     if prompt_file is not None:
         if prompt is not None:
             raise ValueError("give a PROMPT or --prompt-file, not both")
@@ -74,9 +92,9 @@ def _load(model, drafter, dtype, budget, backend, threads, datastore, state, rep
 
 @friendly
 def generate(
-    prompt: Optional[str] = typer.Argument(None, help="The prompt, or - to read it from stdin."),
+    prompt: str | None = typer.Argument(None, help="The prompt, or - to read it from stdin."),
     # checked as a file, but passed on as str: typer lets `-` through only when the value stays a str
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", "-f", exists=True, dir_okay=False,
+    prompt_file: Path | None = typer.Option(None, "--prompt-file", "-f", exists=True, dir_okay=False,
                                                allow_dash=True, path_type=str),
     model: str = ModelOpt,
     drafter: str = DrafterOpt,
@@ -84,18 +102,18 @@ def generate(
     temperature: float = TempOpt,
     top_p: float = TopPOpt,
     top_k: int = TopKOpt,
-    seed: Optional[int] = SeedOpt,
+    seed: int | None = SeedOpt,
     dtype: str = DtypeOpt,
-    chat: Optional[bool] = ChatOpt,
+    chat: bool | None = ChatOpt,
     stop: list[str] = typer.Option([], "--stop", help="Stop before this string (repeatable)."),
     max_draft_nodes: int = NodesOpt,
     budget: str = BudgetOpt,
-    datastore: Optional[Path] = DatastoreOpt,
+    datastore: Path | None = DatastoreOpt,
     backend: str = BackendOpt,
-    threads: Optional[int] = ThreadsOpt,
+    threads: int | None = ThreadsOpt,
     repack: str = RepackOpt,
     numerics: str = NumericsOpt,
-    state: Optional[Path] = StateOpt,
+    state: Path | None = StateOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
 ) -> None:
     """Generate a completion, streaming text as drafts are accepted."""
@@ -121,17 +139,17 @@ def chat(
     temperature: float = TempOpt,
     top_p: float = TopPOpt,
     top_k: int = TopKOpt,
-    seed: Optional[int] = SeedOpt,
+    seed: int | None = SeedOpt,
     dtype: str = DtypeOpt,
-    system: Optional[str] = typer.Option(None, "--system", help="A system message."),
+    system: str | None = typer.Option(None, "--system", help="A system message."),
     max_draft_nodes: int = NodesOpt,
     budget: str = BudgetOpt,
-    datastore: Optional[Path] = DatastoreOpt,
+    datastore: Path | None = DatastoreOpt,
     backend: str = BackendOpt,
-    threads: Optional[int] = ThreadsOpt,
+    threads: int | None = ThreadsOpt,
     repack: str = RepackOpt,
     numerics: str = NumericsOpt,
-    state: Optional[Path] = StateOpt,
+    state: Path | None = StateOpt,
 ) -> None:
     """An interactive conversation that streams replies (empty line or Ctrl-D ends it)."""
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, seed, max_draft_nodes)

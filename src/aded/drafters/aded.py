@@ -23,7 +23,8 @@ import math
 import os
 import random
 import zlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -125,9 +126,9 @@ class ProbabilityCalibrator:
 class _Node:
     __slots__ = ("token", "parent", "tail", "p", "meta", "path_p", "depth", "children", "visits", "value", "expanded")
 
-    def __init__(self, token: int, parent: "_Node | None", tail: tuple[int, ...], p: float, meta: tuple, depth: int) -> None:  # fmt: skip
+    def __init__(self, token: int, parent: _Node | None, tail: tuple[int, ...], p: float, meta: tuple, depth: int) -> None:  # fmt: skip
         self.token, self.parent, self.tail, self.p, self.meta, self.depth = token, parent, tail, p, meta, depth
-        self.path_p = p * (parent.path_p if parent is not None else 1.0)
+        self.path_p: float = p * (parent.path_p if parent is not None else 1.0)
         self.children: list[_Node] = []
         self.visits = 0
         self.value = 0.0  # sum of backed-up expected accepted lengths through this node
@@ -229,7 +230,7 @@ class AdedDrafter(LearningDrafter):
         self.calibrator.load(state)
         self.rep.learned.load_arrays(dict(state))
 
-    def spawn(self) -> "AdedDrafter":
+    def spawn(self) -> AdedDrafter:
         """A sibling with its own request layer, sharing the learned counts and the calibration."""
         sibling = copy.copy(self)
         sibling.rep = Representative(self.rep.datastore, self.rep.config, learned=self.rep.learned)
@@ -283,6 +284,7 @@ class AdedDrafter(LearningDrafter):
                 u = q + c_puct * child.p * sqrt_n / (1 + child.visits)
                 if u > best_u:
                     best, best_u = child, u
+            assert best is not None  # every u is >= 0
             node = best
             path.append(node)
         if not node.expanded and node.depth < self.max_depth:
@@ -345,7 +347,10 @@ class AdedDrafter(LearningDrafter):
             parent = index.get(id(node.parent))
             if parent is None:
                 continue
-            index[id(node)] = builder.add(parent, node.token, node.path_p, self.name)
+            added = builder.add(parent, node.token, node.path_p, self.name)
+            if added is None:  # the budget is spent (checked above)
+                break
+            index[id(node)] = added
             paths[id(node)] = paths[id(node.parent)] + (node.token,)
             self._proposed[paths[id(node)]] = node.meta
         return builder.build()
@@ -363,7 +368,8 @@ class AdedDrafter(LearningDrafter):
             if parent_on_path:  # this edge was tested against the model's own token
                 meta = self._proposed.get(path)  # (level, supported, raw p, p before the depth factor)
                 if meta and self.learn:
-                    self.calibrator.update(*meta[:3], accepted=i in accepted, depth=len(path), predicted=meta[3])
+                    self.calibrator.update(meta[0], meta[1], meta[2], accepted=i in accepted, depth=len(path),
+                                           predicted=meta[3])
                 if i not in accepted:
                     self.rep.reject((context + list(path[:-1]))[-order:], token)
             if topk is not None and i not in accepted:

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -75,7 +76,7 @@ class Drafter(ABC):
     #: cheap sources are unsure)
     expensive: bool = False
 
-    def begin(self, prompt_ids: Sequence[int]) -> None:
+    def begin(self, prompt_ids: Sequence[int]) -> None:  # noqa: B027
         """A new request starts with these prompt tokens (per-request state is reset here)."""
 
     @abstractmethod
@@ -86,10 +87,10 @@ class Drafter(ABC):
         keeping up with the context and forgetting the last proposal, as `observe` will judge none.
         """
 
-    def observe(self, feedback: StepFeedback) -> None:
+    def observe(self, feedback: StepFeedback) -> None:  # noqa: B027
         """The verification result of the last proposal."""
 
-    def end(self, emitted: int | None = None) -> None:
+    def end(self, emitted: int | None = None) -> None:  # noqa: B027
         """The request finished; fold what it taught into long-lived state if the drafter learns.
 
         `emitted` is how many tokens the request output: the last step may have accepted more than
@@ -121,7 +122,7 @@ class LearningDrafter(Drafter):
         """
         return _fresh_copy(self)
 
-    def use_shared_counts(self, table: "CountTable") -> bool:
+    def use_shared_counts(self, table: CountTable) -> bool:
         """Draft from `table`, cross-request tri-gram counts kept by someone else (the replicas'
         shared state, which records outputs itself), instead of learning counts; False when this
         drafter has no such layer."""

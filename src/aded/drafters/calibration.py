@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_right
-from typing import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 
 from aded.drafters.base import StepFeedback
 

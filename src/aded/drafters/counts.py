@@ -12,8 +12,8 @@ give the same table in every process.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -52,17 +52,21 @@ class CountTable:
 
     def followers(self, context: tuple[int, int] | int) -> Counts | None:
         """True counts after a two-token context (or, for an int, a one-token one); do not mutate."""
-        counts = (self.bi if isinstance(context, int) else self.tri).get(context)
+        counts = self.bi.get(context) if isinstance(context, int) else self.tri.get(context)
         if not counts or self.scale == 1.0:
             return counts
         return {c: w / self.scale for c, w in counts.items()}
 
     # ------------------------------------------------------------------ adding
     def add(self, context: tuple[int, int] | int, token: int, weight: float = 1.0) -> None:
-        table = self.bi if isinstance(context, int) else self.tri
-        followers = table.get(context)
-        if followers is None:
-            followers = table[context] = {}
+        if isinstance(context, int):
+            followers = self.bi.get(context)
+            if followers is None:
+                followers = self.bi[context] = {}
+        else:
+            followers = self.tri.get(context)
+            if followers is None:
+                followers = self.tri[context] = {}
         followers[token] = followers.get(token, 0.0) + weight * self.scale
 
     def add_sequence(self, token_ids: Sequence[int], weight: float = 1.0) -> None:

@@ -37,8 +37,8 @@ keeps copying costs O(draft length).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -212,12 +212,11 @@ class EditDrafter(FollowsContext, Drafter):
             for pos in range(start, need):
                 if self._align is None:
                     break  # diverged: the next proposal searches
-                self._advance(pos)
+                self._advance(pos, self._align)
 
     # ------------------------------------------------------------------ alignment
-    def _advance(self, pos: int) -> None:
-        """Advance the alignment by the output token at `pos`, or mark a divergence there."""
-        align = self._align
+    def _advance(self, pos: int, align: _Alignment) -> None:
+        """Advance the alignment (`self._align`) by the output token at `pos`, or mark a divergence there."""
         token = int(self._tokens[pos])
         expected, sub = self._expected(align)
         if token == expected:
@@ -227,6 +226,7 @@ class EditDrafter(FollowsContext, Drafter):
             if align.pending:
                 align.pending = align.pending[1:]
                 if not align.pending:
+                    assert align.sub is not None  # set with `pending`, when the substitution started
                     align.sub.followed += 1
             else:
                 align.ptr += 1
@@ -345,7 +345,7 @@ class EditDrafter(FollowsContext, Drafter):
         guesses = self._guesses(max_nodes)
         if self._align is None:
             return self._tree(guesses, max_nodes) if guesses else DraftTree.empty()
-        return self._draft(max_nodes, guesses)
+        return self._draft(self._align, max_nodes, guesses)
 
     def _guesses(self, max_nodes: int) -> list[tuple[tuple[int, ...], float]]:
         """Scored branches where the copy may resume once the new text since the break ends.
@@ -374,11 +374,10 @@ class EditDrafter(FollowsContext, Drafter):
                 nodes += [(tuple(path[: i + 1]), s) for i, s in enumerate(scores)]
         return nodes
 
-    def _draft(self, max_nodes: int, guesses: list[tuple[tuple[int, ...], float]]) -> DraftTree:
-        """The chain the alignment predicts; where it applies a substitution the model has not
+    def _draft(self, align: _Alignment, max_nodes: int, guesses: list[tuple[tuple[int, ...], float]]) -> DraftTree:
+        """The chain the alignment (`self._align`) predicts; where it applies a substitution the model has not
         followed yet (about as likely as not), also a branch with the old text; with any `guesses`,
         the `max_nodes` best-scored nodes of all."""
-        align = self._align
         trust = _trust(align.sub) if align.pending else 0
         path, scores, fork = self._copy(align.ptr, list(align.pending), trust, [], 1.0, max_nodes,
                                         origin=align.origin, held=align.run)
@@ -398,7 +397,7 @@ class EditDrafter(FollowsContext, Drafter):
     def _tree(self, nodes: list[tuple[tuple[int, ...], float]], max_nodes: int) -> DraftTree:
         """The `max_nodes` best of several scored branches (path, score) as one tree."""
         nodes.sort(key=lambda node: (-node[1], len(node[0])))  # best first, parents first
-        return merge_proposals([(p, s, None, self.name) for p, s in nodes], max_nodes)
+        return merge_proposals([(p, s, (), self.name) for p, s in nodes], max_nodes)  # no cells: merge ignores them
 
     def _copy(self, ptr: int, pending: list[int], trust: int, prefix: list[int], score: float,
               max_nodes: int, *, origin: str, held: int) -> tuple[list[int], list[float], tuple[int, int, float] | None]:
@@ -411,7 +410,9 @@ class EditDrafter(FollowsContext, Drafter):
         """
         end, base = self._len, ptr
         ahead = self._tokens[ptr : min(end, ptr + 2 * max_nodes)].tolist()
-        path, scores, fork = list(prefix), [], None
+        path = list(prefix)
+        scores: list[float] = []
+        fork: tuple[int, int, float] | None = None
         rates: dict[tuple, float] = {}  # cell -> calibrated edge rate, looked up once a call
         old_first = trust == _OLD
         while len(scores) < max_nodes:

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import copy
 import heapq
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -162,7 +163,10 @@ class HybridDrafter(LearningDrafter):
         while heap and not builder.full:
             neg_score, _, _, path = heapq.heappop(heap)
             labels = edges[path][0]
-            node_of[path] = builder.add(node_of[path[:-1]], path[-1], -neg_score, "+".join(labels))
+            node = builder.add(node_of[path[:-1]], path[-1], -neg_score, "+".join(labels))
+            if node is None:  # the budget is spent (checked above)
+                break
+            node_of[path] = node
             push(path, -neg_score)
         self._cells = cells  # every scored candidate, kept or not, is judged by the outcome
         return builder.build()
@@ -229,7 +233,7 @@ class HybridDrafter(LearningDrafter):
         if "hybrid/gate" in state:
             self.gate.load_json(str(state["hybrid/gate"]))
 
-    def spawn(self) -> "HybridDrafter":
+    def spawn(self) -> HybridDrafter:
         """A sibling whose sources are siblings of these; the calibration is shared."""
         sibling = copy.copy(self)
         sibling.sources = [sibling_of(source) for source in self.sources]

@@ -7,7 +7,7 @@ not in the registry of drafters a user can pick; only whoever holds a recording 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 from aded.drafters.base import Drafter
 from aded.drafters.context import FollowsContext
@@ -89,7 +89,7 @@ def _best_first_tree(continuations: list[list[int]], max_nodes: int, source: str
             counts[prefix] += 1
             first_seen.setdefault(prefix, rank)
     total = len(continuations)
-    heap = [(-counts[p], 1, first_seen[p], p) for p in counts if len(p) == 1]
+    heap: list[tuple[int, int, int, tuple[int, ...]]] = [(-counts[p], 1, first_seen[p], p) for p in counts if len(p) == 1]
     heapq.heapify(heap)
     children: dict[tuple[int, ...], list[tuple[int, ...]]] = defaultdict(list)
     for prefix in counts:
@@ -100,7 +100,10 @@ def _best_first_tree(continuations: list[list[int]], max_nodes: int, source: str
     while heap and not builder.full:
         neg_count, depth, _, prefix = heapq.heappop(heap)
         parent = node_of[prefix[:-1]] if depth > 1 else -1
-        node_of[prefix] = builder.add(parent, prefix[-1], -neg_count / total, source)
+        node = builder.add(parent, prefix[-1], -neg_count / total, source)
+        if node is None:  # the budget is spent (checked above)
+            break
+        node_of[prefix] = node
         for child in children.get(prefix, ()):
             heapq.heappush(heap, (-counts[child], depth + 1, first_seen[child], child))
     return builder.build()

@@ -22,11 +22,12 @@ Nothing here is random: the same calls in the same order give the same answers.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple, Sequence
+from typing import NamedTuple
 
 from aded.drafters.context import FollowsContext
-from aded.drafters.counts import Bounds, CountTable, Counts
+from aded.drafters.counts import Bounds, Counts, CountTable
 from aded.store.datastore import Datastore
 
 __all__ = ["RepresentativeConfig", "Candidate", "Representative", "LEVELS", "NUM_LEVELS"]
@@ -163,7 +164,7 @@ class Representative(FollowsContext):
         for n in range(min(cfg.max_order, len(tail)), 2, -1):
             chain.append((0 if n >= 4 else 1, self._request[n].get(tail[-n:]), cfg.beta_request, None))
         if len(tail) >= 2:
-            pair = tail[-2:]
+            pair = (tail[-2], tail[-1])  # tail[-2:], as a pair
             chain.append((2, _merged(self._request[2].get(pair), self._evidence.get(pair)), cfg.beta_request, None))
             chain.append((3, self.learned.followers(pair), cfg.beta_learned, None))
             corpus, total = self._corpus(pair)
@@ -173,17 +174,17 @@ class Representative(FollowsContext):
             chain.append((5, bigram, cfg.beta_learned, None))
             corpus, total = self._corpus(tail[-1:])
             chain.append((5, corpus, cfg.beta_corpus, total))
-        chain = [(level, _top(counts, cfg.per_level), beta, total) for level, counts, beta, total in chain if counts]
-        if not chain:
+        found = [(level, _top(counts, cfg.per_level), beta, total) for level, counts, beta, total in chain if counts]
+        if not found:
             return []
-        probs = _interpolate([(counts, beta, total) for _, counts, beta, total in chain])
+        probs = _interpolate([(counts, beta, total) for _, counts, beta, total in found])
         if len(tail) >= 2 and self._rejected:
             a, b = tail[-2], tail[-1]
             for c in probs:
                 rejections = self._rejected.get((a, b, c))
                 if rejections:
                     probs[c] *= cfg.reject_factor**rejections
-        top_level, top_counts = chain[0][0], chain[0][1]
+        top_level, top_counts = found[0][0], found[0][1]
         best = sorted(probs.items(), key=_by_probability)[:limit]
         make = tuple.__new__  # Candidate(...) runs a Python-level __new__: ~18% of this call (line profile)
         return [make(Candidate, (c, p, top_level, c in top_counts)) for c, p in best]

@@ -21,8 +21,9 @@ import logging
 import os
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,9 @@ class StateFile:
                   "tokenizer": self.identity.to_json() if self.identity is not None else None,
                   "saved_at": time.time(), "keys": sorted(arrays), "meta": meta or {}}
         buffer = io.BytesIO()
-        np.savez(buffer, **{_HEADER: np.array(json.dumps(header))}, **arrays)
+        # allow_pickle=False: object arrays are refused above, so this writes the same bytes; named,
+        # it also keeps an array called "allow_pickle" from being taken for the flag
+        np.savez(buffer, allow_pickle=False, **{_HEADER: np.array(json.dumps(header))}, **arrays)
         return buffer.getvalue()
 
     def save(self, arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> None:

@@ -31,8 +31,8 @@ lists' oldest entries, so eviction pops fronts) and their tokens become sentinel
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -140,7 +140,7 @@ class SuffixIndex:
             found = index.get(key)
             if found is None:
                 index[key] = end
-            elif type(found) is int:
+            elif isinstance(found, int):
                 index[key] = [found, end]
             else:
                 found.append(end)
@@ -183,7 +183,7 @@ class SuffixIndex:
                     break
                 key = hash(tuple(tokens[i + 1 - n : i + 1]))
                 found = index[key]
-                if type(found) is int:
+                if isinstance(found, int):
                     assert found == end
                     del index[key]
                 else:
@@ -212,7 +212,7 @@ class SuffixIndex:
             found = self._index.get(hash(tuple(tail[size - n :])))
             if found is None:
                 continue
-            if type(found) is int:
+            if isinstance(found, int):
                 ends = np.array([found], dtype=np.int64)
             else:
                 recent = found if self.max_occurrences is None else found[-self.max_occurrences :]
@@ -300,7 +300,7 @@ class SuffixIndex:
         }
 
     @classmethod
-    def from_state_arrays(cls, state: dict[str, np.ndarray]) -> "SuffixIndex":
+    def from_state_arrays(cls, state: dict[str, np.ndarray]) -> SuffixIndex:
         missing = {"tokens", "lengths", "max_depth", "ngram_sizes", "max_tokens"} - set(state)
         if missing:
             raise ValueError(f"suffix index state lacks {sorted(missing)}")

@@ -37,7 +37,8 @@ def to_ngram_format(tree: DraftTree, root_id: int, draft_token_num: int) -> tupl
     kept = tree.subtree(range(min(len(tree), draft_token_num - 1)))
     order = sorted(range(len(kept)), key=lambda i: (int(kept.depths[i]), i))  # breadth first, stable
     row = {node: position for position, node in enumerate(order)}  # tree node -> node of the layout
-    layout = DraftTree(kept.token_ids[order], [row[p] if p >= 0 else -1 for p in kept.parents[order].tolist()])
+    parents = np.array([row[p] if p >= 0 else -1 for p in kept.parents[order].tolist()], dtype=np.int64)
+    layout = DraftTree(kept.token_ids[order], parents)
     n, m = draft_token_num, len(layout)
     tokens = np.full(n, PAD_TOKEN, dtype=np.int64)  # [n]
     tokens[0], tokens[1 : m + 1] = int(root_id), layout.token_ids

@@ -146,21 +146,22 @@ class SharedStateClient:
         self._outbox.add_sequence(tokens)
 
     def poll(self) -> bool:
-        if self.transport is None:
+        transport = self.transport
+        if transport is None:
             return False
-        swapped = self._collect()
+        swapped = self._collect(transport)
         if self._inflight is None and self.clock() >= self._next_try:
-            self._send()
-            swapped = self._collect() or swapped  # an inline store has answered already
+            self._send(transport)
+            swapped = self._collect(transport) or swapped  # an inline store has answered already
         return swapped
 
-    def _collect(self) -> bool:
+    def _collect(self, transport: Transport) -> bool:
         """Take a finished exchange's answer; True when a newer snapshot became the view."""
         if self._inflight is None:
             return False
         handle, sent = self._inflight
         try:
-            answer = self.transport.result(handle)
+            answer = transport.result(handle)
         except TransportError:
             self._fail(sent)
             return False
@@ -175,11 +176,11 @@ class SharedStateClient:
         self.view, self.version = view, version  # one assignment: readers see old or new, never half
         return True
 
-    def _send(self) -> None:
+    def _send(self, transport: Transport) -> None:
         self._next_try = self.clock() + self.interval_s
         sent, self._outbox = self._outbox, CountTable(self.bounds)
         try:
-            handle = self.transport.submit(sent.to_arrays() if len(sent.bi) else None, self.version)
+            handle = transport.submit(sent.to_arrays() if len(sent.bi) else None, self.version)
         except TransportError:
             self._fail(sent)
             return

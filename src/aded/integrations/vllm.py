@@ -61,7 +61,8 @@ def best_path(tree: DraftTree, k: int) -> list[int]:
     if k <= 0 or len(tree) == 0:
         return []
     if tree.scores is None:
-        path, node = [], -1
+        path: list[int] = []
+        node = -1
         while len(path) < k and node in tree.children:
             node = next(iter(tree.children[node].values()))
             path.append(int(tree.token_ids[node]))

@@ -21,8 +21,9 @@ import json
 import os
 import random
 import sysconfig
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from aded.fileio import write_atomic
 from aded.paths import cache_dir
@@ -128,7 +129,7 @@ def answer_prompts(count: int = 320, seed: int = 0) -> list[dict[str, str]]:
         task = rng.choice(edits) if rename is None or rng.random() < 0.4 else (
             f"Rename `{rename[0]}` to `{rename[1]}` in this function and return the whole function.")
         prompts.append(("code-edit", f"{task}\n\n```python\n{source}\n```"))
-    for module, doc in docs[: want["summarization"]]:
+    for _module, doc in docs[: want["summarization"]]:
         prompts.append(("summarization", f"Summarise this text in two or three sentences:\n\n{doc}"))
     rag_functions = functions[want["code-explain"] + want["code-edit"]:]
     for i, (module, doc) in enumerate(docs[want["summarization"]:]):

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Any
 
 import numpy as np
 
@@ -132,7 +134,8 @@ class NgramCounter:
         self._count_chunk()
         if self._spill is None:
             if self._pairs:
-                yield tuple(map(np.concatenate, zip(*self._pairs)))
+                keys, counts = map(np.concatenate, zip(*self._pairs))
+                yield keys, counts
             return
         if self._pairs:
             self._spill_pairs()
@@ -213,8 +216,10 @@ def build_datastore(
     from aded.progress import console
 
     identity = identity or tokenizer_identity(tokenizer)
-    paths = list(paths)
-    files = paths if all(isinstance(p, CorpusFile) for p in paths) else corpus_files(paths)
+    items = list(paths)
+    files = [p for p in items if isinstance(p, CorpusFile)]
+    if len(files) < len(items):  # paths to find the files under
+        files = corpus_files(p.path if isinstance(p, CorpusFile) else p for p in items)
     encode = batch_encoder(tokenizer)
     counter = NgramCounter(identity.vocab_size, params)
     start = time.perf_counter()
@@ -276,14 +281,15 @@ class _Progress:
                                  TimeRemainingColumn(), console=console, transient=True)  # fmt: skip
             self._task = self._bar.add_task("count", total=max(total_bytes, 1), info="")
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         if self.enabled:
             self._bar.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
         if self.enabled:
-            self._bar.__exit__(*exc)
+            self._bar.__exit__(exc_type, exc, traceback)
 
     def tokens(self, n: int) -> None:
         self.num_tokens += n

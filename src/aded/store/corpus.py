@@ -16,9 +16,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 __all__ = ["CorpusError", "CorpusFile", "corpus_files", "iter_documents", "documents_of", "chitchat_file"]
 

@@ -28,9 +28,10 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,7 @@ class TokenizerIdentity:
         return {"name": self.name, "vocab_size": self.vocab_size, "vocab_hash": self.vocab_hash}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "TokenizerIdentity":
+    def from_json(cls, data: Mapping[str, Any]) -> TokenizerIdentity:
         return cls(str(data["name"]), int(data["vocab_size"]), str(data["vocab_hash"]))
 
 
@@ -165,7 +166,7 @@ def read_arrays(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str,
         region = np.zeros(0, dtype=np.uint8)
     else:
         region = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(end - data_start,))
-    if verify and hashlib.sha256(region).hexdigest() != data_sha:
+    if verify and hashlib.sha256(region.data).hexdigest() != data_sha:  # .data: the array's buffer
         raise DatastoreError(f"{path}: data checksum mismatch, the file is corrupt; rebuild it")
     arrays = {}
     for entry in directory:
@@ -228,7 +229,7 @@ class Datastore:
         write_arrays(path, {name: self.arrays[name] for name in TABLES}, meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, expect: TokenizerIdentity | None = None, verify: bool = True) -> "Datastore":
+    def load(cls, path: str | os.PathLike, expect: TokenizerIdentity | None = None, verify: bool = True) -> Datastore:
         """Open a datastore; with `expect`, refuse one built for another tokenizer."""
         meta, arrays = read_arrays(path, verify=verify)
         if meta.get("kind") != cls.KIND:
