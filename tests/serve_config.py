@@ -12,10 +12,9 @@ from pathlib import Path
 
 
 def main() -> None:
-    import uvicorn
-
     import aded
     from aded.server.app import ServerConfig, create_app
+    from aded.server.run import serve
 
     model, drafter, port, fields = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -27,7 +26,7 @@ def main() -> None:
             fields[name] = tuple(fields[name])
     lm = aded.load(model, drafter=drafter, budget="typical")
     app = create_app(lm, ServerConfig(**fields))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    serve(app, "127.0.0.1", port, "warning")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import openai
@@ -57,6 +57,50 @@ def save_tiny_model(folder: Path) -> None:
     model.generation_config.eos_token_id = 1
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+#: a chat template that renders `tools` and `<tool_call>` as Hermes' (Qwen2.5's) does
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+    "Call one as <tool_call>\n{\"name\": ..., \"arguments\": ...}\n</tool_call><|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['tool_calls'] %}{% for c in m['tool_calls'] %}<tool_call>\n"
+    "{{ {'name': c['function']['name'], 'arguments': c['function']['arguments']} | tojson }}\n</tool_call>"
+    "{% endfor %}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_byte_level_model(folder: Path, template: str | None) -> None:
+    """A tiny random Llama over the default model's byte-level tokenizer (offline), which llguidance
+    reads, with `template` as its chat template (None: the tokenizer's own)."""
+    import torch
+    from offline_tokenizers import default_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = default_tokenizer()
+    if template is not None:
+        tokenizer.chat_template = template
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def scripted_lm(tokenizer, text: str, end: bool = True):
+    """An `Aded` whose greedy answer to any prompt is `text` (then EOS, if `end`): a runner that
+    follows a script (tests/scripted.py), so a test chooses what the "model" writes."""
+    from scripted import ScriptedRunner
+
+    from aded.api import Aded
+
+    script = tokenizer(text, add_special_tokens=False)["input_ids"]
+    script += [tokenizer.eos_token_id] if end else []
+    return Aded(ScriptedRunner(script, len(tokenizer), max_positions=4096), tokenizer, "pld", budget="off")
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +189,7 @@ class Server:
         self.proc.wait(30)
         self._close_log()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -172,14 +216,13 @@ def serve_in_thread(app) -> Iterator[str]:
 
 
 def _serve_forked(model_dir: str, fields: dict, port: int) -> None:
-    import uvicorn
-
     import aded
     from aded.server.app import ServerConfig, create_app
+    from aded.server.run import serve
 
     lm = aded.load(model_dir, drafter="suffix", budget="typical")
     app = create_app(lm, ServerConfig(model_name=MODEL, **fields))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    serve(app, "127.0.0.1", port, "warning")
 
 
 class ForkedServer:

@@ -20,7 +20,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from server_support import ForkedServer, MODEL, ROOT, chat, learned_outputs, load_tiny, tiny_dir  # noqa: E402, F401
+from server_support import MODEL, ROOT, ForkedServer, chat, learned_outputs, load_tiny, tiny_dir  # noqa: E402, F401
 
 
 def test_all_learning_of_completed_requests_survives_20_kill_9(tiny_dir):
@@ -40,7 +40,7 @@ def test_all_learning_of_completed_requests_survives_20_kill_9(tiny_dir):
             assert "loaded learned state" in running.health()["state"]
         stop, done_here = threading.Event(), []
 
-        def traffic() -> None:
+        def traffic(running=running, round_=round_, stop=stop, done_here=done_here) -> None:
             for i in range(100):  # bounded
                 if stop.is_set():
                     return
@@ -126,9 +126,10 @@ def test_an_unreadable_state_file_is_set_aside_and_the_server_starts(tiny_dir, t
 
 
 def test_a_state_file_of_another_drafter_stops_the_cli_in_one_line(tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+
     from aded.server.state import StateFile
     from aded.store.datastore import tokenizer_identity
-    from transformers import AutoTokenizer
 
     path = tmp_path / "other.npz"
     identity = tokenizer_identity(AutoTokenizer.from_pretrained(str(tiny_dir)))

@@ -86,14 +86,30 @@ def test_logit_bias_against_the_first_token_changes_the_answer_as_in_the_library
 
 
 @ENDPOINTS
-def test_stop_token_ids_end_the_answer_as_in_the_library(url, lm, path):
+def test_stop_token_ids_end_the_answer_without_the_token_text_as_vllm(url, lm, path):
+    """The library keeps the stop id's text; vLLM drops it unless include_stop_str_in_output (issue
+    30, finding 8): the server answers as vLLM, streamed or not."""
     plain = _direct(lm, path)
     stop = plain.token_ids[2]
     served = _served(url, path, stop_token_ids=[stop])
     direct = _direct(lm, path, stop_token_ids=[stop])
-    assert _text(served) == direct.text and len(direct.token_ids) < len(plain.token_ids)
+    assert len(direct.token_ids) < len(plain.token_ids) and direct.token_ids[-1] == stop
+    assert _text(served) == direct.text[:-len(_token(lm, stop))]
     assert served["choices"][0]["finish_reason"] == direct.finish_reason == "stop"
     assert served["usage"]["completion_tokens"] == len(direct.token_ids)
+    kept = _served(url, path, stop_token_ids=[stop], include_stop_str_in_output=True)
+    assert _text(kept) == direct.text
+    assert _streamed_text(url, path, stop_token_ids=[stop]) == _text(served)
+    assert _streamed_text(url, path, stop_token_ids=[stop], include_stop_str_in_output=True) == direct.text
+
+
+def _streamed_text(url: str, path: str, **fields) -> str:
+    with httpx.stream("POST", url + path, json={**_body(path, **fields), "stream": True}, timeout=60) as response:
+        assert response.status_code == 200
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    return "".join(c["delta"].get("content") or "" if "delta" in c else c["text"] for c in choices)
 
 
 PENALTIES = [{"repetition_penalty": 1.8}, {"presence_penalty": 2.0}, {"frequency_penalty": 2.0},
@@ -165,15 +181,18 @@ def test_completions_logprobs_are_the_library_ones(client, lm, top):
     assert reply.choices[0].text == direct.text
     assert logprobs.tokens == [_token(lm, e.token_id) for e in direct.logprobs]
     assert logprobs.token_logprobs == pytest.approx([e.logprob for e in direct.logprobs], abs=1e-6)
-    assert logprobs.top_logprobs == [pytest.approx({_token(lm, i): lp for i, lp in e.top}, abs=1e-6)
+    # with logprobs 0 each item holds the sampled token's own entry, as OpenAI answers (issue 30, finding 5)
+    assert logprobs.top_logprobs == [pytest.approx({_token(lm, i): lp for i, lp in e.top} if top else
+                                                   {_token(lm, e.token_id): e.logprob}, abs=1e-6)
                                      for e in direct.logprobs]
     assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
 
 
 def test_no_logprobs_unless_asked(url):
-    assert "logprobs" not in _served(url, CHAT)["choices"][0]
-    assert "logprobs" not in _served(url, COMPLETIONS)["choices"][0]
-    assert "logprobs" not in _served(url, CHAT, logprobs=False)["choices"][0]
+    """`logprobs: null`, as OpenAI writes it."""
+    assert _served(url, CHAT)["choices"][0]["logprobs"] is None
+    assert _served(url, COMPLETIONS)["choices"][0]["logprobs"] is None
+    assert _served(url, CHAT, logprobs=False)["choices"][0]["logprobs"] is None
 
 
 def _events(url: str, body: dict) -> list[dict]:

@@ -34,7 +34,7 @@ class GatedTokenizer:
     def __init__(self, tokenizer, gate: threading.Event, held: threading.Semaphore) -> None:
         self.tokenizer, self.gate, self.held = tokenizer, gate, held
 
-    def __deepcopy__(self, memo) -> "GatedTokenizer":
+    def __deepcopy__(self, memo) -> GatedTokenizer:
         return GatedTokenizer(copy.deepcopy(self.tokenizer, memo), self.gate, self.held)
 
     def apply_chat_template(self, messages, **kwargs):

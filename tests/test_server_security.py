@@ -14,7 +14,15 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from server_support import MODEL, Server, learned_outputs, load_tiny, post, serve_in_thread, tiny_dir  # noqa: E402, F401
+from server_support import (  # noqa: E402, F401
+    MODEL,
+    Server,
+    learned_outputs,
+    load_tiny,
+    post,
+    serve_in_thread,
+    tiny_dir,
+)
 
 CHAT = "/v1/chat/completions"
 ASK = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
@@ -53,7 +61,7 @@ def test_api_keys_guard_every_v1_route(lm):
             assert client.chat.completions.create(model=MODEL, messages=ASK["messages"], max_tokens=2).choices
         # liveness for probes without a key; what the server did, and its metrics, only with one
         assert httpx.get(url + "/health").json() == {"status": "ok"}
-        assert httpx.get(url + "/health", headers=_bearer(KEYS[1])).json()["completed"] >= 2
+        assert httpx.get(url + "/health", headers=_bearer(KEYS[1])).json()["completed"] == 1  # its own
         assert httpx.get(url + "/health", headers=_bearer("wrong")).status_code == 401
         assert httpx.get(url + "/metrics").status_code == 401
         assert httpx.get(url + "/metrics", headers=_bearer("wrong")).status_code == 401
@@ -99,7 +107,7 @@ def test_learned_state_is_kept_per_api_key(lm, tiny_dir):
     state = tiny_dir.parent / "per-key.npz"
     alice = {"model": MODEL, "messages": [{"role": "user", "content": "alice's secret plan"}],
              "max_tokens": 30, "temperature": 0}
-    with _serve(lm, api_keys=KEYS, state_per="key", state_path=state) as url:
+    with _serve(lm, api_keys=KEYS, admin_keys=("key-admin",), state_per="key", state_path=state) as url:
         first = post(url, CHAT, alice, headers=_bearer(KEYS[0])).json()
         again = post(url, CHAT, alice, headers=_bearer(KEYS[0])).json()
         bob = post(url, CHAT, alice, headers=_bearer(KEYS[1])).json()  # the same question, from Bob
@@ -107,7 +115,7 @@ def test_learned_state_is_kept_per_api_key(lm, tiny_dir):
         # each sees only its own history: Bob's first time is drafted like Alice's first time
         assert again["aded"]["mean_accepted_tokens"] > first["aded"]["mean_accepted_tokens"]
         assert bob["aded"]["mean_accepted_tokens"] == first["aded"]["mean_accepted_tokens"]
-        assert httpx.get(url + "/health", headers=_bearer(KEYS[0])).json()["tenants"] == 2
+        assert httpx.get(url + "/health", headers=_bearer("key-admin")).json()["tenants"] == 2
     files = sorted(tiny_dir.parent.glob("per-key.tenant-*.npz"))
     assert len(files) == 2 and not state.exists()  # nobody used the shared state
     assert not any(key in file.name for file in files for key in KEYS)

@@ -17,7 +17,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("llguidance")
 
-from server_support import MODEL, serve_in_thread  # noqa: E402
+from server_support import HERMES_TEMPLATE, MODEL, save_byte_level_model, serve_in_thread  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Pick a colour."}]
 SCHEMA = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"}},
@@ -27,33 +27,11 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
                                             "parameters": {"type": "object",
                                                            "properties": {"city": {"enum": ["Paris", "Rome"]}},
                                                            "required": ["city"], "additionalProperties": False}}}
-HERMES = ("{% if tools %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
-          "Call one as <tool_call>\n{\"name\": ..., \"arguments\": ...}\n</tool_call><|im_end|>\n{% endif %}"
-          "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-          "{% if m['tool_calls'] %}{% for c in m['tool_calls'] %}<tool_call>\n"
-          "{{ {'name': c['function']['name'], 'arguments': c['function']['arguments']} | tojson }}\n</tool_call>"
-          "{% endfor %}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+HERMES = HERMES_TEMPLATE
 
 
 def _save(folder, template: str | None) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from offline_tokenizers import default_tokenizer
-
-    tokenizer = default_tokenizer()
-    if template is not None:
-        tokenizer.chat_template = template
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_byte_level_model(folder, template)
 
 
 def _serve(lm):
@@ -116,16 +94,35 @@ def test_streamed_json_schema_equals_the_whole_answer(client):
     assert "".join(pieces) == whole
 
 
+@pytest.mark.parametrize("guided", [SCHEMA, json.dumps(SCHEMA)], ids=["object", "string"])
+def test_vllm_guided_json_is_a_json_schema_response_format(url, guided):
+    """vLLM's `guided_json` (issue 30, finding 5): the schema, as an object or a JSON string."""
+    body = {"model": MODEL, "messages": MESSAGES, "temperature": 0, "max_tokens": 48}
+    guided_reply = httpx.post(url + "/v1/chat/completions", json={**body, "guided_json": guided}, timeout=60)
+    schema_reply = httpx.post(url + "/v1/chat/completions", json={**body, "response_format": RESPONSE_FORMAT},
+                              timeout=60)
+    assert guided_reply.status_code == 200, guided_reply.text
+    content = guided_reply.json()["choices"][0]["message"]["content"]
+    assert content == schema_reply.json()["choices"][0]["message"]["content"]
+    assert set(json.loads(content)) == {"colour", "ok"}
+
+
 @pytest.mark.parametrize("field, value, param", [
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}, "response_format"),
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}},
      "response_format"),
     ("tools", [WEATHER], "tools"),
     ("tool_choice", "required", "tool_choice"),
-    ("n", 2, "n"),
+    # a schema beside json_object or text would be ignored (issue 30, finding 5)
+    ("response_format", {"type": "json_object", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+     "response_format.json_schema"),
+    ("response_format", {"type": "text", "json_schema": {"name": "x", "schema": {}}}, "response_format.json_schema"),
+    ("guided_json", {"type": "object"}, "guided_json"),  # beside the response_format below
 ])
 def test_bad_structured_fields_are_400_naming_the_field(url, field, value, param):
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, field: value}
+    if field == "guided_json":
+        body["response_format"] = {"type": "json_object"}
     response = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param

@@ -9,15 +9,14 @@ import copy
 import functools
 import json
 
-import numpy as np
 import pytest
+from conftest import tiny_llama
+from offline_tokenizers import default_tokenizer
+from test_grammar import validate
 
 from aded.api import Aded
 from aded.decoding import GenerationConfig
 from aded.tools import chat_prompt_ids, check_tools, parse_tool_calls, template_messages
-from conftest import tiny_llama
-from offline_tokenizers import default_tokenizer
-from test_grammar import validate
 
 # Qwen2.5's chat template (as its GGUF ships it): tools in <tools>, calls in <tool_call> blocks
 HERMES_TEMPLATE = """{%- if tools %}
@@ -119,10 +118,14 @@ def test_tool_calls_are_parsed_into_openai_shape():
     assert calls[0]["id"] != calls[1]["id"]
 
 
-def test_text_without_calls_and_broken_calls_stay_content():
+def test_text_without_calls_stays_content_and_broken_calls_leave_no_markup():
+    """Tool-call markup never reaches the content (issue 30, finding 7): a block that holds no call
+    is dropped with its markup."""
     assert parse_tool_calls("Just text.") == ("Just text.", [])
     broken = "<tool_call>\n{not json}\n</tool_call>"
-    assert parse_tool_calls(broken) == (broken, [])
+    assert parse_tool_calls(broken) == ("", [])
+    assert parse_tool_calls("Sure. " + broken + " Done.</tool_call>") == ("Sure.  Done.", [])
+    assert parse_tool_calls('<tool_call>\n{"name":') == ("", [])  # cut by the token limit mid-call
     content, calls = parse_tool_calls('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>')
     assert content is None and calls[0]["function"]["arguments"] == '{"a": 1}'  # already a string
     content, calls = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": {}}')  # cut by the token limit
@@ -136,6 +139,42 @@ def test_a_bare_json_call_counts_only_when_it_names_a_tool():
     assert parse_tool_calls(bare, ["get_time"]) == (bare, [])
     content, calls = parse_tool_calls(bare, ["get_weather"])
     assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+
+
+FENCED_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+    "required": ["city"], "additionalProperties": False}}}
+
+
+def test_a_fenced_json_call_counts_when_it_names_a_tool_and_matches_its_schema():
+    """What Qwen2.5-Coder writes instead of <tool_call> (issue 30, finding 7); llama-server takes
+    such fences, vLLM's Hermes parser does not (see `tool_call_spans`)."""
+    fenced = 'Sure.\n```json\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n```\nDone.'
+    content, calls = parse_tool_calls(fenced, [FENCED_TOOL])
+    assert content == "Sure.\n\nDone." and json.loads(calls[0]["function"]["arguments"])["days"] == 2
+    listed = '```json\n[{"name": "get_weather", "arguments": {"city": "A"}}, ' \
+             '{"name": "get_weather", "parameters": {"city": "B"}}]\n```'
+    assert [json.loads(c["function"]["arguments"])["city"] for c in parse_tool_calls(listed, [FENCED_TOOL])[1]] == \
+        ["A", "B"]
+    for wrong in ('{"city": 3}', '{"days": 2}', '{"city": "P", "sky": 1}', '{"city": "P", "days": 1.5}'):
+        text = '```json\n{"name": "get_weather", "arguments": ' + wrong + '}\n```'
+        assert parse_tool_calls(text, [FENCED_TOOL]) == (text, []), wrong
+    assert parse_tool_calls(fenced, ["get_weather"]) == (fenced, [])  # names only: no schema to match
+    assert parse_tool_calls(fenced) == (fenced, [])
+
+
+def test_the_schema_check_covers_what_tool_parameters_use():
+    from aded.tools import matches_schema
+
+    schema = {"type": "object", "required": ["a"], "additionalProperties": {"type": "string"},
+              "properties": {"a": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+                             "b": {"type": "array", "items": {"enum": ["x", "y"]}},
+                             "c": {"const": True}}}
+    assert matches_schema({"a": 1, "b": ["x"], "c": True, "d": "free"}, schema)
+    assert matches_schema({"a": None}, schema)
+    for bad in ({"b": []}, {"a": "1"}, {"a": 1, "b": ["z"]}, {"a": 1, "c": 1}, {"a": 1, "d": 2}, {"a": True}):
+        assert not matches_schema(bad, schema), bad
+    assert matches_schema({"anything": [1]}, {}) and not matches_schema(1, False)
 
 
 # ---------------------------------------------------------------------------- messages and templates

@@ -18,6 +18,10 @@ server returns as a 400.
 `arguments` follow the function's `parameters` schema, so the model must call. OpenAI-style
 messages come back in: an assistant message with `content: null` and `tool_calls` (arguments as a
 JSON string) and `role: "tool"` messages are converted into what the template expects.
+
+Parsing (`parse_tool_calls`): what is inside tool-call markup is a call or nothing, so markup
+never reaches the content, even when a reply is cut inside a call; fenced ```json calls and bare
+JSON calls of the declared tools are recognised too (`tool_call_spans` says why and how strictly).
 """
 
 from __future__ import annotations
@@ -25,19 +29,25 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from aded.grammar import json_schema_lark, response_format_schema
 
 if TYPE_CHECKING:
     from aded.grammar import Grammar
 
-__all__ = ["TOOL_CALL_OPEN", "TOOL_CALL_CLOSE", "supports_tools", "renders_tool_calls", "require_tool_template", "check_tools", "template_messages",
-           "chat_prompt_ids", "output_grammar", "tool_call_lark", "parse_tool_calls"]
+__all__ = ["TOOL_CALL_OPEN", "TOOL_CALL_CLOSE", "FENCE_OPEN", "supports_tools", "renders_tool_calls",
+           "require_tool_template", "check_tools", "template_messages", "chat_prompt_ids", "output_grammar",
+           "tool_call_lark", "parse_tool_calls", "tool_call_spans", "outside_spans", "fenced_calls",
+           "matches_schema"]
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+FENCE_OPEN = "```"
+_FENCE = re.compile(r"```(?:json|JSON|xml)?[ \t]*\n(.*?)\n?[ \t]*```", re.DOTALL)  # a fenced block
+_CALL_KEYS = {"name", "arguments", "parameters"}
 
 
 def _template(tokenizer) -> str:
@@ -189,7 +199,7 @@ def chat_prompt_ids(tokenizer, messages: Sequence[Mapping], tools: Any = None,
 
 
 def output_grammar(tokenizer, grammar_tokenizer: Callable[[], Any], response_format: Any = None,
-                   tools: Any = None, tool_choice: Any = None) -> "Grammar | None":
+                   tools: Any = None, tool_choice: Any = None) -> Grammar | None:
     """The grammar a request's output must match, or None when it is free: `response_format`'s
     JSON, tool calls (tool_choice "required" or a name), or for "auto" with a response_format
     either calls or that JSON. `grammar_tokenizer()` gives llguidance's view of `tokenizer` (called
@@ -221,7 +231,7 @@ def tool_call_lark(tokenizer, tools: list[dict], tool_choice: str | dict, answer
                              for f in chosen]}
     open_, close = _markup(tokenizer, TOOL_CALL_OPEN), _markup(tokenizer, TOOL_CALL_CLOSE)
     starts = {"auto": "start: calls | answer", "required": "start: calls"}
-    start = "start: call" if named else starts[tool_choice]
+    start = "start: call" if isinstance(tool_choice, dict) else starts[tool_choice]
     rules = [start,
              'calls: call ("\\n" call)* "\\n"?',  # a last newline: the model may end after it too
              f'call: {open_} "\\n" call_body "\\n" {close}',
@@ -241,29 +251,170 @@ def _markup(tokenizer, text: str) -> str:
     return json.dumps(text)
 
 
-def parse_tool_calls(text: str, tool_names: Sequence[str] = ()) -> tuple[str | None, list[dict]]:
+def parse_tool_calls(text: str, tools: Sequence[str] | Sequence[Mapping] = ()) -> tuple[str | None, list[dict]]:
     """(content, tool_calls) from generated text: each `<tool_call>{"name", "arguments"}</tool_call>`
     becomes an OpenAI tool call (`arguments` a JSON string, a fresh `call_...` id); the text around
-    the calls is the content (None when only calls remain). A block that is not a JSON call is
-    left in the content. Small models sometimes drop the markup: a whole answer that is exactly
-    one such JSON object naming one of `tool_names` is a call too."""
-    bare = _call(text.strip()) if text.strip().startswith("{") and TOOL_CALL_OPEN not in text else None
-    if bare is not None and bare["function"]["name"] in tool_names:
-        return None, [bare]
-    calls: list[dict] = []
-    kept: list[str] = []
-    end = 0
+    the calls is the content (None when only calls remain). `tools`: the declared tools (OpenAI
+    function tools, or just their names).
+
+    Tool-call markup never reaches the content: a block that is not a JSON call (cut by the token
+    limit, or malformed) is dropped with its markup, as is a stray `</tool_call>`; a block cut after
+    its JSON was complete still counts. Small models sometimes drop the markup: a whole answer that
+    is exactly one such JSON object naming a tool is a call too, and so is a fenced ```json block
+    (see `tool_call_spans`)."""
+    spans = tool_call_spans(text, tools)
+    if not spans:
+        return text, []
+    calls = [call for _, _, found in spans for call in found]
+    content = outside_spans(text, spans).strip()
+    return (content or None) if calls else content, calls
+
+
+def tool_call_spans(text: str, tools: Sequence[str] | Sequence[Mapping] = ()) -> list[tuple[int, int, list[dict]]]:
+    """(start, end, calls) of each stretch of `text` that is tool-call markup, in order; `calls` is
+    empty for markup that holds no call (dropped from the content).
+
+    Fenced JSON: Qwen2.5-Coder, asked with tools, often answers ```json\n{"name": ..., "arguments":
+    ...}\n``` instead of the `<tool_call>` its template asks for. vLLM's Hermes parser
+    (`hermes_tool_parser.py`) looks only for `<tool_call>` (and returns the whole text as content
+    when a block does not parse); llama-server's Hermes 2 Pro parser (`common/chat.cpp`) also takes
+    an optional ```json / ```xml fence before the call, and a bare `{"name": ...` object anywhere.
+    aded takes the fence as llama-server does, but more strictly, because a code block is also
+    what a model writes when it answers with JSON rather than calling: a fenced block is a call only
+    when it is one JSON object (or a list of them) with just `name` and `arguments` (or
+    `parameters`), naming a declared tool, whose arguments match that tool's `parameters` schema
+    (`matches_schema`). So it needs the tools themselves, not only their names. A fence around
+    `<tool_call>` blocks is dropped with them."""
+    names, schemas = _declared(tools)
+    stripped = text.strip()
+    if stripped.startswith("{") and TOOL_CALL_OPEN not in text:
+        bare = _call(stripped)
+        if bare is not None and bare["function"]["name"] in names:
+            return [(0, len(text), [bare])]
+    spans: list[tuple[int, int, list[dict]]] = []
     for match in _CALL.finditer(text):
         call = _call(match.group(1))
-        if call is None:
-            continue
-        kept.append(text[end:match.start()])
-        end = match.end()
-        calls.append(call)
-    if not calls:
-        return text, []
+        spans.append((match.start(), match.end(), [call] if call is not None else []))
+    for match in re.finditer(re.escape(TOOL_CALL_CLOSE), text):
+        if not any(start <= match.start() < end for start, end, _ in spans):
+            spans.append((match.start(), match.end(), []))
+    for fence in _FENCE.finditer(text):
+        inside = [span for span in spans if fence.start() <= span[0] and span[1] <= fence.end()]
+        overlapping = [span for span in spans if span[0] < fence.end() and fence.start() < span[1]]
+        if inside and len(inside) == len(overlapping):
+            if not outside_spans(fence.group(1), [(s - fence.start(1), e - fence.start(1), c)
+                                                  for s, e, c in inside]).strip():
+                spans = [span for span in spans if span not in inside]
+                spans.append((fence.start(), fence.end(), [call for _, _, found in inside for call in found]))
+        elif not overlapping and schemas:
+            calls = fenced_calls(fence.group(1), schemas)
+            if calls:
+                spans.append((fence.start(), fence.end(), calls))
+    return sorted(spans, key=lambda span: span[0])
+
+
+def outside_spans(text: str, spans: Sequence[tuple[int, int, Any]]) -> str:
+    """`text` without the stretches `spans` (sorted, not overlapping) cover."""
+    kept, end = [], 0
+    for start, stop, _ in spans:
+        kept.append(text[end:start])
+        end = stop
     kept.append(text[end:])
-    return "".join(kept).strip() or None, calls
+    return "".join(kept)
+
+
+def fenced_calls(body: str, schemas: Mapping[str, Any]) -> list[dict] | None:
+    """The calls a fenced block's `body` holds (see `tool_call_spans`), or None when it is not calls
+    of the tools `schemas` (name -> `parameters` schema) declares."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    items = data if isinstance(data, list) and data else [data]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or item.get("name") not in schemas or not set(item) <= _CALL_KEYS:
+            return None
+        arguments = item.get("arguments", item.get("parameters", {}))
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                return None
+        if not isinstance(arguments, dict) or not matches_schema(arguments, schemas[item["name"]]):
+            return None
+        call = _call(json.dumps({"name": item["name"], "arguments": arguments}, ensure_ascii=False))
+        if call is None:
+            return None
+        calls.append(call)
+    return calls
+
+
+def matches_schema(value: Any, schema: Any) -> bool:
+    """Does a JSON value match a JSON schema? The keywords tools' parameters use are checked
+    (`type`, `properties`, `required`, `additionalProperties`, `items`, `enum`, `const`, `anyOf`,
+    `oneOf`, `allOf`); any other keyword (`$ref`, `pattern`, bounds, ...) is not, i.e. passes."""
+    if isinstance(schema, bool):
+        return schema
+    if not isinstance(schema, Mapping):
+        return True
+    if "const" in schema and not _same(value, schema["const"]):
+        return False
+    if "enum" in schema and not any(_same(value, option) for option in schema["enum"]):
+        return False
+    for key, combine in (("anyOf", any), ("oneOf", any), ("allOf", all)):
+        options = schema.get(key)
+        if isinstance(options, list) and not combine(matches_schema(value, option) for option in options):
+            return False
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+        if not any(_is_type(value, kind) for kind in kinds):
+            return False
+    if isinstance(value, dict):
+        properties = schema.get("properties") or {}
+        if any(name not in value for name in schema.get("required") or ()):
+            return False
+        extra = schema.get("additionalProperties", True)
+        for name, item in value.items():
+            if name in properties:
+                if not matches_schema(item, properties[name]):
+                    return False
+            elif not matches_schema(item, extra):
+                return False
+    if isinstance(value, list) and isinstance(schema.get("items"), (Mapping, bool)):
+        return all(matches_schema(item, schema["items"]) for item in value)
+    return True
+
+
+def _is_type(value: Any, kind: str) -> bool:
+    if kind == "integer":
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, float) and value.is_integer())
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    types = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+    return isinstance(value, types[kind]) if kind in types else True
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality (true is not 1)."""
+    return type(a) is type(b) and a == b if isinstance(a, bool) or isinstance(b, bool) else a == b
+
+
+def _declared(tools: Sequence[str] | Sequence[Mapping]) -> tuple[set[str], dict[str, Any]]:
+    """(names, name -> parameters schema) of the declared tools (no schemas when given only names)."""
+    names: set[str] = set()
+    schemas: dict[str, Any] = {}
+    for tool in tools or ():
+        if isinstance(tool, str):
+            names.add(tool)
+        elif isinstance(tool, Mapping) and isinstance(tool.get("function"), Mapping):
+            name = tool["function"].get("name")
+            if isinstance(name, str):
+                names.add(name)
+                schemas[name] = tool["function"].get("parameters", {"type": "object"})
+    return names, schemas
 
 
 def _call(body: str) -> dict | None:

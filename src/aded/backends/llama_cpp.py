@@ -49,6 +49,29 @@ verified rows are the one-row bits, so the cells equal those of llama.cpp's plai
 through the same turns, and so does every later turn's output. (Whether a resumed prompt also gives
 the bits of a prefill from scratch depends on the kernels: on repacked or tiled weights it does not,
 for llama.cpp itself no more than for aded; `reuse_prefix=False` prefills every prompt whole.)
+
+Slots: several requests in one context (`slots=N`, what llama-server calls `-np N`). Each slot is
+one llama.cpp sequence (id = the slot's number) with its own prompt cache (the prefix reuse above,
+per slot), and `decode_parts` runs rows of several slots in one `llama_decode`, each slot's rows
+under its own sequence id; `aded.backends.gather` lets concurrent requests share steps that way.
+The context then uses llama.cpp's non-unified KV cache (`kv_unified = False`): every sequence has
+its own cell buffer ("stream"), so a slot's cells sit at the same offsets as in a one-slot context
+and its rows attend over exactly the cells, in exactly the SIMD lanes, of solo decoding. Measured on
+the default model (`python benchmarks/concurrency.py --exactness` repeats it): with one unified
+buffer, client A's one-token rows beside client B's rows or cells equal A's solo rows bit for bit
+in only 2 to 13 of 24 steps (max |diff| 0.79 to 0.93 in the logits: B's cells interleave with A's
+and shift the lanes of A's attention sums); non-unified, 24 of 24 in every arrangement, and a
+6-token chain beside another slot's 400-row prefill chunk equals it too. Other streams' rows only
+add masked cells (exact zeros) and batch rows, which ggml computes row by row (see "Exactness").
+What that costs: llama.cpp splits a non-unified batch into micro-batches that take the same number
+of rows from each of a run of consecutive sequence ids (`split_equal`), so rows of slots 0-3 with
+1, 3, 3 and 6 rows run as three graph computations (4x1, 3x2, 1x3 rows), and slots 0 and 2 without
+1 as two; `Gather` therefore hands out the lowest free slot unless another holds a longer prefix
+of the prompt. A token cannot belong to two streams, so slots verify chains (`max_leaves=1`).
+`n_ctx` stays what one sequence holds: each slot has `n_ctx` cells (llama-server's `-c` is split
+among its slots instead), so a request's limits do not depend on how many slots the server runs
+and a slot's attention spans what a one-slot context's would; the KV memory is `slots` times as
+large (the default model: ~23 KB a position, 750 MB for 4 slots of 8192).
 """
 
 from __future__ import annotations
@@ -67,8 +90,8 @@ import torch
 from aded.backends.base import Prefill, physical_cores
 from aded.tree import DraftTree
 
-__all__ = ["LlamaCppRunner", "LlamaCppError", "llama_cpp_available", "tree_sequences", "cpu_features",
-           "llama_build_identity", "tiled_matmul_enabled"]
+__all__ = ["LlamaCppRunner", "LlamaCppError", "LlamaSequence", "BatchPart", "llama_cpp_available",
+           "tree_sequences", "cpu_features", "llama_build_identity", "tiled_matmul_enabled"]
 
 #: root-to-leaf paths per verification; the budget prunes wider trees to this (see "Exactness")
 DEFAULT_MAX_LEAVES = 1
@@ -156,13 +179,31 @@ def tree_sequences(tree: DraftTree) -> tuple[list[list[int]], list[int]]:
 
 @dataclass
 class LlamaSequence:
-    """Per-request state: how many positions sequence 0 holds, and the last step's layout."""
+    """Per-request state: which slot it lives in, how many positions that slot's sequence holds,
+    and the last step's layout."""
 
     past_len: int = 0
     step_past: int = 0
     step_keep: list[int] | None = None  # per tree node, the sequence to keep if the path ends there
     step_width: int = 1
     step_tokens: list[int] | None = None  # the root and the tree's tokens of the last verification
+    slot: int = 0
+
+
+@dataclass
+class BatchPart:
+    """One sequence's rows for a `llama_decode` that may carry other slots' rows too.
+
+    `prefill` rows become the slot's cached prompt as soon as they are decoded; verification rows
+    wait for `commit`. `logits` flags the rows whose logits come back, in order."""
+
+    seq: LlamaSequence
+    tokens: list[int]
+    positions: list[int]
+    logits: list[bool]
+    seq_ids: list[list[int]] | None = None  # per row (a tree's paths); None: the slot's sequence
+    prefill: bool = False
+    what: str = ""  # for error messages
 
 
 class LlamaCppRunner:
@@ -172,12 +213,17 @@ class LlamaCppRunner:
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, n_threads: int | None = None,
                  n_batch: int = 512, max_leaves: int = DEFAULT_MAX_LEAVES,
-                 max_nodes: int | None = -1, reuse_prefix: bool = True, repack: bool = True) -> None:
+                 max_nodes: int | None = -1, reuse_prefix: bool = True, repack: bool = True,
+                 slots: int = 1) -> None:
         """`max_nodes`: the most draft nodes one verification may carry; -1 (the default) measures
         the longest chain llama.cpp verifies exactly on this file and machine, None allows any.
         `reuse_prefix`: start a sequence from the cells of the prefix it shares with the previous
         one, as llama.cpp's own front ends do (False: every prompt is prefilled whole).
-        `repack`: let llama.cpp repack weights for this CPU (`use_extra_bufts`, its default)."""
+        `repack`: let llama.cpp repack weights for this CPU (`use_extra_bufts`, its default).
+        `slots`: independent sequences in one context, each with its own prompt cache and `n_ctx`
+        positions (see "Slots" in the module's doc; 1 is a one-request runner, as it always was).
+        `new_sequence(capacity, slot=s)` starts a request in slot `s`; `decode_parts` runs rows of
+        several slots in one `llama_decode`."""
         try:
             import llama_cpp
         except ImportError as exc:
@@ -191,6 +237,13 @@ class LlamaCppRunner:
             raise LlamaCppError(f"{self.path} is not a file")
         if not 1 <= max_leaves <= 256:
             raise ValueError(f"max_leaves must be in [1, 256], got {max_leaves}")
+        if not 1 <= int(slots) <= 256:
+            raise ValueError(f"slots must be in [1, 256], got {slots}")
+        if slots > 1 and max_leaves != 1:
+            raise ValueError("a runner with several slots verifies chains (max_leaves=1): each slot's "
+                             "cells live in their own KV stream, which tree branches cannot share")
+        #: independent sequences (requests) this context holds at once
+        self.slots = int(slots)
         self.n_threads = int(n_threads or physical_cores())
         # llama.cpp handles (ctypes objects of the untyped llama_cpp module), set up below
         self._model: Any = None
@@ -198,8 +251,8 @@ class LlamaCppRunner:
         self._batch: Any = None
         #: new sequences keep the prefix they share with the previous one (see the module's doc)
         self.reuse_prefix = bool(reuse_prefix)
-        #: prompt tokens the last prefill found already computed
-        self._kv_tokens: list[int] = []  # the token ids held at positions 0, 1, ... of sequence 0
+        #: per slot, the token ids held at positions 0, 1, ... of its sequence (its prompt cache)
+        self._slot_tokens: list[list[int]] = [[] for _ in range(self.slots)]
         self.repack = bool(repack)
         model_params = llama_cpp.llama_model_default_params()
         model_params.use_extra_bufts = self.repack
@@ -236,6 +289,10 @@ class LlamaCppRunner:
         # trees: one cell buffer shared by all sequences, so seq_cp only adds ids; a chain needs
         # one sequence, set up as Llama(...) sets up its own (a little faster)
         params.kv_unified = max_leaves > 1
+        if self.slots > 1:  # one stream of n_ctx cells per slot (llama.cpp pads each to 256)
+            params.n_ctx = -(-self.n_ctx // 256) * 256 * self.slots
+            params.n_seq_max = self.slots
+            params.kv_unified = False
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads
         params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as Llama(...) by default
@@ -244,8 +301,8 @@ class LlamaCppRunner:
         if not self._ctx:
             raise LlamaCppError(f"llama.cpp cannot create a context of {self.n_ctx} positions "
                                 f"for {self.path} (out of memory?)")
-        self.n_ctx = int(lib.llama_n_ctx(self._ctx))
-        self.max_tree_leaves: int = int(lib.llama_n_seq_max(self._ctx))
+        self.n_ctx = int(lib.llama_n_ctx(self._ctx) if self.slots == 1 else lib.llama_n_ctx_seq(self._ctx))
+        self.max_tree_leaves: int = 1 if self.slots > 1 else int(lib.llama_n_seq_max(self._ctx))
         self.max_positions = self.n_ctx
         self._memory: Any = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(self.n_batch, 0, self.max_tree_leaves)
@@ -261,7 +318,7 @@ class LlamaCppRunner:
 
     def _exact_chain_nodes(self, probe: int = PROBE_NODES) -> int | None:
         """The longest chain whose verification rows equal one-token decoding bit for bit (None:
-        every chain up to `probe` nodes was exact, so no limit)."""
+        every chain up to `probe` nodes was exact, so no limit). Run in slot 0."""
         past, chain = self._probe_ids(0, 48, probe)
         seq = self.new_sequence(0)
         self.prefill(seq, past)
@@ -361,12 +418,27 @@ class LlamaCppRunner:
             pass
 
     # ------------------------------------------------------------------ the protocol
-    def new_sequence(self, capacity: int) -> LlamaSequence:
-        """The context's cells are allocated once (`n_ctx`), so only one sequence of a runner is
-        live at a time (the previous one is void); its first prefill decides what it keeps of them."""
-        return LlamaSequence()
+    def new_sequence(self, capacity: int, slot: int = 0) -> LlamaSequence:
+        """The context's cells are allocated once (`n_ctx` per slot), so only one sequence of a
+        slot is live at a time (the slot's previous one is void); its first prefill decides what it
+        keeps of the slot's cells."""
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} does not exist: this runner has {self.slots}")
+        return LlamaSequence(slot=int(slot))
 
     def prefill(self, seq: LlamaSequence, input_ids: Sequence[int]) -> Prefill:
+        ids, reused = self.start_prefill(seq, input_ids)
+        logits = None
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start : start + self.n_batch]
+            last = start + len(chunk) == len(ids)
+            logits = self.decode_parts([self.prefill_part(seq, chunk, last, len(ids))])[0]
+        assert logits is not None  # the prompt keeps at least its last token to compute
+        return Prefill(logits[0], reused)
+
+    def start_prefill(self, seq: LlamaSequence, input_ids: Sequence[int]) -> tuple[list[int], int]:
+        """Check a prompt and keep the cells of the prefix the slot shares with it: (the ids left
+        to compute, at least the last one; how many were kept)."""
         ids = [int(t) for t in input_ids]
         if not ids:
             raise ValueError("the prompt must contain at least one token")
@@ -377,35 +449,50 @@ class LlamaCppRunner:
         if seq.past_len == 0:
             reused = self._keep_prefix(seq, ids)
             ids = ids[reused:]
-        for start in range(0, len(ids), self.n_batch):
-            chunk = ids[start : start + self.n_batch]
-            last = start + len(chunk) == len(ids)
-            self._fill(chunk, [seq.past_len + j for j in range(len(chunk))], None,
-                       [last and j == len(chunk) - 1 for j in range(len(chunk))])
-            self._decode(f"prefill of {len(ids)} tokens")
-            seq.past_len += len(chunk)
-            self._kv_tokens.extend(chunk)
-        return Prefill(self._logits([-1])[0], reused)
+        return ids, reused
 
-    def forget(self, keep: Sequence[int] = ()) -> None:
-        held = self._kv_tokens  # the next prefill keeps at most this prefix, and frees the rest
+    def prefill_part(self, seq: LlamaSequence, chunk: Sequence[int], last: bool, total: int = 0) -> BatchPart:
+        """The rows that compute `chunk` of a prompt after what `seq` holds (`last`: it ends the
+        prompt, and the logits of its last row come back)."""
+        n = len(chunk)
+        return BatchPart(seq, [int(t) for t in chunk], [seq.past_len + j for j in range(n)],
+                         [last and j == n - 1 for j in range(n)], None, True,
+                         f"prefill of {total or n} tokens")
+
+    def forget(self, keep: Sequence[int] = (), slot: int | None = None) -> None:
+        """In `slot` (None: every slot; only while no slot runs a request), keep at most the prefix
+        its cached tokens share with `keep`."""
+        for s in range(self.slots) if slot is None else (slot,):
+            held = self._slot_tokens[s]  # the next prefill keeps at most this prefix, and frees the rest
+            del held[self.cached_prefix(keep, s):]
+
+    def cached_prefix(self, ids: Sequence[int], slot: int = 0) -> int:
+        """How many leading tokens of `ids` the slot holds computed (a prefill keeps at most all but
+        the prompt's last)."""
         n = 0
-        for a, b in zip(held, keep):
+        for a, b in zip(self._slot_tokens[slot], ids):
             if a != b:
                 break
             n += 1
-        del held[n:]
+        return n
+
+    @property
+    def _kv_tokens(self) -> list[int]:
+        """Slot 0's cached tokens (the one-slot runner's prompt cache)."""
+        return self._slot_tokens[0]
 
     def _keep_prefix(self, seq: LlamaSequence, ids: list[int]) -> int:
-        """Keep the cells of the longest prefix `ids` shares with what they hold (but the last
+        """Keep the cells of the longest prefix `ids` shares with what the slot holds (but the last
         prompt token, whose logits the prefill returns), forget the rest; how many were kept."""
-        held = self._kv_tokens
+        held = self._slot_tokens[seq.slot]
         limit = min(len(held), len(ids) - 1) if self.reuse_prefix else 0
         keep = 0
         while keep < limit and held[keep] == ids[keep]:
             keep += 1
         lib, mem = self._lib, self._memory
-        if keep:
+        if self.slots > 1:  # chains only: the slot's own sequence, in its own stream
+            lib.llama_memory_seq_rm(mem, seq.slot, keep, -1)
+        elif keep:
             lib.llama_memory_seq_keep(mem, 0)  # a tree step left uncommitted may hold others
             lib.llama_memory_seq_rm(mem, 0, keep, -1)
         else:
@@ -415,6 +502,11 @@ class LlamaCppRunner:
         return keep
 
     def verify(self, seq: LlamaSequence, root_id: int, tree: DraftTree) -> torch.Tensor:
+        return self.decode_parts([self.verify_part(seq, root_id, tree)])[0]
+
+    def verify_part(self, seq: LlamaSequence, root_id: int, tree: DraftTree) -> BatchPart:
+        """Check a verification and lay it out (sequence ids of a tree's paths, what `commit` will
+        keep): the rows `verify` decodes, for `decode_parts` to run beside other slots' rows."""
         k = len(tree)
         past = seq.past_len
         if self.max_tree_nodes is not None and k > self.max_tree_nodes:
@@ -440,9 +532,44 @@ class LlamaCppRunner:
                 self._lib.llama_memory_seq_cp(self._memory, 0, s, -1, -1)
         seq.step_past, seq.step_keep, seq.step_width = past, keep, width
         seq.step_tokens = tokens
-        self._fill(tokens, positions, node_seqs, [True] * len(tokens))
-        self._decode(f"verification of {k} draft nodes")
-        return self._logits(range(len(tokens)))
+        return BatchPart(seq, tokens, positions, [True] * len(tokens), node_seqs, False,
+                         f"verification of {k} draft nodes")
+
+    def decode_parts(self, parts: Sequence[BatchPart]) -> list[torch.Tensor]:
+        """Run the rows of `parts` (of different slots, at most `n_batch` rows in all) in one
+        `llama_decode`; per part, [flagged rows, vocab] logits. Prefill rows become their slot's
+        cached prompt. Parts go into the batch in slot order, so that llama.cpp's micro-batches
+        of a non-unified cache take rows of consecutive sequences together."""
+        order = sorted(range(len(parts)), key=lambda i: parts[i].seq.slot)
+        rows = sum(len(p.tokens) for p in parts)
+        if rows > self.n_batch:
+            raise ValueError(f"{rows} rows exceed the batch of {self.n_batch} tokens")
+        if len({p.seq.slot for p in parts}) < len(parts):
+            raise ValueError("one llama_decode carries at most one part of each slot")
+        starts, at = {}, 0
+        tokens, positions, flags = [], [], []
+        seq_ids: list[list[int]] | None = None
+        if self.slots > 1 or any(p.seq_ids is not None for p in parts):
+            seq_ids = []
+        for i in order:
+            part = parts[i]
+            starts[i] = at
+            at += len(part.tokens)
+            tokens += part.tokens
+            positions += part.positions
+            flags += part.logits
+            if seq_ids is not None:
+                seq_ids += part.seq_ids if part.seq_ids is not None else [[part.seq.slot]] * len(part.tokens)
+        self._fill(tokens, positions, seq_ids, flags)
+        what = parts[0].what if len(parts) == 1 else f"batch of {rows} rows from {len(parts)} requests"
+        self._decode(what)
+        out = []
+        for i, part in enumerate(parts):
+            out.append(self._logits([starts[i] + j for j, want in enumerate(part.logits) if want]))
+            if part.prefill:
+                part.seq.past_len += len(part.tokens)
+                self._slot_tokens[part.seq.slot].extend(part.tokens)
+        return out
 
     def commit(self, seq: LlamaSequence, accepted_nodes: Sequence[int]) -> None:
         lib, mem = self._lib, self._memory
@@ -457,19 +584,21 @@ class LlamaCppRunner:
                 lib.llama_memory_seq_cp(mem, keep, 0, -1, -1)
                 lib.llama_memory_seq_rm(mem, keep, -1, -1)
         else:
-            lib.llama_memory_seq_rm(mem, 0, end, -1)
+            lib.llama_memory_seq_rm(mem, seq.slot, end, -1)
         tokens = seq.step_tokens
         assert tokens is not None, "commit follows a verification"
-        self._kv_tokens.append(tokens[0])
-        self._kv_tokens.extend(tokens[1 + node] for node in accepted_nodes)
+        held = self._slot_tokens[seq.slot]
+        held.append(tokens[0])
+        held.extend(tokens[1 + node] for node in accepted_nodes)
         seq.past_len = end
         seq.step_keep, seq.step_width, seq.step_tokens = None, 1, None
 
     def rewind(self, seq: LlamaSequence, length: int) -> None:
         """Forget positions from `length` on, committed or left by an uncommitted verification."""
-        self._lib.llama_memory_seq_rm(self._memory, -1, length, -1)
+        # one slot: every sequence (a tree's paths); several: the slot's own, the others are not its
+        self._lib.llama_memory_seq_rm(self._memory, -1 if self.slots == 1 else seq.slot, length, -1)
         seq.past_len = min(seq.past_len, length)
-        del self._kv_tokens[length:]
+        del self._slot_tokens[seq.slot][length:]
         seq.step_keep, seq.step_width, seq.step_tokens = None, 1, None
 
     def cost_identity(self) -> str:
@@ -480,7 +609,7 @@ class LlamaCppRunner:
         return {"backend": "llama.cpp", "llama_cpp_python": self._lib.__version__,
                 "threads": self.n_threads, "n_ctx": self.n_ctx, "n_batch": self.n_batch,
                 "max_tree_leaves": self.max_tree_leaves, "max_tree_nodes": self.max_tree_nodes,
-                "repack": self.repack,
+                "repack": self.repack, "slots": self.slots,
                 "file": self.path.name, "file_type": self.file_type(), "cpu_features": self.cpu_features()}
 
     # ------------------------------------------------------------------ llama.cpp specifics

@@ -6,15 +6,19 @@ guarantee that every client gets exactly the output it would get alone (greedy d
 lossless whatever the drafter has learned, so the order of requests never changes a greedy answer).
 The event loop only validates, queues and relays; all model and drafter work happens here.
 
-A request holds one of `max_queue` slots from the moment it is admitted (before its body is read
-and parsed, so parsing counts against the queue too) until its job finishes: `admit()` returns a
-`Ticket`, `submit(request, ticket)` hands the slot to the job, `ticket.release()` frees a slot that
-never became a job.
+A request holds one of `max_queue` slots from the moment it is admitted (once its body is in,
+before it is parsed, so parsing counts against the queue but a stalled upload does not) until its
+job finishes: `admit()` returns a `Ticket`, `submit(request, ticket)` hands the slot to the job,
+`ticket.release()` frees a slot that never became a job. `begin_stop` (at SIGTERM) ends the running
+job and the queued ones with a 503 at once.
 
-A job's events reach its handler through an asyncio queue: ("piece", (text, logprobs)) while
-streaming (logprobs: those of the ids committed since the previous piece, or None), then
-("done", Completion) or ("error", exception). A handler whose client went away calls `cancel()`;
-the worker then closes the stream (the drafter's request ends cleanly) and takes the next job.
+A job runs its request `n` times (its choices, one after another; sampled ones each with a seed
+of its own, `choice_seed`). Its events reach its handler through an asyncio queue:
+("piece", (choice, text, logprobs)) while streaming (logprobs: those of the ids committed since
+the previous piece, or None), ("done", (choice, Completion)) for each choice, or ("error",
+exception). The text is the library's, or rebuilt by `OutputText` where the request's output fields
+(output.py) ask for another. A handler whose client went away calls `cancel()`; the worker then
+closes the stream (the drafter's request ends cleanly) and takes the next job.
 Work that must not overlap a request (exporting the drafter's learned state) is queued with `call`
 and runs before any queued job, i.e. as soon as the running one ends.
 """
@@ -28,12 +32,14 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from aded.server.errors import RequestError
+from aded.server.output import OutputRules, OutputText
 
-__all__ = ["RequestError", "GenerationRequest", "Job", "Ticket", "Engine"]
+__all__ = ["RequestError", "GenerationRequest", "Job", "Ticket", "Engine", "choice_seed"]
 
 log = logging.getLogger("aded.server")
 
@@ -50,6 +56,24 @@ class GenerationRequest:
     tenant: str | None = None  # whose learned state drafts it (None: the shared one)
     #: whose kept prompt cells it may start from (None: anyone's, on a server without keys or tenants)
     cache_owner: str | None = None
+    client: str | None = None  # who sent it (an API key's hash; None without keys), for its metrics
+    n: int = 1  # choices: generations of the same request
+    output: OutputRules = field(default_factory=OutputRules)
+
+    def choice(self, index: int) -> dict[str, Any]:
+        """`Aded.stream` keywords of choice `index` (its own seed when sampled; ids in the logprobs
+        when the output rules read them)."""
+        generation = dict(self.generation)
+        if index and generation.get("seed") is not None:
+            generation["seed"] = choice_seed(generation["seed"], index)
+        if self.output.needs_ids and not generation.get("logprobs"):
+            generation["logprobs"] = True
+        return generation
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a request seeded `seed` (choice 0 keeps it, so n=1 is unchanged)."""
+    return (seed + index * 0x9E3779B97F4A7C15) % (1 << 63)
 
 
 @dataclass
@@ -79,7 +103,7 @@ class Job:
 class Ticket:
     """One admitted request's queue slot, until `submit` hands it to a job or `release` frees it."""
 
-    def __init__(self, engine: "Engine") -> None:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._held = True
 
@@ -116,6 +140,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._current: Job | None = None
+        self._abandoned: list = []  # streams cut by a shutdown, never closed (their drafter is not told)
         self.completed = 0  # jobs that ran (finished or cancelled mid-way): the drafter learned
 
     # ------------------------------------------------------------------ lifecycle
@@ -124,19 +149,32 @@ class Engine:
         self._thread = threading.Thread(target=self._work, name="aded-engine", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new jobs, cancel the queued and the running one, join the worker."""
+    def begin_stop(self) -> None:
+        """Refuse new jobs, cancel the running one (its handler is told the server is shutting
+        down) and, as the worker reaches them, the queued ones; returns at once."""
         self._accepting = False
         current = self._current
         if current is not None:
             current.cancel()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """`begin_stop`, then wait up to `timeout` seconds for the worker; False when it is still
+        busy (a long prompt's prefill cannot be interrupted): it then touches no drafter again."""
+        self.begin_stop()
         self._put(_CALL, None)
         if self._thread is not None:
             self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
 
     @property
     def pending(self) -> int:
         return self._pending
+
+    @property
+    def idle(self) -> bool:
+        """No worker thread is running (never started, or stopped)."""
+        return self._thread is None or not self._thread.is_alive()
 
     # ------------------------------------------------------------------ submitting
     def admit(self) -> Ticket:
@@ -214,7 +252,6 @@ class Engine:
             self._finished(job, None)
             return
         request = job.request
-        completion = None
         if self.on_start is not None:
             try:
                 self.on_start(job)
@@ -224,32 +261,60 @@ class Engine:
                 self._finished(job, None)
                 return
         job.started = True
+        for index in range(request.n):
+            if not self._run_choice(job, index):
+                return
+
+    def _run_choice(self, job: Job, index: int) -> bool:
+        """Generate choice `index` of `job`; False when it did not finish (cancelled or failed)."""
+        request = job.request
+        rules = request.output
+        completion = None
         try:
-            stream = self.lm.stream(request.prompt_ids, stop=request.stop, **request.generation)
+            stream = self.lm.stream(request.prompt_ids, stop=request.stop, **request.choice(index))
         except ValueError as exc:
             job.emit("error", RequestError(str(exc)))
             self._finished(job, None)
-            return
+            return False
+        text = OutputText(self.lm.tokenizer, rules) if rules.shapes_text else None
         num_sent = 0  # logprobs relayed with earlier pieces
         try:
             for piece in stream:
                 if job.cancelled.is_set():
+                    if not self._accepting:
+                        job.emit("error", RequestError("the server is shutting down", 503, type_="server_error"))
                     break
                 if request.stream:
                     logprobs = stream.logprobs  # those of the ids committed so far, when asked for
-                    job.emit("piece", (piece, logprobs[num_sent:] if logprobs is not None else None))
+                    entries = logprobs[num_sent:] if logprobs is not None else None
                     num_sent = len(logprobs or ())
+                    if text is not None:
+                        piece = text.piece(piece, entries)
+                    if piece or (entries and rules.logprobs_wanted):
+                        job.emit("piece", (index, piece, entries if rules.logprobs_wanted else None))
             else:
                 completion = stream.completion
-                job.emit("done", completion)
+                if text is not None:
+                    completion, rest = text.finish(completion)
+                    if rest and request.stream:
+                        job.emit("piece", (index, rest, None))
+                if not rules.logprobs_wanted and completion.logprobs is not None:
+                    completion = replace(completion, logprobs=None)
+                completion = rules.finish_calls(completion)
+                job.emit("done", (index, completion))
         except Exception as exc:  # one broken request must not stop the server
             log.exception("generation failed")
             job.emit("error", RequestError(f"generation failed: {exc}", 500, type_="server_error"))
         finally:
-            if completion is None:
+            if completion is None and not self._accepting:
+                # shutting down: the learned state may be being saved from another thread now, so
+                # this request's drafter is not told it ended (the stream is kept from the collector)
+                self._abandoned.append(stream)
+            elif completion is None:
                 stream.close()  # ends the drafter's request; the KV cache is dropped
             self.completed += 1
             self._finished(job, completion)
+        return completion is not None
 
     def _finished(self, job: Job, completion) -> None:
         if self.on_finish is not None:

@@ -14,7 +14,7 @@ so a chunk's tokens and its text can differ by a few tokens; the final chunk car
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 from aded.processors import TokenLogprob
 from aded.server.schemas import ChatLogprobs, TextLogprobs
@@ -41,17 +41,21 @@ def chat_logprobs(texts: TokenTexts, entries: Sequence[TokenLogprob]) -> ChatLog
         text = texts.text(token_id)
         return {"token": text, "logprob": _floor(logprob), "bytes": list(text.encode("utf-8"))}
 
-    return ChatLogprobs(content=[{**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]}
-                                 for e in entries])
+    return ChatLogprobs.model_validate(
+        {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]}
+                     for e in entries]})
 
 
 def text_logprobs(texts: TokenTexts, entries: Sequence[TokenLogprob], offset: int = 0) -> TextLogprobs:
-    """Completions' lists; `offset` is where the first token's text starts in the completion."""
+    """Completions' lists; `offset` is where the first token's text starts in the completion. With
+    `logprobs: 0` (no alternatives) each `top_logprobs` item holds the sampled token's own entry,
+    as OpenAI's legacy completions answer."""
     tokens, offsets = [], []
     for entry in entries:
         offsets.append(offset)
         tokens.append(texts.text(entry.token_id))
         offset += len(tokens[-1])
     return TextLogprobs(tokens=tokens, token_logprobs=[_floor(e.logprob) for e in entries],
-                        top_logprobs=[{texts.text(i): _floor(lp) for i, lp in e.top} for e in entries],
+                        top_logprobs=[{texts.text(i): _floor(lp) for i, lp in e.top} if e.top
+                                      else {token: _floor(e.logprob)} for token, e in zip(tokens, entries)],
                         text_offset=offsets)

@@ -4,6 +4,12 @@ What is counted: HTTP requests by endpoint and status, prompt and completion tok
 steps and draft nodes, a histogram of tokens emitted per verification step (the accepted-tokens
 distribution; its mean is the mean accepted tokens, 1.0 = plain decoding), request latency,
 decode time, and tokens/s both of the last request and over the last minute.
+
+A server with API keys keeps one `Metrics` per key besides the whole server's: how well a request
+was drafted tells what the drafter learned from other clients' outputs when the learned state is
+shared, so a key reads only its own counters, and of those the speculation figures (steps, draft
+nodes, accepted tokens, decode time and speed) only of requests drafted from learned state of its
+own (`record_generation(..., private=False)` leaves them out). Admin keys read the whole server's.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["Metrics", "ACCEPTED_BUCKETS", "LATENCY_BUCKETS"]
 
@@ -73,15 +79,23 @@ class Metrics:
             if endpoint.startswith("/v1/"):
                 self.latency.observe(seconds)
 
-    def record_generation(self, outcome: str, prompt_tokens: int, stats) -> None:
-        """`stats`: the request's `GenerationStats` (None when it never ran)."""
+    def record_generation(self, outcome: str, prompt_tokens: int, stats, private: bool = True,
+                          cached_tokens: int | None = None) -> None:
+        """`stats`: the request's `GenerationStats` (None when it never ran); `private`: whether its
+        speculation figures may be counted here (see the module's docstring); `cached_tokens`: the
+        cached prompt tokens to count (default: the stats')."""
         with self._lock:
             self.generations[outcome] = self.generations.get(outcome, 0) + 1
             if stats is None:
                 return
             self.prompt_tokens += prompt_tokens
-            self.cached_prompt_tokens += stats.cached_prompt_tokens
+            self.cached_prompt_tokens += stats.cached_prompt_tokens if cached_tokens is None else cached_tokens
             self.completion_tokens += stats.generated_tokens
+            now = time.monotonic()
+            self._recent.append((now, stats.generated_tokens))
+            self._trim(now)
+            if not private:
+                return
             self.steps += stats.steps
             self.draft_nodes += stats.draft_nodes
             self.decode_seconds += stats.decode_s
@@ -89,9 +103,6 @@ class Metrics:
                 self.accepted.observe(length)
             if stats.decode_s > 0:
                 self.last_tokens_per_s = stats.decode_tokens_per_s
-            now = time.monotonic()
-            self._recent.append((now, stats.generated_tokens))
-            self._trim(now)
 
     def record_save(self, ok: bool) -> None:
         with self._lock:
@@ -107,6 +118,10 @@ class Metrics:
     def mean_accepted_tokens(self) -> float:
         with self._lock:
             return self.accepted.sum / self.accepted.total if self.accepted.total else 0.0
+
+    @property
+    def finished(self) -> int:
+        return self.generations.get("finished", 0)
 
     def render(self) -> str:
         with self._lock:

@@ -12,9 +12,11 @@ validated `CHUNK` items at a time: the engine and the event loop get the interpr
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import re
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -22,7 +24,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from aded.server.errors import RequestError
 from aded.server.schemas import NOT_SUPPORTED_YET, FieldError
 
-__all__ = ["MAX_DEPTH", "parse_body", "parse_json_object"]
+__all__ = ["MAX_DEPTH", "parse_body", "parse_json_object", "decode_body"]
 
 MAX_DEPTH = 64  # JSON schemas of tools and response formats nest, but not this deep
 CHUNK = 256  # list items validated at a time
@@ -31,11 +33,27 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 Request = TypeVar("Request", bound=BaseModel)
 
 
-def parse_body(raw: bytes, model: type[Request]) -> Request:
-    """The request in `raw` (a JSON object) validated as `model`."""
-    request = _validated(model, parse_json_object(raw, ""))
+def parse_body(raw: bytes | str | dict[str, Any], model: type[Request]) -> Request:
+    """The request in `raw` (a JSON object, or one parsed by `parse_json_object`) validated as `model`."""
+    request = _validated(model, raw if isinstance(raw, dict) else parse_json_object(raw, ""))
     _refuse_unsupported(request)
     return request
+
+
+def decode_body(raw: bytes, charset: str | None) -> bytes | str:
+    """The body as the `charset` of its Content-Type gives it: UTF-8 (or none given) is left to
+    the JSON parser, which reads UTF-8, -16 and -32; any other text encoding Python knows (such as
+    latin-1) is decoded, so its characters arrive as sent; an unknown charset is a 415 naming it."""
+    if charset is None or charset.strip().lower().replace("_", "-") in ("utf-8", "utf8"):
+        return raw
+    try:
+        return raw.decode(codecs.lookup(charset).name)
+    except LookupError:  # unknown, or not a text encoding (base64, ...)
+        raise RequestError(f"the body's charset {charset!r} is not a text encoding this server knows; send "
+                           "UTF-8", 415, param="charset", code="unsupported_charset") from None
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"the body is not valid {charset}: {exc.reason} at byte {exc.start}",
+                           param="charset") from None
 
 
 def parse_json_object(text: bytes | str, where: str) -> dict[str, Any]:
@@ -83,7 +101,7 @@ def _validated(model: type[Request], body: dict[str, Any]) -> Request:
         raise _refusal(exc.errors(include_url=False, include_input=False)) from exc
 
 
-def _refusal(errors: list[dict[str, Any]]) -> RequestError:
+def _refusal(errors: Sequence[Any]) -> RequestError:
     first = errors[0]
     where = ".".join(str(p) for p in first["loc"]) or None
     blamed = first.get("ctx", {}).get("error")
@@ -112,16 +130,16 @@ def _long_lists(model: type[BaseModel], body: dict[str, Any]) -> dict[str, list]
                     loc = list(error["loc"])
                     at = next((i for i, part in enumerate(loc) if isinstance(part, int)), None)
                     if at is not None:
-                        loc[at] += start
+                        loc[at] = int(loc[at]) + start
                     error["loc"] = (name, *loc)
                 raise _refusal(errors) from exc
         out[name] = items
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _adapter(model: type[BaseModel], name: str) -> TypeAdapter:
-    return TypeAdapter(model.model_fields[name].annotation, config=model.model_config)
+    return TypeAdapter(model.model_fields[name].annotation or Any, config=model.model_config)
 
 
 def _problem(error: dict[str, Any]) -> str:

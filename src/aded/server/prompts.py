@@ -14,15 +14,22 @@ from __future__ import annotations
 
 import copy
 import queue
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from aded.server.errors import RequestError
-from aded.tools import renders_tool_calls, require_tool_template
 from aded.server.parsing import parse_json_object
 from aded.server.schemas import ChatMessage
+from aded.tools import renders_tool_calls, require_tool_template
 
-__all__ = ["PromptEncoder"]
+__all__ = ["PromptEncoder", "RESERVED_TEMPLATE_KWARGS"]
+
+#: `apply_chat_template`'s own parameters, which `chat_template_kwargs` may not set
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "sanitize_control_tokens"})
 
 
 class PromptEncoder:
@@ -52,34 +59,50 @@ class PromptEncoder:
         finally:
             self._free.put(tokenizer)
 
-    def chat_ids(self, messages: list[ChatMessage], tools: list[dict] | None = None) -> list[int]:
+    def chat_ids(self, messages: list[ChatMessage], tools: list[dict] | None = None,
+                 template_kwargs: dict[str, Any] | None = None, add_generation_prompt: bool = True) -> list[int]:
         """`tools` (checked by `aded.tools.check_tools`; None when not rendered) are rendered by the
-        template, which must support them in the Hermes format the library parses."""
+        template, which must support them in the Hermes format the library parses;
+        `template_kwargs` (`chat_template_kwargs`) are more variables for the template (such as
+        `enable_thinking`), none of `apply_chat_template`'s own parameters."""
         if not self.has_chat_template:
             raise RequestError("this model has no chat template; use /v1/completions", param="messages")
         if tools and self._tools_refused:
             raise RequestError(self._tools_refused, param="tools", code="unsupported_parameter")
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(template_kwargs or ()))
+        if reserved:
+            raise RequestError(f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets it",
+                               param="chat_template_kwargs")
         names: dict[str, str] = {}  # tool call id -> function name, for the tool messages answering them
         rendered = [self._template_message(i, m, names) for i, m in enumerate(messages)]
         with self._tokenizer() as tokenizer:
             try:
-                ids = tokenizer.apply_chat_template(rendered, tools=tools, add_generation_prompt=True,
+                ids = tokenizer.apply_chat_template(rendered, tools=tools, add_generation_prompt=add_generation_prompt,
                                                     tokenize=True, return_dict=False,
-                                                    sanitize_control_tokens=True)
+                                                    sanitize_control_tokens=True, **(template_kwargs or {}))
             except Exception as exc:  # the template is the model's Jinja code: any error is the input's
                 raise RequestError(f"the chat template rejected these messages: {type(exc).__name__}: {exc}",
                                    param="messages") from exc
         return [int(t) for t in ids]
 
-    def text_ids(self, prompt: str | list[int]) -> list[int]:
+    def text_ids(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
             with self._tokenizer() as tokenizer:
-                return [int(t) for t in tokenizer(prompt, add_special_tokens=True)["input_ids"]]
+                return [int(t) for t in tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]]
         too_big = [t for t in prompt if t >= self.vocab_size]
         if too_big:
             raise RequestError(f"token id {too_big[0]} is outside the vocabulary (size {self.vocab_size})",
                                param="prompt")
         return list(prompt)
+
+    def text_of(self, ids: list[int]) -> str:
+        """The text of token ids, special tokens written out (what /detokenize answers)."""
+        outside = next((t for t in ids if t >= self.vocab_size), None)
+        if outside is not None:
+            raise RequestError(f"token id {outside} is outside the vocabulary (size {self.vocab_size})",
+                               param="tokens")
+        with self._tokenizer() as tokenizer:
+            return tokenizer.decode(ids, skip_special_tokens=False)
 
     def _template_message(self, index: int, message: ChatMessage, names: dict[str, str]) -> dict[str, Any]:
         """The message as chat templates expect it: `developer` is `system`, tool-call arguments
@@ -93,16 +116,18 @@ class PromptEncoder:
             out["tool_call_id"] = message.tool_call_id
             if message.role == "tool" and "name" not in out and message.tool_call_id in names:
                 out["name"] = names[message.tool_call_id]
-        if message.tool_calls:
+        calls = message.calls()
+        if calls:
+            field = "tool_calls" if message.tool_calls else "function_call"
             if not self.renders_tool_calls:
                 raise RequestError("this model's chat template cannot show earlier tool calls to the model",
-                                   param=f"messages.{index}.tool_calls", code="unsupported_parameter")
+                                   param=f"messages.{index}.{field}", code="unsupported_parameter")
             out["tool_calls"] = [{"id": call.id, "type": call.type,
                                   "function": {"name": call.function.name,
                                                "arguments": parse_json_object(
                                                    call.function.arguments,
-                                                   f"messages.{index}.tool_calls.{j}.function.arguments")}}
-                                 for j, call in enumerate(message.tool_calls)]
-            names.update((call.id, call.function.name) for call in message.tool_calls)
+                                                   f"messages.{index}.{field}.{j}.function.arguments")}}
+                                 for j, call in enumerate(calls)]
+            names.update((call.id, call.function.name) for call in calls)
         return out
 

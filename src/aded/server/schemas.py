@@ -4,13 +4,16 @@ Requests are strict (a string where a number belongs is an error, not a conversi
 silently coerced parameter is a wrong answer the client cannot see. For the same reason no field
 is ever dropped: an unknown field is refused by name, and a field the API defines that this server
 does not honour yet is accepted only at its neutral value (`NOT_SUPPORTED_YET`, one line per
-field, so honouring one later is deleting its line).
+field, so honouring one later is deleting its line). The fields that cannot change what this server
+answers (`user`, `store`, `metadata`, `service_tier`, `reasoning_effort` for models that do not
+reason) are validated and accepted, since the common clients send them.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Callable, Literal, Optional, Union
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -18,18 +21,14 @@ __all__ = [
     "ChatMessage",
     "ChatCompletionRequest",
     "CompletionRequest",
+    "TextTokenizeRequest",
+    "ChatTokenizeRequest",
+    "DetokenizeRequest",
     "NOT_SUPPORTED_YET",
     "FieldError",
     "ErrorBody",
     "ErrorResponse",
-    "Usage",
-    "PromptTokensDetails",
     "AdedStats",
-    "ChatCompletion",
-    "ChatCompletionChunk",
-    "TextCompletion",
-    "ModelCard",
-    "ModelList",
     "error_payload",
 ]
 
@@ -71,28 +70,45 @@ class ToolCall(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None  # None only beside an assistant's tool_calls
-    name: Optional[str] = None
-    tool_calls: Optional[list[ToolCall]] = None  # an assistant's earlier calls, sent back
-    tool_call_id: Optional[str] = None  # which call a tool message answers
-    # what an OpenAI response message carries besides, so a client may send one back unchanged
-    refusal: None = None
-    function_call: None = None
+    content: str | list[TextPart] | None = None  # None only beside an assistant's tool_calls
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls, sent back
+    tool_call_id: str | None = None  # which call a tool message answers
+    # what an OpenAI response message carries besides, so a client may send one back unchanged; an
+    # earlier refusal is shown to the model as that turn's text
+    refusal: str | None = None
+    function_call: FunctionCall | None = None  # legacy: an assistant's call, as `tool_calls` now
     audio: None = None
-    annotations: Optional[list[Any]] = Field(default=None, max_length=0)
+    annotations: list[Any] | None = Field(default=None, max_length=0)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ChatMessage":
-        if self.tool_calls and self.role != "assistant":
+    def _consistent(self) -> ChatMessage:
+        if (self.tool_calls or self.function_call) and self.role != "assistant":
             raise ValueError(f"only assistant messages carry tool_calls, not {self.role} messages")
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+        if self.tool_calls and self.function_call:
+            raise FieldError("function_call", "give tool_calls or the legacy function_call, not both")
+        if self.refusal is not None and self.role != "assistant":
+            raise FieldError("refusal", f"only assistant messages carry a refusal, not {self.role} messages")
+        if self.role == "tool" and not self.tool_call_id:
+            raise FieldError("tool_call_id", "a tool message needs the tool_call_id of the call it answers")
+        if self.content is None and not (self.role == "assistant" and (self.tool_calls or self.function_call
+                                                                        or self.refusal is not None)):
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls "
+                             "or a refusal)")
         return self
 
     def text(self) -> str | None:
-        if self.content is None or isinstance(self.content, str):
+        if self.content is None:
+            return self.refusal
+        if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def calls(self) -> list[ToolCall] | None:
+        """The assistant's calls, the legacy `function_call` as one of them."""
+        if self.function_call is not None:
+            return [ToolCall(id="call_0", function=self.function_call)]
+        return self.tool_calls
 
 
 class StreamOptions(_Strict):
@@ -101,14 +117,21 @@ class StreamOptions(_Strict):
 
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: Optional[dict[str, Any]] = None
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _schema_only_for_json_schema(self) -> ResponseFormat:
+        if self.json_schema is not None and self.type != "json_schema":
+            raise FieldError("json_schema", f"a json_schema is read only with type json_schema; with type "
+                             f"{self.type!r} it would be ignored (send type json_schema, or leave it out)")
+        return self
 
 
 class FunctionSpec(_Strict):
     name: str
-    description: Optional[str] = None
-    parameters: Optional[dict[str, Any]] = None
-    strict: Optional[bool] = None
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
 
 
 class Tool(_Strict):
@@ -121,37 +144,55 @@ class NamedToolChoice(_Strict):
     function: dict[str, str]
 
 
+class NamedFunction(_Strict):
+    """The legacy `function_call` naming a function."""
+
+    name: str
+
+
+MAX_N = 16  # choices per request (each is a generation of its own)
+MAX_METADATA = 16  # key-value pairs, as in the OpenAI API
+
+
 class _Sampling(_Strict):
     """Parameters shared by both endpoints (OpenAI names and ranges; vLLM's for extensions)."""
 
     model: str = Field(min_length=1)
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(default=None, ge=0, le=100_000)  # extension, as in vLLM
-    seed: Optional[int] = Field(default=None, ge=0, le=2**63 - 1)
-    stop: Union[str, list[str], None] = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0, le=100_000)  # extension, as in vLLM
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None  # an end-user id for the operator's logs; changes no output
-    cache_salt: Optional[str] = Field(default=None, min_length=1)  # vLLM's: whose learned state
+    stream_options: StreamOptions | None = None
+    cache_salt: str | None = Field(default=None, min_length=1)  # vLLM's: whose learned state
+    prompt_cache_key: str | None = Field(default=None, min_length=1)  # a salt where state is per salt
+    # accepted, and changing nothing this server outputs
+    user: str | None = None  # an end-user id for the operator's logs
+    store: bool | None = None  # nothing is stored for later retrieval either way
+    metadata: dict[str, str] | None = Field(default=None, max_length=MAX_METADATA)
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    # output of vLLM's (aded.server.output)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    guided_json: dict[str, Any] | str | None = None  # vLLM's: a JSON schema, as response_format
     # processors of the library (GenerationConfig); token ids are checked against the vocabulary
     # by the service, which knows it
-    presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: Optional[float] = Field(default=None, gt=0.0)
-    logit_bias: Optional[dict[str, float]] = None  # token id (a decimal string) -> bias in [-100, 100]
-    min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    stop_token_ids: Optional[list[Annotated[int, Field(ge=0)]]] = None
-    ignore_eos: Optional[bool] = None
-    min_tokens: Optional[int] = Field(default=None, ge=0)
-    response_format: Optional[ResponseFormat] = None  # a grammar (the library's), on both endpoints
-    # defined, not honoured yet: see NOT_SUPPORTED_YET
-    n: int = Field(default=1, ge=1)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(default=None, ge=0)
+    response_format: ResponseFormat | None = None  # a grammar (the library's), on both endpoints
+    n: int = Field(default=1, ge=1, le=MAX_N)  # choices: the request run n times
 
     @field_validator("logit_bias")
     @classmethod
-    def _bias(cls, value: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
             if not _TOKEN_ID.fullmatch(key):
                 raise ValueError(f"logit_bias keys are token ids written as decimal strings, got {key[:20]!r}")
@@ -162,7 +203,7 @@ class _Sampling(_Strict):
 
     @field_validator("stop")
     @classmethod
-    def _stop_list(cls, value: Union[str, list[str], None]) -> Union[str, list[str], None]:
+    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else (value or [])
         if len(stops) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
@@ -171,10 +212,31 @@ class _Sampling(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _options_need_stream(self) -> "_Sampling":
+    def _options_need_stream(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed with stream: true")
+        if self.guided_json is not None and self.response_format is not None:
+            raise FieldError("guided_json", "give response_format or guided_json (vLLM's name for a JSON "
+                             "schema), not both")
         return self
+
+    def output_format(self) -> dict[str, Any] | None:
+        """`response_format` as the library takes it; vLLM's `guided_json` as a json_schema one."""
+        if self.guided_json is not None:
+            schema = self.guided_json
+            if isinstance(schema, str):
+                import json
+
+                try:
+                    schema = json.loads(schema)
+                except ValueError as exc:
+                    raise FieldError("guided_json", f"guided_json is not a JSON schema: {exc}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise FieldError("guided_json", "guided_json must be a JSON schema (an object)")
+            return {"type": "json_schema", "json_schema": {"name": "guided_json", "schema": schema}}
+        if self.response_format is None:
+            return None
+        return self.response_format.model_dump(exclude_none=True)
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -193,15 +255,19 @@ class _Sampling(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
-    tools: Optional[list[Tool]] = None
-    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
-    parallel_tool_calls: Optional[bool] = None
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call is returned
+    functions: list[FunctionSpec] | None = Field(default=None, min_length=1)  # legacy `tools`
+    function_call: Literal["none", "auto"] | NamedFunction | None = None  # legacy `tool_choice`
+    chat_template_kwargs: dict[str, Any] | None = None  # more variables for the chat template
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None  # no reasoning here
 
     @model_validator(mode="after")
-    def _one_limit(self) -> "ChatCompletionRequest":
+    def _one_limit(self) -> ChatCompletionRequest:
         """`max_completion_tokens` is the newer name of `max_tokens`; two different limits are an error."""
         given = {self.max_tokens, self.max_completion_tokens} - {None}
         if len(given) > 1:
@@ -209,24 +275,47 @@ class ChatCompletionRequest(_Sampling):
                              f"({self.max_completion_tokens}) differ; give one of them")
         if self.top_logprobs and not self.logprobs:
             raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
+        if self.functions is not None and self.tools is not None:
+            raise FieldError("functions", "give tools or the legacy functions, not both")
+        if self.function_call is not None and self.tool_choice is not None:
+            raise FieldError("function_call", "give tool_choice or the legacy function_call, not both")
+        if self.function_call is not None and self.functions is None:
+            raise FieldError("function_call", "function_call needs functions")
         if self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
         return self
+
+    @property
+    def legacy_functions(self) -> bool:
+        """Were tools given as the legacy `functions` (so calls are answered as `function_call`)?"""
+        return self.functions is not None
+
+    def tool_fields(self) -> tuple[list[dict] | None, Any]:
+        """(tools, tool_choice) as OpenAI's current fields, the legacy ones converted."""
+        if self.functions is not None:
+            legacy = self.function_call
+            choice: Any = legacy
+            if isinstance(legacy, NamedFunction):
+                choice = {"type": "function", "function": {"name": legacy.name}}
+            return [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in self.functions], choice
+        current = self.tool_choice
+        tools = None if self.tools is None else [tool.model_dump(exclude_none=True) for tool in self.tools]
+        return tools, current.model_dump() if isinstance(current, NamedToolChoice) else current
 
     def num_top_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[int]]
+    prompt: str | list[int]
     echo: bool = False
-    suffix: Optional[str] = None
-    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)  # alternatives per token
-    best_of: Optional[int] = Field(default=None, ge=1)
+    suffix: str | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)  # alternatives per token
+    best_of: int | None = Field(default=None, ge=1)
 
     @field_validator("prompt")
     @classmethod
-    def _non_empty(cls, value: Union[str, list[int]]) -> Union[str, list[int]]:
+    def _non_empty(cls, value: str | list[int]) -> str | list[int]:
         if len(value) == 0:
             raise ValueError("the prompt is empty")
         if isinstance(value, list) and any(t < 0 for t in value):
@@ -235,6 +324,34 @@ class CompletionRequest(_Sampling):
 
     def num_top_logprobs(self) -> int | None:
         return self.logprobs
+
+
+class TextTokenizeRequest(_Strict):
+    """vLLM's /tokenize body for a prompt."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class ChatTokenizeRequest(_Strict):
+    """vLLM's /tokenize body for chat messages (through the chat template, as for a completion)."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+    def tool_fields(self) -> tuple[list[dict] | None, Any]:
+        return (None if self.tools is None else [tool.model_dump(exclude_none=True) for tool in self.tools]), None
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
 
 
 def _is(*neutral: Any) -> Callable[[Any], bool]:
@@ -246,26 +363,14 @@ def _is(*neutral: Any) -> Callable[[Any], bool]:
 #: request with any other value is refused with a 400 naming the field, never answered as if the
 #: field had been honoured. A field honoured later loses its line here.
 NOT_SUPPORTED_YET: dict[str, Callable[[Any], bool]] = {
-    "n": _is(1),
     "best_of": _is(None, 1),
     "echo": _is(False),
     "suffix": _is(None, ""),
-    "parallel_tool_calls": _is(None, True),  # true is what is done: any number of calls
 }
 
 
 # ---------------------------------------------------------------------------- responses
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int  # prompt tokens kept from the previous request instead of computed again
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
-
-
+# (the answers' shapes are written out in replies.py; these are the parts built from models)
 class AdedStats(BaseModel):
     """The extension field: how speculative decoding went for this response."""
 
@@ -279,7 +384,7 @@ class AdedStats(BaseModel):
 class TopLogprob(BaseModel):
     token: str
     logprob: float
-    bytes: Optional[list[int]] = None
+    bytes: list[int] | None = None
 
 
 class TokenLogprobEntry(TopLogprob):
@@ -301,91 +406,11 @@ class TextLogprobs(BaseModel):
     text_offset: list[int]
 
 
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: Optional[str]  # null when the answer is only tool calls (kept as null in the body)
-    tool_calls: Optional[list[dict[str, Any]]] = None  # OpenAI-shaped, as `Completion.tool_calls`
-
-
-class ChatChoice(BaseModel):
-    index: int = 0
-    message: AssistantMessage
-    logprobs: Optional[ChatLogprobs] = None
-    finish_reason: str
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    system_fingerprint: Optional[str] = None
-    choices: list[ChatChoice]
-    usage: Usage
-    aded: Optional[AdedStats] = None
-
-
-class ChunkDelta(BaseModel):
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
-    tool_calls: Optional[list[dict[str, Any]]] = None  # each with its "index", in the final delta
-
-
-class ChunkChoice(BaseModel):
-    index: int = 0
-    delta: ChunkDelta
-    logprobs: Optional[ChatLogprobs] = None
-    finish_reason: Optional[str] = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: Optional[str] = None
-    choices: list[ChunkChoice]
-    usage: Optional[Usage] = None
-    aded: Optional[AdedStats] = None
-
-
-class TextChoice(BaseModel):
-    index: int = 0
-    text: str
-    logprobs: Optional[TextLogprobs] = None
-    finish_reason: Optional[str] = None
-
-
-class TextCompletion(BaseModel):
-    """Both the whole response and each streamed chunk (as in the OpenAI API)."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    system_fingerprint: Optional[str] = None
-    choices: list[TextChoice]
-    usage: Optional[Usage] = None
-    aded: Optional[AdedStats] = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "aded"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
 class ErrorBody(BaseModel):
     message: str
     type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
+    param: str | None = None
+    code: str | None = None
 
 
 class ErrorResponse(BaseModel):

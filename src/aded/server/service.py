@@ -2,9 +2,14 @@
 
 A request's body is parsed, templated and tokenized on a parsing thread (`prepare`), never on the
 event loop, so one huge body does not hold `/health` or other clients' streams; it holds one of
-the engine's queue slots meanwhile (the handler admits it first). Bodies larger than `LARGE_BODY`
-take their own lane of one thread: they never keep an ordinary request waiting for a thread, and
-at most one of them competes with the engine for the interpreter at a time.
+the engine's queue slots meanwhile (the handler admits it once the body is in). Bodies larger than
+`LARGE_BODY` take their own lane of one thread: they never keep an ordinary request waiting for a
+thread, and at most one of them competes with the engine for the interpreter at a time.
+
+With API keys, what the server tells a key (`health`, `metrics_text`, the `aded` field through
+`stats`, `cached_tokens`) is that key's own, and how its requests drafted only where its learned
+state is its own (metrics.py says why). The model is reached through the `Aded` facade only
+(`context_length`, `vocab_size`, `end_token_ids`, `forget_cache`, `stream`, ...).
 """
 
 from __future__ import annotations
@@ -14,25 +19,40 @@ import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
+from pydantic import BaseModel
+
 from aded.decoding import sampling_fields
-from aded.tools import check_tools
+from aded.drafters.base import LearningDrafter
 from aded.server.engine import Engine, GenerationRequest, Job
 from aded.server.errors import RequestError
 from aded.server.logprobs import TokenTexts
 from aded.server.metrics import Metrics
-from aded.server.parsing import parse_body
+from aded.server.output import OutputRules
+from aded.server.parsing import decode_body, parse_body, parse_json_object
 from aded.server.prompts import PromptEncoder
-from aded.server.schemas import AdedStats, ChatCompletionRequest, CompletionRequest
-from aded.server.state import StateFile, StateSaver, load_learned
+from aded.server.schemas import (
+    AdedStats,
+    ChatCompletionRequest,
+    ChatTokenizeRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    FieldError,
+    TextTokenizeRequest,
+)
+from aded.server.state import ModelStateFile, StateError, StateSaver, load_learned, model_mismatch
 from aded.server.tenants import Tenants, tenant_of
+from aded.tools import check_tools
 
 __all__ = ["Service"]
 
 log = logging.getLogger("aded.server")
 
-_ENDPOINTS = {"chat": (ChatCompletionRequest, "messages"), "completions": (CompletionRequest, "prompt")}
+_ENDPOINTS: dict[str, tuple[type[BaseModel], str]] = {"chat": (ChatCompletionRequest, "messages"),
+                                                      "completions": (CompletionRequest, "prompt")}
+_TOKENIZE: dict[str, type[BaseModel]] = {"messages": ChatTokenizeRequest, "prompt": TextTokenizeRequest}
 _PROCESSING = ("logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
                "stop_token_ids", "ignore_eos", "min_tokens", "top_logprobs", "logprobs")
 LARGE_BODY = 64 * 1024  # bytes: a body this big is parsed in the lane of large bodies
@@ -46,28 +66,37 @@ class Service:
         self.lm = lm
         self.config = config
         self.created = int(time.time())
-        self.context = int(lm.runner.max_positions)
+        self.context = lm.context_length
         self.token_texts = TokenTexts(lm.tokenizer)
-        self.encoder = PromptEncoder(lm.tokenizer, config.parse_threads + 1, int(lm.runner.vocab_size))
+        self.encoder = PromptEncoder(lm.tokenizer, config.parse_threads + 1, lm.vocab_size)
         self.parsers = ThreadPoolExecutor(config.parse_threads, thread_name_prefix="aded-parse")
         self.large_parser = ThreadPoolExecutor(1, thread_name_prefix="aded-parse-large")
-        self.metrics = Metrics(config.model_name, lm.drafter.name)
+        self.metrics = Metrics(config.model_name, lm.drafter.name)  # the whole server's
+        self._client_metrics: dict[str, Metrics] = {}  # each API key's own (see metrics.py)
+        #: the prompt cache may pass from one client to another: `cached_tokens` would tell them apart
+        self._owners_apart = len(set(config.api_keys) | set(config.admin_keys)) > 1 or config.state_per == "salt"
         self.engine = Engine(lm, config.max_queue, on_finish=self._finished, on_start=self._started)
         self._cache_owner: str | None = None  # whose prompt the runner's kept cells hold
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stopping: asyncio.Event | None = None
         self.metrics.gauges["aded_queue_depth"] = lambda: self.engine.pending
         state_file = None
         self.state_note = "no state file: learned state lives in memory only"
         if config.state_path is not None:
             from aded.store.datastore import tokenizer_identity
 
-            state_file = StateFile(config.state_path, lm.drafter.name, tokenizer_identity(lm.tokenizer))
+            state_file = ModelStateFile(config.state_path, lm.drafter.name, tokenizer_identity(lm.tokenizer),
+                                        lm.model_id)
         self.tenants = Tenants(lm, state_file, config.max_tenants)
         self.saver: StateSaver | None = None
         if state_file is not None:
-            drafter, self.state_note = load_learned(lm.drafter, state_file, self.tenants.fresh)
+            try:
+                drafter, self.state_note = load_learned(lm.drafter, state_file, self.tenants.fresh)
+            except StateError as exc:  # said in models, not tokenizer hashes
+                raise model_mismatch(state_file, lm.model_id, exc) from None
             self.tenants.set_shared(drafter)
             log.info("%s", self.state_note)
-            if drafter.learns:
+            if isinstance(drafter, LearningDrafter):
                 self.saver = StateSaver(self.engine, self.tenants.export, config.save_interval, self.metrics)
                 self.tenants.on_drop = self.saver.write_now
 
@@ -81,11 +110,27 @@ class Service:
         if self.saver is not None:
             self.saver.start()
 
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The event loop the handlers run on (`begin_shutdown` is scheduled on it)."""
+        self.loop = loop
+        self.stopping = asyncio.Event()  # set when the server begins to shut down
+
+    def begin_shutdown(self) -> None:
+        """On the event loop, at SIGTERM: refuse new requests, end the running one and the queued
+        ones with a 503, and let bodies still being read go (`read_body` watches `stopping`)."""
+        if self.stopping is not None:
+            self.stopping.set()
+        self.engine.begin_stop()
+
     def stop(self) -> None:
-        self.engine.stop()
+        """Stop the worker (a few seconds at most) and save what was learned."""
+        if not self.engine.stop():
+            log.warning("the worker is still busy (a long prompt's prefill); saving what was learned "
+                        "before that request and exiting")
         if self.saver is not None:
             self.saver.stop()
-        self.tenants.activate(None)  # the model is left with the drafter it came with
+        if self.engine.idle:
+            self.tenants.activate(None)  # the model is left with the drafter it came with
         for pool in (self.parsers, self.large_parser):
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -93,7 +138,7 @@ class Service:
     def _started(self, job: Job) -> None:
         owner = job.request.cache_owner
         if owner != self._cache_owner:  # a client's cached prompt is not another's to time or count
-            self.lm.runner.forget()
+            self.lm.forget_cache()
             self._cache_owner = owner
         self.tenants.activate(job.request.tenant)
 
@@ -103,37 +148,89 @@ class Service:
         else:
             outcome = "cancelled" if job.cancelled.is_set() else "failed"
         stats = completion.stats if completion is not None else None
-        self.metrics.record_generation(outcome, len(job.request.prompt_ids), stats)
+        prompt_tokens = len(job.request.prompt_ids)
+        self.metrics.record_generation(outcome, prompt_tokens, stats)
+        if job.request.client is not None:
+            cached = self.cached_tokens(completion, job.request) if completion is not None else None
+            self._metrics_of(job.request.client).record_generation(
+                outcome, prompt_tokens, stats, private=self._private(job.request), cached_tokens=cached)
         if job.started:
             self.tenants.learned(job.request.tenant)
             if self.saver is not None:
                 self.saver.save_soon()
 
     # ------------------------------------------------------------------ request -> job
-    async def prepare(self, raw: bytes, endpoint: str, api_key: str | None) -> tuple[Any, GenerationRequest]:
+    async def prepare(self, raw: bytes, endpoint: str, api_key: str | None,
+                      charset: str | None = None) -> tuple[Any, GenerationRequest]:
         """The validated request and its generation job, computed on a parsing thread."""
-        pool = self.large_parser if len(raw) > LARGE_BODY else self.parsers
-        return await asyncio.get_running_loop().run_in_executor(pool, self._prepare, raw, endpoint, api_key)
+        return await self._on_parser(raw, self._prepare, raw, endpoint, api_key, charset)
 
-    def _prepare(self, raw: bytes, endpoint: str, api_key: str | None) -> tuple[Any, GenerationRequest]:
+    async def _on_parser(self, raw: bytes, func, *args):
+        pool = self.large_parser if len(raw) > LARGE_BODY else self.parsers
+        return await asyncio.get_running_loop().run_in_executor(pool, _as_request_error, func, *args)
+
+    def _prepare(self, raw: bytes, endpoint: str, api_key: str | None,
+                 charset: str | None) -> tuple[Any, GenerationRequest]:
         model, param = _ENDPOINTS[endpoint]
-        try:
-            request = parse_body(raw, model)
+        request: Any = parse_body(decode_body(raw, charset), model)
+        self._check_model(request.model)
+        tenant = self._tenant(request, api_key)
+        client = _client_of(api_key)
+        owner = tenant or client
+        output = _output_fields(request)
+        rendered = output.get("tools") if output.get("tool_choice") != "none" else None
+        if endpoint == "chat":
+            prompt_ids = self.encoder.chat_ids(request.messages, rendered, request.chat_template_kwargs)
+        else:
+            prompt_ids = self.encoder.text_ids(request.prompt)
+        generation = self._generation(request, prompt_ids, param, tenant, owner, output)
+        return request, replace(generation, n=request.n, output=self._rules(request, generation, rendered),
+                                client=client)
+
+    def _rules(self, request, generation: GenerationRequest, tools: list[dict] | None) -> OutputRules:
+        """The request's output fields (aded.server.output)."""
+        stop_ids = tuple(request.stop_token_ids or ())
+        ends = frozenset(stop_ids) | (frozenset() if request.ignore_eos else self.lm.end_token_ids)
+        return OutputRules(skip_special_tokens=request.skip_special_tokens,
+                           include_stop_str=request.include_stop_str_in_output, end_ids=ends,
+                           stop_token_ids=stop_ids, stops=generation.stop,
+                           tools=None if tools is None else tuple(tools),
+                           parallel_tool_calls=getattr(request, "parallel_tool_calls", None) is not False,
+                           logprobs_wanted=request.num_top_logprobs() is not None)
+
+    # ------------------------------------------------------------------ /tokenize and /detokenize
+    async def tokenize(self, raw: bytes, charset: str | None = None) -> dict[str, Any]:
+        """vLLM's /tokenize: a prompt, or chat messages through the template, as token ids."""
+        return await self._on_parser(raw, self._tokenize, raw, charset)
+
+    def _tokenize(self, raw: bytes, charset: str | None) -> dict[str, Any]:
+        body = parse_json_object(decode_body(raw, charset), "")
+        kinds = [name for name in _TOKENIZE if name in body]
+        if len(kinds) != 1:
+            raise RequestError("give a prompt or chat messages to tokenize (one of them)", param="prompt")
+        request: Any = parse_body(body, _TOKENIZE[kinds[0]])
+        if request.model is not None:
             self._check_model(request.model)
-            tenant = self._tenant(request, api_key)
-            owner = tenant or (tenant_of("key", api_key, None) if self.config.api_keys else None)
-            output = _output_fields(request)
-            if endpoint == "chat":
-                rendered = output.get("tools") if output.get("tool_choice") != "none" else None
-                prompt_ids = self.encoder.chat_ids(request.messages, rendered)
-            else:
-                prompt_ids = self.encoder.text_ids(request.prompt)
-            return request, self._generation(request, prompt_ids, param, tenant, owner, output)
-        except RequestError:
-            raise
-        except Exception as exc:  # whatever a body can provoke is the body's fault, never a 500
-            log.exception("a request could not be parsed")
-            raise RequestError(f"the request could not be processed: {type(exc).__name__}") from exc
+        if kinds[0] == "messages":
+            tools, choice = request.tool_fields()
+            tools, choice = _checked_tools(tools, choice)
+            ids = self.encoder.chat_ids(request.messages, tools if choice != "none" else None,
+                                        request.chat_template_kwargs, request.add_generation_prompt)
+        else:
+            ids = self.encoder.text_ids(request.prompt, request.add_special_tokens)
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": self.context, "tokens": ids}
+        out["token_strs"] = [self.token_texts.text(t) for t in ids] if request.return_token_strs else None
+        return out
+
+    async def detokenize(self, raw: bytes, charset: str | None = None) -> dict[str, Any]:
+        """vLLM's /detokenize: token ids as text (special tokens written out)."""
+        return await self._on_parser(raw, self._detokenize, raw, charset)
+
+    def _detokenize(self, raw: bytes, charset: str | None) -> dict[str, Any]:
+        request = parse_body(decode_body(raw, charset), DetokenizeRequest)
+        if request.model is not None:
+            self._check_model(request.model)
+        return {"prompt": self.encoder.text_of(request.tokens)}
 
     def _check_model(self, model: str) -> None:
         if model != self.config.model_name:
@@ -141,11 +238,14 @@ class Service:
                                f"{self.config.model_name!r}", 404, param="model", code="model_not_found")
 
     def _tenant(self, request, api_key: str | None) -> str | None:
+        """Whose learned state drafts the request. `prompt_cache_key` (OpenAI's) is the salt where
+        state is kept per salt (a `cache_salt` given too wins); elsewhere it changes nothing."""
         if request.cache_salt is not None and self.config.state_per != "salt":
             raise RequestError(f"cache_salt separates learned state only on a server started with state_per "
                                f"'salt'; this one keeps it {self.config.state_per!r}", param="cache_salt",
                                code="unsupported_parameter")
-        return tenant_of(self.config.state_per, api_key, request.cache_salt)
+        salt = request.cache_salt or request.prompt_cache_key
+        return tenant_of(self.config.state_per, api_key, salt)
 
     def _generation(self, request, prompt_ids: list[int], param: str, tenant: str | None, owner: str | None,
                     output: dict[str, Any]) -> GenerationRequest:
@@ -180,7 +280,7 @@ class Service:
     def _processing(self, request) -> dict[str, Any]:
         """The fields processors.py honours, as `GenerationConfig` keywords (None: left out);
         token ids outside this model's vocabulary are refused here, naming the field."""
-        vocab_size = int(self.lm.runner.vocab_size)
+        vocab_size = self.lm.vocab_size
         bias = {int(key): value for key, value in (request.logit_bias or {}).items()}
         for name, ids in (("logit_bias", bias), ("stop_token_ids", request.stop_token_ids or ())):
             outside = next((t for t in ids if t >= vocab_size), None)
@@ -194,17 +294,85 @@ class Service:
                 "min_tokens": request.min_tokens, "logprobs": top is not None or None, "top_logprobs": top or None}
 
     # ------------------------------------------------------------------ responses
-    def stats(self, completion, tenant: str | None) -> AdedStats | None:
-        """The `aded` extension field, or None where it would tell one client about another's
-        requests: by default off when API keys are set and the learned state is shared."""
-        show = self.config.aded_stats
-        if show is None:
-            show = not (self.config.api_keys and tenant is None)
-        if not show:
+    def check_model(self, model: str) -> None:
+        self._check_model(model)
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "aded",
+                "max_model_len": self.context}
+
+    def health(self, api_key: str | None, authenticated: bool) -> dict[str, Any]:
+        """Liveness for probes; with keys set, what the server did only for a key holder, and for
+        a key that is no admin's only its own share (its requests, its drafting)."""
+        keyed = bool(self.config.api_keys or self.config.admin_keys)
+        if keyed and not authenticated:
+            return {"status": "ok"}
+        out = {"status": "ok", "model": self.config.model_name, "backend": self.lm.backend,
+               "drafter": self.lm.drafter.name, "state_per": self.config.state_per, "queue": self.engine.pending}
+        if keyed and not self.is_admin(api_key):
+            mine = self._metrics_of(_client_of(api_key) or "")
+            return {**out, "completed": mine.finished, "mean_accepted_tokens": round(mine.mean_accepted_tokens(), 4)}
+        return {**out, "completed": self.engine.completed,
+                "mean_accepted_tokens": round(self.metrics.mean_accepted_tokens(), 4),
+                "state": self.state_note, "tenants": self.tenants.count}
+
+    def is_admin(self, api_key: str | None) -> bool:
+        """Does `api_key` read the whole server's figures? (Anyone does on a server without keys.)"""
+        if not (self.config.api_keys or self.config.admin_keys):
+            return True
+        return api_key is not None and api_key in self.config.admin_keys
+
+    def metrics_text(self, api_key: str | None) -> str:
+        """The whole server's metrics for an admin (or anyone without keys), else the key's own."""
+        if self.is_admin(api_key):
+            return self.metrics.render()
+        return self._metrics_of(_client_of(api_key) or "").render()
+
+    def record_http(self, api_key: str | None, endpoint: str, status: int, seconds: float) -> None:
+        self.metrics.record_http(endpoint, status, seconds)
+        client = _client_of(api_key)
+        if client is not None:
+            self._metrics_of(client).record_http(endpoint, status, seconds)
+
+    def _metrics_of(self, client: str) -> Metrics:
+        """The metrics of one client (an API key's hash), made on first use (keys are configured,
+        so there are few)."""
+        metrics = self._client_metrics.get(client)
+        if metrics is None:
+            metrics = self._client_metrics.setdefault(client, Metrics(self.config.model_name, self.lm.drafter.name))
+            metrics.gauges["aded_queue_depth"] = lambda: self.engine.pending
+        return metrics
+
+    def cached_tokens(self, completion, generation: GenerationRequest) -> int:
+        """`usage.prompt_tokens_details.cached_tokens` of a request: the prompt tokens kept from the
+        previous request. Where the prompt cache passes between clients (several keys, or tenants
+        per salt) it is forgotten when another client's request runs, so the count would tell a
+        client that someone else ran in between: there it is 0, always."""
+        if self._owners_apart and generation.cache_owner is not None:
+            return 0
+        return completion.stats.cached_prompt_tokens
+
+    def _private(self, generation: GenerationRequest) -> bool:
+        """May the client see how its request was drafted? Not where API keys are set and its
+        learned state is shared (how well it drafted tells what others' outputs taught the
+        drafter), unless the operator turned the `aded` statistics on."""
+        if self.config.aded_stats is not None:
+            return self.config.aded_stats
+        return not ((self.config.api_keys or self.config.admin_keys) and generation.tenant is None)
+
+    def stats(self, completions, generation: GenerationRequest) -> AdedStats | None:
+        """The `aded` extension field of `completions` (one request's choices, together), or None
+        where it would tell one client about another's requests: by default off when API keys are
+        set and the learned state is shared."""
+        if not self._private(generation):
             return None
-        s = completion.stats
-        return AdedStats(mean_accepted_tokens=round(s.mean_accepted_tokens, 4), steps=s.steps,
-                         draft_nodes=s.draft_nodes, decode_tokens_per_s=round(s.decode_tokens_per_s, 3),
+        steps = sum(c.stats.steps for c in completions)
+        accepted = sum(sum(c.stats.accepted_lengths) for c in completions)
+        decoded = sum(max(0, c.stats.generated_tokens - 1) for c in completions)
+        seconds = sum(c.stats.decode_s for c in completions)
+        return AdedStats(mean_accepted_tokens=round(accepted / steps if steps else 0.0, 4), steps=steps,
+                         draft_nodes=sum(c.stats.draft_nodes for c in completions),
+                         decode_tokens_per_s=round(decoded / seconds if seconds > 0 else 0.0, 3),
                          drafter=self.lm.drafter.name)
 
 
@@ -212,21 +380,42 @@ def _output_fields(request) -> dict[str, Any]:
     """`response_format`, `tools` and `tool_choice` as `Aded.stream` keywords (the library's
     OpenAI shapes), checked by `aded.tools.check_tools`; absent ones are left out."""
     out: dict[str, Any] = {}
-    if request.response_format is not None:
-        out["response_format"] = request.response_format.model_dump(exclude_none=True)
-    tools = getattr(request, "tools", None)
-    choice = getattr(request, "tool_choice", None)
+    try:
+        response_format = request.output_format()
+    except FieldError as exc:
+        raise RequestError(str(exc), param=exc.param) from exc
+    if response_format is not None:
+        out["response_format"] = response_format
+    tools, choice = request.tool_fields() if hasattr(request, "tool_fields") else (None, None)
     if tools is None and choice is None:
         return out
-    tools = [tool.model_dump(exclude_none=True) for tool in tools or ()]
-    if not isinstance(choice, (str, type(None))):
-        choice = choice.model_dump()
-    try:
-        tools, choice = check_tools(tools, choice)
-    except ValueError as exc:
-        raise RequestError(str(exc), param=_blamed(str(exc), {"tools": tools})) from exc
+    tools, choice = _checked_tools(tools or [], choice)
     out.update({"tools": tools, "tool_choice": choice} if tools else {"tool_choice": choice} if choice else {})
     return out
+
+
+def _client_of(api_key: str | None) -> str | None:
+    """Who sent a request, by its API key's hash (None without keys)."""
+    return tenant_of("key", api_key, None)
+
+
+def _checked_tools(tools, choice):
+    """`aded.tools.check_tools`, its ValueError a 400 naming the field."""
+    try:
+        return check_tools(tools, choice)
+    except ValueError as exc:
+        raise RequestError(str(exc), param=_blamed(str(exc), {"tools": tools})) from exc
+
+
+def _as_request_error(func, *args):
+    """`func(*args)` on a parsing thread: whatever a body can provoke is the body's fault, never a 500."""
+    try:
+        return func(*args)
+    except RequestError:
+        raise
+    except Exception as exc:
+        log.exception("a request could not be parsed")
+        raise RequestError(f"the request could not be processed: {type(exc).__name__}") from exc
 
 
 def _blamed(message: str, output: dict[str, Any]) -> str | None:

@@ -17,16 +17,66 @@ which the CLI reports in one line.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import re
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from aded.drafters.state_file import CorruptState, StateError, StateFile, load_learned
 
-__all__ = ["StateError", "CorruptState", "StateFile", "load_learned", "StateSaver"]
+__all__ = ["StateError", "CorruptState", "StateFile", "ModelStateFile", "load_learned", "StateSaver",
+           "model_mismatch"]
 
 log = logging.getLogger("aded.server")
+
+
+class ModelStateFile(StateFile):
+    """A state file that also records which model learned it (in its header's `meta`), so that a
+    server given a file of another model can say which models they are (`model_mismatch`)."""
+
+    def __init__(self, path, drafter_name: str, identity, model: str) -> None:
+        super().__init__(path, drafter_name, identity)
+        self.model = model
+
+    def save(self, arrays: dict, meta: dict[str, Any] | None = None) -> None:
+        super().save(arrays, {"model": self.model, **(meta or {})})
+
+    def at(self, path: Path) -> ModelStateFile:
+        """The same kind of file at `path` (a tenant's, beside the server's)."""
+        return ModelStateFile(path, self.drafter_name, self.identity, self.model)
+
+
+def model_mismatch(state_file: StateFile, model: str, exc: StateError) -> StateError:
+    """`exc` (a file learned with another tokenizer) said in models: the one that learned the file
+    (as its header records it, else its tokenizer's name, an HF cache path read as the repository
+    it holds) and the one served."""
+    try:
+        with np.load(state_file.path, allow_pickle=False) as archive:
+            header = json.loads(str(archive["__header__"]))
+    except Exception:  # the original error says enough
+        return exc
+    tokenizer = header.get("tokenizer") if isinstance(header.get("tokenizer"), dict) else {}
+    if header.get("drafter") != state_file.drafter_name:
+        return exc  # a drafter mismatch: the message names the drafters
+    meta = header.get("meta") if isinstance(header.get("meta"), dict) else {}
+    theirs = meta.get("model") or _model_of(tokenizer.get("name"))
+    return StateError(f"{state_file.path} holds what the {header.get('drafter')} drafter learned on the model "
+                      f"{theirs!r}, not on {model!r}, which this server serves (their tokenizers differ); pass "
+                      "another --state file, or serve that model")
+
+
+def _model_of(tokenizer_name: Any) -> str:
+    """A model's name from its tokenizer's `name_or_path` (a Hugging Face cache snapshot path names
+    the repository it holds: models--Org--Name/snapshots/<hash>)."""
+    text = str(tokenizer_name or "an unknown model")
+    cached = re.search(r"models--([^/\\]+?)--([^/\\]+)", text)
+    return f"{cached.group(1)}/{cached.group(2)}" if cached else text
 
 
 class StateSaver:
@@ -103,10 +153,12 @@ class StateSaver:
         if self.metrics is not None:
             self.metrics.record_save(ok)
 
-    def stop(self) -> None:
-        """Stop the thread and save what is left; call after the engine's worker has stopped."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread and save what is left; call after the engine's worker has stopped. A
+        save in flight is given `timeout` seconds (this last save is newer, and a file never takes
+        an older state than it holds, so one still under way later cannot undo it)."""
         self._stopping.set()
         self._wanted.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=600)
+            self._thread.join(timeout=timeout)
         self._write(*self._stamped_export())

@@ -16,9 +16,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
-from aded.drafters.base import Drafter
+from aded.drafters.base import Drafter, LearningDrafter
 from aded.server.state import StateFile, load_learned
 
 __all__ = ["STATE_PER", "tenant_of", "Tenants"]
@@ -29,10 +29,13 @@ STATE_PER = ("shared", "key", "salt")
 
 
 def tenant_of(state_per: str, api_key: str | None, salt: str | None) -> str | None:
-    """The tenant of a request (None: the shared state), a hash that names it in files and logs."""
+    """The tenant of a request (None: the shared state), a hash that names it in files and logs.
+    With API keys, a salt is the key's own: two keys that send the same salt do not share state."""
     secret = api_key if state_per == "key" else salt if state_per == "salt" else None
     if not secret:
         return None
+    if state_per == "salt" and api_key:
+        secret = f"{api_key}\x00{salt}"
     return hashlib.sha256(f"{state_per}:{secret}".encode()).hexdigest()[:16]
 
 
@@ -65,11 +68,12 @@ class Tenants:
         self._use(drafter)
 
     def activate(self, tenant: str | None) -> None:
-        self._use(self.shared if tenant is None or not self.shared.learns else self._drafter(tenant))
+        learns = isinstance(self.shared, LearningDrafter)
+        self._use(self.shared if tenant is None or not learns else self._drafter(tenant))
 
     def learned(self, tenant: str | None) -> None:
         """The tenant's request ran: its drafter has something new to save."""
-        if self.shared.learns:
+        if isinstance(self.shared, LearningDrafter):
             self._dirty.add(tenant)
             if tenant is not None:
                 self._taught.add(tenant)
@@ -81,7 +85,7 @@ class Tenants:
         for tenant in dirty:
             drafter = self.shared if tenant is None else self._drafters.get(tenant)
             state_file = self._file(tenant)
-            if drafter is not None and state_file is not None:
+            if isinstance(drafter, LearningDrafter) and state_file is not None:
                 out.append((state_file, drafter.state_dict()))
         return out
 
@@ -107,7 +111,8 @@ class Tenants:
         tenant, drafter = self._drafters.popitem(last=False)
         state_file = self._file(tenant)
         # written even if exported already: that save may still be under way when the tenant returns
-        if tenant in self._taught and state_file is not None and self.on_drop is not None:
+        if (tenant in self._taught and isinstance(drafter, LearningDrafter) and state_file is not None
+                and self.on_drop is not None):
             self.on_drop([(state_file, drafter.state_dict())])
         self._dirty.discard(tenant)
         self._taught.discard(tenant)
@@ -116,6 +121,8 @@ class Tenants:
     def _file(self, tenant: str | None) -> StateFile | None:
         if self.state_file is None or tenant is None:
             return self.state_file
-        path = self.state_file.path
-        return StateFile(path.with_name(f"{path.stem}.tenant-{tenant}{path.suffix}"),
-                         self.state_file.drafter_name, self.state_file.identity)
+        shared = self.state_file.path
+        path = shared.with_name(f"{shared.stem}.tenant-{tenant}{shared.suffix}")
+        if hasattr(self.state_file, "at"):  # a ModelStateFile: the tenant's records the model too
+            return self.state_file.at(path)
+        return StateFile(path, self.state_file.drafter_name, self.state_file.identity)
