@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from aded.backends.tokens import eos_token_ids  # public here too: `aded.api.eos_token_ids`
 from aded.budget import BUDGETS, cost_model, new_budget
-from aded.decoding import GenerationConfig, GenerationResult, GenerationStats, SpeculativeDecoder, sampling_fields
+from aded.decoding import GenerationConfig, GenerationStats, SpeculativeDecoder, sampling_fields
 from aded.detokenize import IncrementalDetokenizer, StopFinder
 from aded.drafters import DEFAULT_DRAFTER, Drafter, LearningDrafter, default_drafter, make_drafter
 from aded.models import DEFAULT_MODEL
@@ -46,7 +47,7 @@ from aded.tools import chat_prompt_ids, check_tools, output_grammar, parse_tool_
 
 __all__ = ["load", "Aded", "Completion", "eos_token_ids"]
 
-Messages = Sequence[dict[str, str]]
+Messages = Sequence[dict[str, Any]]
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Completion:
     content: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        data = {
+        data: dict[str, Any] = {
             "text": self.text,
             "token_ids": self.token_ids,
             "prompt_token_ids": self.prompt_token_ids,
@@ -101,7 +102,7 @@ def load(
     repack: str = "auto",
     numerics: str = "exact",
     **drafter_options: Any,
-) -> "Aded":
+) -> Aded:
     """Load a model (alias, folder or .gguf) with a drafter, ready to generate.
 
     `backend`: "auto" (llama.cpp for GGUF files when llama-cpp-python is installed, else
@@ -241,10 +242,11 @@ class Aded:
         stream = self.stream(prompt, stop=stop, chat=chat, **generation)
         for _ in stream:
             pass
+        assert stream.completion is not None  # set when the stream ends
         return stream.completion
 
     def stream(self, prompt: str | Messages | Sequence[int], *, stop: Sequence[str] = (),
-               chat: bool | None = None, **generation: Any) -> "TextStream":
+               chat: bool | None = None, **generation: Any) -> TextStream:
         """Text pieces as steps are accepted; `.completion` holds the whole result at the end.
 
         `prompt` may also be token ids, used as they are (tools then already rendered in them, e.g.
@@ -253,9 +255,9 @@ class Aded:
         config = self.generation_config(**generation)
         tools, tool_choice = check_tools(generation.get("tools"), generation.get("tool_choice"))
         if isinstance(prompt, str) or (len(prompt) and isinstance(prompt[0], dict)):
-            ids = self.prompt_ids(prompt, chat, tools, tool_choice)
+            ids = self.prompt_ids(prompt, chat, tools, tool_choice)  # type: ignore[arg-type]  # text or messages
         else:
-            ids = [int(t) for t in prompt]
+            ids = [int(t) for t in prompt]  # type: ignore[arg-type]  # token ids
         names = tuple(t["function"]["name"] for t in tools) if tools and tool_choice != "none" else None
         return TextStream(self, ids, config, tuple(s for s in stop if s), tool_names=names)
 
@@ -304,7 +306,7 @@ class TextStream:
         self._sent = 0  # characters yielded
         self._text_cut: int | None = None  # where the first stop string starts
         self._ids = lm.decoder.stream(prompt_ids, config, self._take)
-        self._pieces = self._run()
+        self._pieces: Generator[str, None, None] = self._run()
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces
@@ -335,7 +337,7 @@ class TextStream:
                     return self._num_ids
         return None
 
-    def _run(self) -> Iterator[str]:
+    def _run(self) -> Generator[str, None, None]:
         holdback = self._stops.holdback if self._stops is not None else 0
         for _ in self._ids:  # `_take` has decoded the step's ids
             if self._text_cut is not None:  # the rest of the text may still be held
@@ -346,7 +348,8 @@ class TextStream:
                 yield self._pending[:ready]
                 self._pending = self._pending[ready:]
                 self._sent += ready
-        result: GenerationResult = self._ids.result
+        result = self._ids.result
+        assert result is not None  # the loop sets it when it ends
         text = self.lm.tokenizer.decode(result.token_ids, skip_special_tokens=True)[: self._text_cut]
         if len(text) > self._sent:
             yield text[self._sent:]
