@@ -70,17 +70,18 @@ async def _submit(service: Service, request: Request, endpoint: str):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, service: ServiceDep):
-    body, generation, job = await _submit(service, request, "chat")
-    reply = ChatReply(service, body, generation, request.state.request_id)
-    if body.stream:
-        return reply.stream(job)
-    return reply.whole(await results(job, request, generation.n))
+    return await _answer(service, request, "chat", ChatReply)
 
 
 @router.post("/v1/completions")
 async def completions(request: Request, service: ServiceDep):
-    body, generation, job = await _submit(service, request, "completions")
-    reply = TextReply(service, body, generation, request.state.request_id)
+    return await _answer(service, request, "completions", TextReply)
+
+
+async def _answer(service: Service, request: Request, endpoint: str, reply_kind):
+    """Queue the request, then answer in `reply_kind`'s shape: streamed, or whole once done."""
+    body, generation, job = await _submit(service, request, endpoint)
+    reply = reply_kind(service, body, generation, request.state.request_id)
     if body.stream:
         return reply.stream(job)
     return reply.whole(await results(job, request, generation.n))
