@@ -60,14 +60,15 @@ and its rows attend over exactly the cells, in exactly the SIMD lanes, of solo d
 the default model (`python benchmarks/concurrency.py --exactness` repeats it): with one unified
 buffer, client A's one-token rows beside client B's rows or cells equal A's solo rows bit for bit
 in only 2 to 13 of 24 steps (max |diff| 0.79 to 0.93 in the logits: B's cells interleave with A's
-and shift the lanes of A's attention sums); non-unified, 24 of 24 in every arrangement, and a
-6-token chain beside another slot's 400-row prefill chunk equals it too. Other streams' rows only
-add masked cells (exact zeros) and batch rows, which ggml computes row by row (see "Exactness").
+and shift the lanes of A's attention sums); non-unified, 24 of 24 in every arrangement (and, in
+tests/test_gather.py, chains beside other slots' prompt chunks). Other streams' rows only add
+masked cells (exact zeros) and batch rows, which ggml computes row by row (see "Exactness").
 What that costs: llama.cpp splits a non-unified batch into micro-batches that take the same number
 of rows from each of a run of consecutive sequence ids (`split_equal`), so rows of slots 0-3 with
 1, 3, 3 and 6 rows run as three graph computations (4x1, 3x2, 1x3 rows), and slots 0 and 2 without
-1 as two; `Gather` therefore hands out the lowest free slot unless another holds a longer prefix
-of the prompt. A token cannot belong to two streams, so slots verify chains (`max_leaves=1`).
+1 as two (`Gather` prefers low slots where prefix reuse does not decide); and every slot's rows
+attend over as many cells as the longest slot in the micro-batch holds (masked for the others).
+A token cannot belong to two streams, so slots verify chains (`max_leaves=1`).
 `n_ctx` stays what one sequence holds: each slot has `n_ctx` cells (llama-server's `-c` is split
 among its slots instead), so a request's limits do not depend on how many slots the server runs
 and a slot's attention spans what a one-slot context's would; the KV memory is `slots` times as
@@ -475,6 +476,10 @@ class LlamaCppRunner:
                 break
             n += 1
         return n
+
+    def cached_length(self, slot: int = 0) -> int:
+        """How many tokens the slot holds computed (its prompt cache)."""
+        return len(self._slot_tokens[slot])
 
     @property
     def _kv_tokens(self) -> list[int]:
