@@ -130,6 +130,17 @@ def test_a_fenced_json_call_of_a_declared_tool_is_a_call(hermes):
         assert reply.choices[0].message.tool_calls[0].function.name == "get_weather"
 
 
+def test_the_library_recognises_a_fenced_call_as_the_server_does(hermes):
+    """`Aded.generate` parses calls against the declared tools, not their names alone, so a fenced
+    call that matches the schema is a call there too, and one that does not stays content."""
+    completion = scripted_lm(hermes, f"Sure:\n```json\n{CALL}\n```").generate(MESSAGES, tools=[WEATHER])
+    assert completion.finish_reason == "tool_calls" and completion.content == "Sure:"
+    assert _arguments(completion.tool_calls) == [{"city": "Paris"}]
+    wrong = '```json\n{"name": "get_weather", "arguments": {"town": "Paris"}}\n```'
+    completion = scripted_lm(hermes, wrong).generate(MESSAGES, tools=[WEATHER])
+    assert not completion.tool_calls and completion.content == wrong
+
+
 @pytest.mark.parametrize("text", [
     '```json\n{"name": "get_weather", "arguments": {"town": "Paris"}}\n```',  # not the tool's schema
     '```json\n{"name": "get_time", "arguments": {}}\n```',  # not a declared tool

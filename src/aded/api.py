@@ -258,8 +258,8 @@ class Aded:
             ids = self.prompt_ids(prompt, chat, tools, tool_choice)  # type: ignore[arg-type]  # text or messages
         else:
             ids = [int(t) for t in prompt]  # type: ignore[arg-type]  # token ids
-        names = tuple(t["function"]["name"] for t in tools) if tools and tool_choice != "none" else None
-        return TextStream(self, ids, config, tuple(s for s in stop if s), tool_names=names)
+        declared = tuple(tools) if tools and tool_choice != "none" else None
+        return TextStream(self, ids, config, tuple(s for s in stop if s), tools=declared)
 
     # ------------------------------------------------------------------ what a server needs to know
     @property
@@ -289,15 +289,16 @@ class TextStream:
     Each token is decoded a bounded number of times, in a short window (detokenize.py), so a whole
     stream costs time linear in its length. A piece is held back while it may still change: an incomplete UTF-8
     character, or text that may begin a stop string. Pieces are the raw text, tool-call markup
-    included; with `tool_names` (the tools rendered) the completion carries the parsed calls.
+    included; with `tools` (the declared tools, rendered in the prompt) the completion carries the
+    parsed calls, fenced JSON calls that match a tool's schema included (`aded.tools.parse_tool_calls`).
     """
 
     def __init__(self, lm: Aded, prompt_ids: list[int], config: GenerationConfig,
-                 stop: tuple[str, ...], tool_names: tuple[str, ...] | None = None) -> None:
+                 stop: tuple[str, ...], tools: tuple[dict, ...] | None = None) -> None:
         self.lm = lm
         self.prompt_ids = prompt_ids
         self.stop = stop
-        self.tool_names = tool_names
+        self.tools = tools
         self.completion: Completion | None = None
         self._detokenizer = IncrementalDetokenizer(lm.tokenizer)
         self._stops = StopFinder(stop) if stop else None
@@ -354,8 +355,8 @@ class TextStream:
         if len(text) > self._sent:
             yield text[self._sent:]
         content, calls = text, None
-        if self.tool_names is not None:
-            content, calls = parse_tool_calls(text, self.tool_names)
+        if self.tools is not None:
+            content, calls = parse_tool_calls(text, self.tools)
         finish_reason = result.finish_reason
         if calls and finish_reason == "stop":
             finish_reason = "tool_calls"  # as OpenAI reports a turn that ends in calls
