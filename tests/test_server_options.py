@@ -193,6 +193,11 @@ def test_legacy_functions_are_tools_and_answered_as_function_call(hermes):
         back = MESSAGES + [{"role": "assistant", "content": None, "function_call": reply["message"]["function_call"]},
                            {"role": "tool", "tool_call_id": "call_0", "content": "sunny"}]
         assert post(base, CHAT, {**ask, "messages": back}).status_code == 200
+        legacy = [*back[:-1], {"role": "function", "name": "get_weather", "content": "sunny"}]
+        assert post(base, "/tokenize", {"messages": legacy}).json() == post(base, "/tokenize", {"messages": back}).json()
+        assert post(base, CHAT, {**ask, "messages": legacy}).status_code == 200
+        nameless = post(base, CHAT, {**ask, "messages": [*back[:-1], {"role": "function", "content": "sunny"}]})
+        assert nameless.status_code == 400 and nameless.json()["error"]["param"] == "messages.2.name", nameless.text
         named = post(base, CHAT, {**ask, "function_call": {"name": "get_weather"}}).json()["choices"][0]
         assert named["message"]["function_call"]["name"] == "get_weather"
         for extra, param in (({"tools": [WEATHER]}, "functions"), ({"function_call": "auto", "functions": None},

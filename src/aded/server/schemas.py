@@ -81,6 +81,17 @@ class ChatMessage(_Strict):
     audio: None = None
     annotations: list[Any] | None = Field(default=None, max_length=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_function_result(cls, data: Any) -> Any:
+        """A legacy `function` message (the answer to an assistant's `function_call`) is the tool
+        message of today: it answers the call `calls()` names `call_0`, and keeps its function name."""
+        if isinstance(data, dict) and data.get("role") == "function":
+            if not isinstance(data.get("name"), str) or not data["name"]:
+                raise FieldError("name", "a function message needs the name of the function it answers")
+            data = {**data, "role": "tool", "tool_call_id": data.get("tool_call_id") or "call_0"}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> ChatMessage:
         if (self.tool_calls or self.function_call) and self.role != "assistant":
