@@ -291,3 +291,13 @@ def learned_outputs(path: Path, model_dir: Path) -> list[str]:
         out.append(tokenizer.decode(tokens[start:start + length], skip_special_tokens=True))
         start += length
     return out
+
+
+@pytest.fixture(scope="module")
+def hermes():
+    """The default tokenizer with a Hermes tool-call template: what tool tests script a model over."""
+    from offline_tokenizers import default_tokenizer
+
+    tokenizer = default_tokenizer()
+    tokenizer.chat_template = HERMES_TEMPLATE
+    return tokenizer

@@ -146,8 +146,7 @@ def test_several_slots_take_chains_only(tiny_path):
 def test_four_threads_with_drafters_equal_their_solo_greedy_output(solo, slotted):
     """Requests of different lengths, starting and ending at different times, each with its own
     drafter, every one equal to plain decoding of its prompt alone; and they did share decodes."""
-    gather = Gather(slotted)
-    try:
+    with Gather(slotted) as gather:
         prompts = prompts_for(solo.vocab_size, 1)
         news = (40, 25, 60, 33)
         drafters = ("pld", "suffix", "pld", "suffix")
@@ -160,14 +159,11 @@ def test_four_threads_with_drafters_equal_their_solo_greedy_output(solo, slotted
         stats = gather.stats
         assert stats.parts > stats.decodes  # several requests in a decode
         assert stats.prefill_rows == sum(len(p) for p in prompts)
-    finally:
-        gather.close()
 
 
 def test_the_gathered_budget_prices_a_step_at_its_share_and_stays_exact(solo, slotted):
     costs = CostModel((0, 1, 2, 4), (0.010, 0.018, 0.023, 0.032))
-    gather = Gather(slotted)
-    try:
+    with Gather(slotted) as gather:
         budget = gather.budget(costs)
         assert isinstance(budget, GatheredBudget) and isinstance(gather.budget(None), VerifyAll)
         assert np.allclose(budget.step_costs(4), costs.upto(4))  # alone: the solo curve
@@ -180,14 +176,11 @@ def test_the_gathered_budget_prices_a_step_at_its_share_and_stays_exact(solo, sl
         got = run_concurrently(gather, [(p, c, "suffix") for p, c in zip(prompts, configs)],
                                budget=lambda: gather.budget(costs))
         assert [r.token_ids for r in got] == expected
-    finally:
-        gather.close()
 
 
 def test_more_requests_than_slots_wait_for_one_and_stay_exact(solo, tiny_path):
     runner = LlamaCppRunner(tiny_path, n_ctx=N_CTX, n_threads=1, n_batch=N_BATCH, slots=2)
-    gather = Gather(runner)
-    try:
+    with Gather(runner) as gather:
         prompts = prompts_for(solo.vocab_size, 2) + prompts_for(solo.vocab_size, 3)[:2]
         configs = [GenerationConfig(max_new_tokens=20 + 5 * i) for i in range(len(prompts))]
         expected = [plain(solo, p, c).token_ids for p, c in zip(prompts, configs)]
@@ -202,8 +195,6 @@ def test_more_requests_than_slots_wait_for_one_and_stay_exact(solo, tiny_path):
         with gather.session(timeout=1.0) as again:
             assert again.slot == blocker.slot
         other.close()
-    finally:
-        gather.close()
         runner.close()
 
 
@@ -211,35 +202,28 @@ def test_runs_exact_where_only_short_batches_are_exact(solo, tiny_path):
     """A runner capped at two drafted nodes (as repacked weights are): decodes carry at most three
     verification rows, prompt chunks run alone, and outputs still equal solo decoding."""
     runner = LlamaCppRunner(tiny_path, n_ctx=N_CTX, n_threads=1, n_batch=N_BATCH, slots=3, max_nodes=2)
-    gather = Gather(runner)
-    try:
+    with Gather(runner) as gather:
         assert gather.exact_rows == 3
         prompts = prompts_for(solo.vocab_size, 4)[:3]
         configs = [GenerationConfig(max_new_tokens=30)] * 3
         expected = [plain(solo, p, c).token_ids for p, c in zip(prompts, configs)]
         got = run_concurrently(gather, [(p, c, "pld") for p, c in zip(prompts, configs)])
         assert [r.token_ids for r in got] == expected
-    finally:
-        gather.close()
         runner.close()
 
 
 def test_a_session_is_a_runner_bound_to_its_slot(slotted):
-    gather = Gather(slotted)
-    try:
+    with Gather(slotted) as gather:
         with gather.session() as view:
             assert isinstance(view, Runner)
             assert view.max_tree_leaves == 1 and view.max_positions == N_CTX
             assert view.cost_identity() == slotted.cost_identity()
             with pytest.raises(ValueError, match="slot"):
                 view.prefill(slotted.new_sequence(0, slot=(view.slot + 1) % 4), [5, 6])
-    finally:
-        gather.close()
 
 
 def test_a_cancelled_prefill_stops_within_a_chunk_and_frees_its_slot(solo, slotted):
-    gather = Gather(slotted)
-    try:
+    with Gather(slotted) as gather:
         rng = np.random.default_rng(7)
         long_prompt = rng.integers(3, solo.vocab_size, 480).tolist()  # 8 chunks of 64
         outcome = {}
@@ -276,16 +260,13 @@ def test_a_cancelled_prefill_stops_within_a_chunk_and_frees_its_slot(solo, slott
                 long_prompt, config)
         assert result.stats.cached_prompt_tokens == kept
         assert result.token_ids == plain(solo, long_prompt, config).token_ids
-    finally:
-        gather.close()
 
 
 def test_a_slot_keeps_its_prefix_for_the_same_owner_only(solo, slotted):
     """A conversation's next turn lands in the slot that holds its history and runs only its new
     tokens; another owner's request never starts from it."""
     slotted.forget()  # earlier tests' prompts
-    gather = Gather(slotted)
-    try:
+    with Gather(slotted) as gather:
         rng = np.random.default_rng(8)
         prompt = rng.integers(3, solo.vocab_size, 50).tolist()
         config = GenerationConfig(max_new_tokens=16)
@@ -306,14 +287,11 @@ def test_a_slot_keeps_its_prefix_for_the_same_owner_only(solo, slotted):
             result = SpeculativeDecoder(stranger, NoDrafter(), stranger.eos_token_ids).generate(turn, config)
         assert result.stats.cached_prompt_tokens == 0
         assert result.token_ids == second.token_ids
-    finally:
-        gather.close()
 
 
 def test_a_short_request_behind_a_long_prefill_gets_its_first_token_first(solo, slotted):
     """The short prompt goes into the next decode whole, beside the long prompt's next chunk."""
-    gather = Gather(slotted)
-    try:
+    with Gather(slotted) as gather:
         rng = np.random.default_rng(9)
         long_prompt = rng.integers(3, solo.vocab_size, 500).tolist()
         short_prompt = rng.integers(3, solo.vocab_size, 10).tolist()
@@ -339,8 +317,6 @@ def test_a_short_request_behind_a_long_prefill_gets_its_first_token_first(solo, 
         short_thread.join(30)
         long_thread.join(30)
         assert first_token_at["short"] < first_token_at["long"]
-    finally:
-        gather.close()
 
 
 def test_closing_the_gatherer_ends_waiting_requests(slotted):
@@ -360,8 +336,7 @@ def test_four_clients_on_the_default_model_equal_their_solo_greedy_output():
     path = default_gguf()
     solo_runner = LlamaCppRunner(path, n_ctx=2048)
     runner = LlamaCppRunner(path, n_ctx=2048, slots=4)
-    gather = Gather(runner)
-    try:
+    with Gather(runner) as gather:
         from aded.models import load_tokenizer
 
         tokenizer = load_tokenizer("smollm2-135m-instruct")
@@ -383,7 +358,5 @@ def test_four_clients_on_the_default_model_equal_their_solo_greedy_output():
         for i, result in enumerate(got):
             assert result.token_ids == expected[i], i
         assert gather.stats.parts > gather.stats.decodes
-    finally:
-        gather.close()
         runner.close()
         solo_runner.close()

@@ -16,8 +16,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from server_support import (  # noqa: E402
-    HERMES_TEMPLATE,
     MODEL,
+    hermes,  # noqa: F401 (a fixture)
     post,
     scripted_lm,
     serve_in_thread,
@@ -159,15 +159,6 @@ def test_chat_template_kwargs_reach_the_template(tiny_dir):
 
 
 # ---------------------------------------------------------------------------- tools: legacy, parallel
-@pytest.fixture(scope="module")
-def hermes():
-    from offline_tokenizers import default_tokenizer
-
-    tokenizer = default_tokenizer()
-    tokenizer.chat_template = HERMES_TEMPLATE
-    return tokenizer
-
-
 def test_parallel_tool_calls_false_returns_one_call(hermes):
     with _serve(scripted_lm(hermes, TWO_CALLS)) as base:
         ask = {"model": MODEL, "messages": MESSAGES, "tools": [WEATHER], "max_tokens": 80, "temperature": 0}

@@ -20,6 +20,7 @@ pytest.importorskip("llguidance")
 from server_support import (  # noqa: E402
     HERMES_TEMPLATE,
     MODEL,
+    hermes,  # noqa: F401 (a fixture)
     post,
     save_byte_level_model,
     scripted_lm,
@@ -33,15 +34,6 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
                                                            "required": ["city"], "additionalProperties": False}}}
 CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
 ASK = {"model": MODEL, "messages": MESSAGES, "tools": [WEATHER], "temperature": 0, "max_tokens": 120}
-
-
-@pytest.fixture(scope="module")
-def hermes():
-    from offline_tokenizers import default_tokenizer
-
-    tokenizer = default_tokenizer()
-    tokenizer.chat_template = HERMES_TEMPLATE
-    return tokenizer
 
 
 def _serve(lm):

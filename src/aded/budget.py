@@ -140,7 +140,7 @@ class BudgetState:
     all_accepted: int = 0  # nodes the last step verified, if it accepted them all (else 0)
     idle_steps: int = 0  # steps in a row that verified nothing
     thinned: int = 0  # proposals skipped since the last one asked for while thinning
-    gain: float = 1.5  # see BudgetConfig.gain_memory
+    gain: float = BudgetConfig.initial_gain  # see BudgetConfig.gain_memory
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,7 @@ class MixedTrees(Drafter):
 def check_identity(model, new_tokens: int, seed: int = 0) -> dict[str, Any]:
     """Every drafter's greedy output against `model.generate` on one prompt that repeats itself."""
     from aded.backends.hf import HFRunner
-    from aded.bench.methods import common_prefix
+    from aded.backends.tokens import common_prefix
     from aded.budget import VerifyAll
     from aded.decoding import GenerationConfig, SpeculativeDecoder
     from aded.drafters import make_drafter

@@ -89,6 +89,7 @@ import numpy as np
 import torch
 
 from aded.backends.base import Prefill, physical_cores
+from aded.backends.tokens import common_prefix
 from aded.tree import DraftTree
 
 __all__ = ["LlamaCppRunner", "LlamaCppError", "LlamaSequence", "BatchPart", "llama_cpp_available",
@@ -470,12 +471,7 @@ class LlamaCppRunner:
     def cached_prefix(self, ids: Sequence[int], slot: int = 0) -> int:
         """How many leading tokens of `ids` the slot holds computed (a prefill keeps at most all but
         the prompt's last)."""
-        n = 0
-        for a, b in zip(self._slot_tokens[slot], ids):
-            if a != b:
-                break
-            n += 1
-        return n
+        return common_prefix(self._slot_tokens[slot], ids)
 
     def cached_length(self, slot: int = 0) -> int:
         """How many tokens the slot holds computed (its prompt cache)."""
@@ -491,9 +487,7 @@ class LlamaCppRunner:
         prompt token, whose logits the prefill returns), forget the rest; how many were kept."""
         held = self._slot_tokens[seq.slot]
         limit = min(len(held), len(ids) - 1) if self.reuse_prefix else 0
-        keep = 0
-        while keep < limit and held[keep] == ids[keep]:
-            keep += 1
+        keep = min(self.cached_prefix(ids, seq.slot), limit)
         lib, mem = self._lib, self._memory
         if self.slots > 1:  # chains only: the slot's own sequence, in its own stream
             lib.llama_memory_seq_rm(mem, seq.slot, keep, -1)

@@ -1,10 +1,22 @@
-"""Token facts that need a runner and its tokenizer together. They live beside the runners, not in
-the `aded.api` facade, so the benchmark and the server can ask without importing the layer above.
+"""Token facts beside the runners, not in the `aded.api` facade or the benchmark, so that runners,
+the benchmark and the server can ask without importing a layer above them.
 """
 
 from __future__ import annotations
 
-__all__ = ["eos_token_ids"]
+from collections.abc import Sequence
+
+__all__ = ["common_prefix", "eos_token_ids"]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids two sequences share (what a prompt cache can keep of the next prompt)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def eos_token_ids(runner, tokenizer) -> list[int]:

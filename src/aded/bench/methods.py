@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from aded.backends.tokens import common_prefix, eos_token_ids
 from aded.budget import Budget, CostAwareBudget
 from aded.decoding import sampling_fields
 from aded.drafters import DRAFTERS
@@ -35,7 +36,7 @@ from aded.drafters.base import Drafter, LearningDrafter
 from aded.drafters.oracle import OracleDrafter
 
 __all__ = ["DecodeSettings", "TurnResult", "Method", "HFGenerate", "hf_generation_config", "LlamaCppGenerate", "AdedMethod",
-           "SettingsMethod", "method_names", "baseline_of", "common_prefix", "PEERS"]
+           "SettingsMethod", "method_names", "baseline_of", "PEERS"]
 
 #: per backend, its plain decoding (the baseline, first) and its own prompt lookup
 PEERS = {"hf": ("hf", "hf-pld"), "llama.cpp": ("llama.cpp", "llama.cpp-pld")}
@@ -74,16 +75,6 @@ class TurnResult:
     @property
     def steps(self) -> int:
         return len(self.step_lengths)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading ids two sequences share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Method(ABC):
@@ -126,8 +117,6 @@ class DecodeSettings:
     def for_model(cls, runner, tokenizer, max_new_tokens: int, **fields) -> DecodeSettings:
         """Settings with the model's stop tokens (as `aded.load` finds them) and a pad id, so the
         benchmark and `aded demo` build their methods alike."""
-        from aded.backends.tokens import eos_token_ids
-
         eos = tuple(eos_token_ids(runner, tokenizer))
         pad = tokenizer.pad_token_id
         pad_id = int(pad) if pad is not None else (min(eos) if eos else 0)

@@ -30,8 +30,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from aded.backends.base import physical_cores
+from aded.backends.tokens import common_prefix
 from aded.bench.catalog import MethodSet, build_methods
-from aded.bench.methods import DecodeSettings, Method, TurnResult, baseline_of, common_prefix
+from aded.bench.methods import DecodeSettings, Method, TurnResult, baseline_of
 from aded.bench.questions import Question
 from aded.budget import BUDGETS, cost_model, new_budget
 from aded.decoding import sampling_fields

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,7 +39,7 @@ def sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-class _Reply:
+class _Reply(ABC):
     """One request's answer: `whole(completions)`, or `stream(job)`."""
 
     object_name = ""
@@ -72,8 +73,9 @@ class _Reply:
         stats = self.service.stats(completions, self.generation)
         return None if stats is None else stats.model_dump()
 
+    @abstractmethod
     def _logprobs(self, entries, offset: int = 0) -> dict | None:
-        raise NotImplementedError
+        """The choice's `logprobs` field in this endpoint's shape (chat and text spell it apart)."""
 
     def stream(self, job: Job) -> StreamingResponse:
         """Server-sent events of the job; a client that goes away cancels it (frees the worker)."""
@@ -115,11 +117,13 @@ class _Reply:
     def _opening(self, index: int) -> list[str]:
         return []
 
+    @abstractmethod
     def _piece(self, index: int, piece: str, entries) -> str | None:
-        raise NotImplementedError
+        """One streamed piece of choice `index` as an event; None while it is held back."""
 
+    @abstractmethod
     def _closing(self, index: int, completion, entries) -> list[str]:
-        raise NotImplementedError
+        """The last events of choice `index`: what was held back, and its finish reason."""
 
 
 class ChatReply(_Reply):

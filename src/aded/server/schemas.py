@@ -12,6 +12,7 @@ reason) are validated and accepted, since the common clients send them.
 from __future__ import annotations
 
 import re
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -256,12 +257,12 @@ class _Sampling(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @abstractmethod
     def num_top_logprobs(self) -> int | None:
         """Alternatives asked for per generated token; None when no logprobs are asked for.
 
         Each endpoint answers it (the two spell the field differently: chat has `logprobs: true`
         plus `top_logprobs: n`, completions `logprobs: n`); this base is never a request itself."""
-        raise NotImplementedError(f"{type(self).__name__} must say how it asks for logprobs")
 
 
 class ChatCompletionRequest(_Sampling):
